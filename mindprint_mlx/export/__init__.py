@@ -1,0 +1,1 @@
+"""Exports: PEFT adapters, fused Hugging Face checkpoints, hub upload."""

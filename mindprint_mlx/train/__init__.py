@@ -1,0 +1,1 @@
+"""Trainers: LoRA SFT and the reward model."""
