@@ -12,13 +12,17 @@ import click
 @click.option("--prompt", "-p", required=True, help="The user message.")
 @click.option("--system", default=None, help="Optional system message.")
 @click.option("--compare", is_flag=True, help="Also answer with the base model; print both side by side.")
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--temp", default=0.7, show_default=True, type=click.FloatRange(0.0))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1),
+              help="Most tokens to generate.")
+@click.option("--temp", default=0.7, show_default=True, type=click.FloatRange(0.0),
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Nucleus sampling; 1.0 turns it off.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Random seed (base and adapted answers use the same one).")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load.")
 def generate(model, adapters, prompt, system, compare, max_tokens, temp, top_p, seed, quantize):
-    """Answer PROMPT with the base model plus adapters, streaming tokens."""
+    """Answer a prompt with the base model plus adapters (chat template, streamed tokens)."""
     from ..generate import generate_text, side_by_side
     from ..models import load
     from ..models import lora

@@ -102,6 +102,14 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, dict]:
     return cfg, meta
 
 
+def _load_safetensors(f: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(f))
+    except (ValueError, RuntimeError, OSError) as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise MindprintError(f"{f}: cannot read ({lines[0] if lines else type(e).__name__})") from None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = None,
                  trainable: bool = False, enabled: bool = True) -> str:
     """Add the adapter saved in `adapter_dir` to `model` under `name`; returns the name.
@@ -122,8 +130,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = N
         num_layers = int(cfg.get("num_layers", -1))
     except (KeyError, TypeError, ValueError) as e:
         raise MindprintError(f"{d / ADAPTER_CONFIG}: bad lora_parameters ({e!r})") from None
-    weights = mx.load(str(d / ADAPTER_WEIGHTS))
-    name = name or meta.get("adapter_name") or d.name
+    weights = _load_safetensors(d / ADAPTER_WEIGHTS)
+    # A directory name like "sft_adapter.v2" is not a valid adapter name ('.' separates paths).
+    name = name or meta.get("adapter_name") or d.resolve().name.replace(".", "_")
     prefix = lora._layer_prefix(model)
     keys = params.get("keys")
     if not keys:
@@ -160,7 +169,8 @@ def set_adapter_weights(model: nn.Module, name: str, weights: Mapping[str, mx.ar
             problems.append(f"{k}: shape {tuple(w.shape)} in the file, {tuple(expected[k].shape)} "
                             "in the model (is this the adapter's base model?)")
     if problems:
-        raise MindprintError(f"{source} does not fit this model:\n  " + "\n  ".join(problems[:10]))
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise MindprintError(f"{source} does not fit this model: " + "; ".join(problems[:3]) + more)
     layers = dict(lora.lora_layers(model))
     for k, w in weights.items():
         path, leaf = k.rsplit(".", 1)
@@ -174,7 +184,7 @@ def load_heads(adapter_dir: str | Path) -> dict[str, ScalarHead]:
     f = d / HEADS
     if not f.is_file():
         return {}
-    flat = mx.load(str(f))
+    flat = _load_safetensors(f)
     heads: dict[str, ScalarHead] = {}
     for hname in sorted({k.split(".", 1)[0] for k in flat}):
         w = flat[f"{hname}.summary.weight"]

@@ -126,6 +126,11 @@ def _config_fixes(config: dict, path: Path) -> dict:
     return fixes
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _quantize(model: nn.Module, bits: int, group_size: int = 64) -> dict:
     def fits(path: str, m: nn.Module) -> bool:
         return hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
@@ -143,12 +148,15 @@ def load(path_or_hub_id: str | os.PathLike, quantize: int | None = None,
     "bfloat16" or "float16" casts the floating weights. The tokenizer is mlx-lm's
     TokenizerWrapper. Remote code is never executed unless `trust_remote_code`.
     """
-    from mlx_lm.utils import _get_classes, load_model, load_tokenizer
-
     if quantize not in (None, 4, 8):
         raise MindprintError(f"quantize must be 4, 8 or none, got {quantize!r}")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise MindprintError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = resolve_model_path(path_or_hub_id)
     config = read_model_config(path)
+    # Imported only now: mlx-lm pulls in transformers (seconds), and a bad path should fail fast.
+    from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+
     try:
         _get_classes(config)
     except (ValueError, ImportError):
@@ -161,12 +169,13 @@ def load(path_or_hub_id: str | os.PathLike, quantize: int | None = None,
     try:
         model, config = load_model(path, lazy=lazy, model_config=fixes or None,
                                    trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise MindprintError(f"{path}: {str(e).splitlines()[0]}") from None
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, RuntimeError, OSError) as e:  # missing tensors, corrupt or cut files
+        raise MindprintError(f"{path}: cannot load the weights: {_first_line(e)}") from None
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers/tokenizers raise many kinds; the user needs one line
+        raise MindprintError(f"{path}: cannot load the tokenizer: {_first_line(e)}") from None
     if dtype is not None:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise MindprintError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         model.set_dtype(getattr(mx, dtype))
     quant = config.get("quantization")
     if quantize is not None:

@@ -178,8 +178,12 @@ def apply_lora(model: nn.Module, name: str, targets: Sequence[str] = DEFAULT_TAR
                 _set_submodule(layer, path, wrapped)
                 m = wrapped
             in_dims, out_dims = m.dims
-            m.add(name, LoRAAdapter(in_dims, out_dims, r=r, alpha=alpha, dropout=dropout,
-                                    trainable=trainable), enabled=enabled)
+            adapter = LoRAAdapter(in_dims, out_dims, r=r, alpha=alpha, dropout=dropout,
+                                  trainable=trainable)
+            # A new module starts in training mode; follow the model's mode so dropout
+            # stays off for a model in eval mode (as `load` returns it).
+            adapter.train(model.training)
+            m.add(name, adapter, enabled=enabled)
             placed.append(f"{prefix}.{i}.{path}")
     _refreeze(model)
     return placed
@@ -334,6 +338,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], new_name: str,
         in_dims, out_dims = m.dims
         rank = sum(a.r for a in present)
         combined = LoRAAdapter(in_dims, out_dims, r=rank, alpha=float(rank), trainable=trainable)
+        combined.train(model.training)
         combined.lora_a = mx.concatenate([a.lora_a.astype(mx.float32) for a in present], axis=1)
         combined.lora_b = mx.concatenate([a.scale * a.lora_b.astype(mx.float32) for a in present], axis=0)
         for n in names:
