@@ -1,0 +1,52 @@
+"""`mindprint sft`: LoRA SFT on a data directory's SFT records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded (train, eval) split; no eval set when fraction is 0 or there are < 5 records."""
+    from ..train.reward import split_pairs
+
+    if fraction <= 0 or len(records) < 5:
+        return list(records), []
+    train_idx, eval_idx = split_pairs(len(records), fraction, seed)
+    return [records[i] for i in train_idx], [records[i] for i in eval_idx]
+
+
+@click.command("sft")
+@click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of SFTConfig keys (model, data_dir, out_dir, lora_r, lr, ...).")
+@click.option("--resume", is_flag=True, help="Continue from out_dir/checkpoint exactly.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load (QLoRA).")
+@click.argument("overrides", nargs=-1)
+def sft(config, resume, quantize, overrides):
+    """Train a LoRA adapter ("sft") on the completions of DATA_DIR's SFT records.
+
+    OVERRIDES are key=value pairs applied over the config, e.g. `lr=2e-4 epochs=1`.
+    Writes OUT_DIR/adapter (mlx-lm adapter), OUT_DIR/checkpoint, OUT_DIR/metrics.jsonl.
+    """
+    from ..config import ConfigError, load_config, save_config
+    from ..data import load_data_dir
+    from ..models import load
+    from ..train.sft import SFTConfig, train_sft
+
+    cfg = load_config(config, SFTConfig, list(overrides))
+    for key in ("model", "data_dir"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{config or '<defaults>'}: key '{key}' is required "
+                              f"(set it in the file or pass {key}=...)")
+    ds = load_data_dir(cfg.data_dir, require=("sft",))
+    train, held = held_out(list(ds.sft), cfg.eval_fraction, cfg.seed)
+    out = Path(cfg.out_dir)
+    save_config(cfg, out / "config.yaml")
+    model, tok = load(cfg.model, quantize=int(quantize) if quantize else None)
+    click.echo(f"sft: {len(train)} training and {len(held)} held-out records -> {out}", err=True)
+    res = train_sft(model, tok, train, cfg, out, eval_records=held or None, resume=resume)
+    click.echo(f"adapter: {res.adapter_dir}")
+    click.echo(f"steps: {res.steps}  train loss: {res.train_loss:.4f}" +
+               (f"  eval loss: {res.eval_loss_start:.4f} -> {res.eval_loss:.4f}"
+                if res.eval_loss is not None and res.eval_loss_start is not None else ""))

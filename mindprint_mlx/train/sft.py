@@ -1,0 +1,337 @@
+"""Supervised fine-tuning with a named LoRA adapter, loss on the completion tokens only.
+
+One obvious path: encode rows (chat template, completion, EOS), walk a seeded,
+length-sorted batch order epoch by epoch, take a (compiled) step that accumulates
+gradients and applies AdamW with a warmup+cosine schedule and global-norm clipping, log,
+evaluate, checkpoint. The data order is a pure function of (seed, epoch), so a
+checkpoint only needs the position in it to resume exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from ..config import to_dict
+from ..errors import MindprintError
+from ..io import append_jsonl, atomic_write_json
+from ..models import lora
+from ..models.adapters import save_adapter
+from ..progress import Progress
+from ..data.batching import as_messages, batch_order, encode_records, pad_batch, pad_id
+from .checkpoint import fingerprint, read_checkpoint_state, restore_checkpoint, save_checkpoint
+from .loop import (adamw, gradient_checkpointing, is_finite, lora_layer_indices, training_only,
+                   use_compile)
+from .schedule import cosine_with_warmup, warmup_steps_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    """LoRA SFT. Loss covers the completion and its EOS; the prompt only conditions."""
+
+    model: str = ""  # base model (directory or hub id); used by the CLI
+    data_dir: str = ""  # curriculum data directory (SFT records); used by the CLI
+    out_dir: str = "runs/sft"  # adapter/, checkpoint/, metrics.jsonl go here (CLI)
+    seed: int = 0  # data order, LoRA init, dropout
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
+    num_layers: int = 0  # LoRA on the last N decoder layers; 0 = all
+    epochs: int = 3
+    batch_size: int = 4  # rows per micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    max_len: int = 512  # tokens per row; longer rows are cut, counted and reported
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # linear warmup over this fraction of optimizer steps
+    max_grad_norm: float = 1.0  # clip by global norm; 0 disables
+    grad_checkpoint: bool = False  # recompute layer activations in backward (less memory)
+    eval_fraction: float = 0.1  # CLI: held-out share of the records for eval loss (0 = none)
+    eval_every: int = 0  # optimizer steps between eval-loss measurements; 0 = end of each epoch
+    save_every: int = 50  # optimizer steps between checkpoints (and always at the end)
+    log_every: int = 1  # optimizer steps between metric lines
+    max_steps: int = 0  # cap on optimizer steps (the schedule spans the cap); 0 = epochs decide
+    pad_to_multiple: int = 8  # round batch length up (fewer shapes for the compiled step)
+    compile: bool | None = None  # mx.compile the step; None = on a GPU only (no gain measured on CPU)
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        checks = [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
+                  ("batch_size", self.batch_size >= 1),
+                  ("grad_accumulation", self.grad_accumulation >= 1),
+                  ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
+                  ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
+                  ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0),
+                  ("max_grad_norm", self.max_grad_norm >= 0),
+                  ("eval_fraction", 0.0 <= self.eval_fraction < 1.0),
+                  ("save_every", self.save_every >= 1), ("log_every", self.log_every >= 1),
+                  ("eval_every", self.eval_every >= 0), ("max_steps", self.max_steps >= 0),
+                  ("pad_to_multiple", self.pad_to_multiple >= 1)]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"key '{key}': invalid value {getattr(self, key)!r}")
+
+
+@dataclass
+class SFTResult:
+    adapter_dir: Path
+    train_loss: float  # mean loss of the last logged window
+    eval_loss: float | None  # held-out loss at the end (None without eval records)
+    steps: int  # optimizer steps taken in total
+    eval_loss_start: float | None = None  # held-out loss before training
+    truncated: int = 0  # rows cut to max_len
+    history: list[dict] = field(default_factory=list)  # metric lines of this call
+
+
+def sft_pairs(records: Sequence[Any]) -> list[tuple[list[dict], str]]:
+    """(messages, completion) from SFTRecords (or (prompt, completion) tuples)."""
+    out = []
+    for r in records:
+        if hasattr(r, "completion"):
+            out.append((as_messages(r.prompt), r.completion))
+        elif isinstance(r, (tuple, list)) and len(r) == 2:
+            out.append((as_messages(r[0]), str(r[1])))
+        else:
+            raise MindprintError(f"not an SFT record: {r!r:.80}")
+    return out
+
+
+def token_loss(model: nn.Module, inputs: mx.array, targets: mx.array,
+               target_mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy of `targets` where `target_mask` is 1, and the count of them."""
+    logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * target_mask
+    n = target_mask.sum()
+    return ce.sum() / mx.maximum(n, 1.0), n
+
+
+def completion_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Next-token loss over the completion+EOS positions of right-padded rows (pad_batch)."""
+    return token_loss(model, tokens[:, :-1], tokens[:, 1:], mask[:, 1:])
+
+
+def eval_loss(model: nn.Module, rows: Sequence[tuple[list[int], int]], batch_size: int, pid: int,
+              pad_to_multiple: int = 8) -> float:
+    """Token-weighted completion loss over `rows` (dropout off)."""
+    if not rows:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for group in batch_order([len(t) for t, _ in rows], batch_size, seed=0, shuffle=False):
+        tokens, mask = pad_batch([rows[i][0] for i in group], [rows[i][1] for i in group], pid,
+                                 pad_to_multiple)
+        loss, n = completion_loss(model, tokens, mask)
+        total, count = total + loss * n, count + n
+        mx.eval(total, count)
+    model.train(was_training)
+    return (total / mx.maximum(count, 1.0)).item()
+
+
+def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfig,
+              out_dir: str | Path, adapter_name: str = "sft", eval_records: Sequence[Any] | None = None,
+              resume: bool = False, metrics_path: str | Path | None = None, progress: bool = True,
+              on_step: Callable[[int, dict], None] | None = None) -> SFTResult:
+    """Train LoRA adapter `adapter_name` on `records`; returns where the adapter went.
+
+    Writes `out_dir/adapter/` (mlx-lm adapter dir), `out_dir/checkpoint/` (resume state)
+    and metric lines (`out_dir/metrics.jsonl` unless `metrics_path`). Other adapters in
+    the model keep their active state and are frozen while this one trains; afterwards
+    the new adapter stays in the model, active and frozen. `on_step(step, metrics)` runs
+    after every optimizer step.
+    """
+    out = Path(out_dir)
+    adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
+    metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
+    train_rows, n_cut = encode_records(tokenizer, sft_pairs(records), cfg.max_len, "SFT rows")
+    eval_rows = encode_records(tokenizer, sft_pairs(eval_records), cfg.max_len,
+                               "eval rows")[0] if eval_records else []
+    if not train_rows:
+        raise MindprintError("SFT needs at least one record")
+    run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items() if k not in (
+        "model", "data_dir", "out_dir", "compile", "log_every", "save_every", "eval_every",
+        "eval_fraction", "grad_checkpoint")}, "rows": train_rows, "adapter": adapter_name})
+
+    mx.random.seed(cfg.seed)
+    lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_r,
+                    alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                    layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=True)
+    ok = False
+    try:
+        with training_only(model, adapter_name), gradient_checkpointing(model, cfg.grad_checkpoint):
+            result = _train(model, adapter_name, cfg, out, adapter_dir, ckpt_dir, metrics,
+                            train_rows, eval_rows, pad_id(tokenizer), run_fp, n_cut, resume,
+                            progress, on_step)
+        ok = True
+        return result
+    finally:
+        if not ok and adapter_name in lora.adapter_names(model):
+            lora.remove_adapter(model, adapter_name)
+
+
+def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, eval_rows, pid,
+           run_fp, n_cut, resume, progress, on_step) -> SFTResult:
+    lengths = [len(t) for t, _ in train_rows]
+    micro_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    total_micro = micro_per_epoch * cfg.epochs
+    total_steps = -(-total_micro // cfg.grad_accumulation)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+        total_micro = min(total_micro, total_steps * cfg.grad_accumulation)
+    schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio),
+                                  min_lr=cfg.lr * cfg.min_lr_ratio)
+    opt = adamw(schedule, cfg.weight_decay)
+
+    state = {"step": 0, "micro": 0, "eval_loss_start": None}
+    if resume and read_checkpoint_state(ckpt_dir) is not None:
+        if read_checkpoint_state(ckpt_dir).get("run_fingerprint") != run_fp:
+            raise MindprintError(f"{ckpt_dir}: the checkpoint was written for other data or "
+                                 "settings; delete it or run without --resume")
+        state.update(restore_checkpoint(ckpt_dir, model, opt))
+        log.info("sft: resuming at step %d (micro-batch %d of %d)", state["step"], state["micro"],
+                 total_micro)
+    else:
+        if resume:
+            log.info("sft: no checkpoint in %s; starting from the beginning", ckpt_dir)
+        opt.init(model.trainable_parameters())
+
+    loss_and_grad = nn.value_and_grad(model, completion_loss)
+    clip = cfg.max_grad_norm
+
+    def step(tokens, mask, prev, do_update, n_accum):
+        (loss, ntok), grad = loss_and_grad(model, tokens, mask)
+        if prev is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev)
+        if not do_update:
+            return loss, ntok, mx.array(0.0), grad
+        if n_accum > 1:
+            grad = tree_map(lambda g: g / n_accum, grad)
+        if clip > 0:
+            grad, gnorm = optim.clip_grad_norm(grad, clip)
+        else:
+            gnorm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in tree_flatten_values(grad)))
+        opt.update(model, grad)
+        return loss, ntok, gnorm, None
+
+    if use_compile(cfg.compile):
+        cstate = [model.state, opt.state, mx.random.state]
+        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
+
+    meta = {"role": "sft", "training_config": to_dict(cfg), "truncated_rows": n_cut}
+    history: list[dict] = []
+    model.train()
+    if eval_rows and state["eval_loss_start"] is None:
+        state["eval_loss_start"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple)
+        rec = {"step": state["step"], "eval/loss": state["eval_loss_start"]}
+        append_jsonl(metrics, rec)
+        history.append(rec)
+
+    def checkpoint():
+        save_checkpoint(ckpt_dir, model, opt, {**state, "run_fingerprint": run_fp,
+                                               "total_steps": total_steps})
+
+    bar = Progress(total_steps, f"sft[{name}]", enabled=progress, initial=state["step"])
+    last_train_loss = float("nan")
+    win_loss, win_n, win_tokens, win_t0 = 0.0, 0, 0, time.perf_counter()
+    grad, in_window, acc_loss = None, 0, []
+    order_epoch, order = -1, []
+    try:
+        while state["micro"] < total_micro:
+            epoch, b = divmod(state["micro"], micro_per_epoch)
+            if epoch != order_epoch:
+                order = batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+                order_epoch = epoch
+            group = order[b]
+            tokens, mask = pad_batch([train_rows[i][0] for i in group],
+                                     [train_rows[i][1] for i in group], pid, cfg.pad_to_multiple)
+            win_tokens += sum(lengths[i] for i in group)
+            state["micro"] += 1
+            in_window += 1
+            window_end = in_window == cfg.grad_accumulation or state["micro"] == total_micro
+            loss, ntok, gnorm, grad = step(tokens, mask, grad, window_end, in_window)
+            acc_loss.append(loss)
+            if not window_end:
+                mx.eval(loss, grad)
+                continue
+            mx.eval(acc_loss, gnorm, model.trainable_parameters())
+            losses = [x.item() for x in acc_loss]
+            step_loss = sum(losses) / len(losses)
+            gn = gnorm.item()
+            grad, in_window, acc_loss = None, 0, []
+            state["step"] += 1
+            if not (is_finite(step_loss) and is_finite(gn)):
+                kept = read_checkpoint_state(ckpt_dir)
+                where = (f"the last good checkpoint (step {kept['step']}) is kept in {ckpt_dir}"
+                         if kept else "no checkpoint had been written yet")
+                raise MindprintError(
+                    f"sft: loss became {step_loss} (grad norm {gn}) at step {state['step']} "
+                    f"(epoch {epoch + 1}, batch {b + 1}); {where}; lower lr or check the data")
+            lr = float(schedule(state["step"] - 1).item())
+            win_loss += step_loss
+            win_n += 1
+            bar.update(1, loss=step_loss, lr=lr)
+            rec = None
+            if state["step"] % cfg.log_every == 0 or state["micro"] == total_micro:
+                dt = max(time.perf_counter() - win_t0, 1e-9)
+                last_train_loss = state["train_loss"] = win_loss / win_n
+                rec = {"step": state["step"], "epoch": epoch + 1, "train/loss": last_train_loss,
+                       "train/lr": lr, "train/grad_norm": gn, "train/tokens_per_sec": win_tokens / dt,
+                       "train/peak_memory_gb": mx.get_peak_memory() / 1e9}
+                bar.set_stats({"tok/s": round(win_tokens / dt)})
+                win_loss, win_n, win_tokens, win_t0 = 0.0, 0, 0, time.perf_counter()
+            # An accumulation window may cross an epoch's end: evaluate after the window.
+            epochs_done = state["micro"] // micro_per_epoch
+            epoch_end = epochs_done > state.get("epochs_evaluated", 0)
+            if eval_rows and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
+                              or (not cfg.eval_every and epoch_end) or state["micro"] == total_micro):
+                tic = time.perf_counter()
+                rec = rec or {"step": state["step"], "epoch": epoch + 1}
+                rec["eval/loss"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple)
+                bar.write(f"sft[{name}] step {state['step']}: eval loss {rec['eval/loss']:.4f}")
+                win_t0 += time.perf_counter() - tic  # tokens/s counts training time only
+            state["epochs_evaluated"] = epochs_done
+            if rec is not None:
+                append_jsonl(metrics, rec)
+                history.append(rec)
+            if state["step"] % cfg.save_every == 0 or state["micro"] == total_micro:
+                checkpoint()
+            if on_step is not None:
+                on_step(state["step"], rec or {"step": state["step"], "train/loss": step_loss})
+    finally:
+        bar.close()
+
+    final_eval = None
+    if eval_rows:
+        final_eval = next((h["eval/loss"] for h in reversed(history) if "eval/loss" in h), None)
+        if final_eval is None:  # resumed a finished run
+            final_eval = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple)
+    train_loss = float(state.get("train_loss", float("nan")))
+    save_adapter(model, name, adapter_dir, metadata={
+        **meta, "steps": state["step"], "train_loss": train_loss, "eval_loss": final_eval,
+        "eval_loss_start": state["eval_loss_start"]})
+    result = SFTResult(adapter_dir=adapter_dir, train_loss=train_loss, eval_loss=final_eval,
+                       steps=state["step"], eval_loss_start=state["eval_loss_start"],
+                       truncated=n_cut, history=history)
+    atomic_write_json(out / "sft_result.json", {k: v for k, v in result.__dict__.items()
+                                                if k != "history"})
+    return result
+
+
+def tree_flatten_values(tree) -> list[mx.array]:
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(tree)]
