@@ -1,0 +1,198 @@
+"""Rollouts: batched sampling with a KV cache, then teacher-forced log-probabilities and values.
+
+Sampling runs on left-padded prompts in one batched KV cache (mlx-lm's BatchKVCache, whose
+per-row RoPE offsets put every prompt's first real token at position 0). Log-probabilities
+are then recomputed by teacher forcing on right-padded rows that start at position 0, the
+same computation the PPO update runs, so the first minibatch's ratio is 1 up to float noise
+(PPO_DETAILS item 1). Every log-probability, old, reference and new, comes from logits / T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import MindprintError
+from ..models.heads import hidden_states, lm_logits
+
+
+@dataclass
+class Generation:
+    """Sampled responses, right-padded; everything after the first EOS is padding."""
+
+    tokens: mx.array            # (B, L) int32: prompt + response, right-padded with pad id
+    prompt_lengths: mx.array    # (B,) int32
+    response_tokens: mx.array   # (B, R) int32, pad after the response
+    response_mask: mx.array     # (B, R) float32: 1 on response tokens, EOS included
+    response_lengths: mx.array  # (B,) int32, EOS included
+    ended: mx.array             # (B,) bool: the response ends in EOS
+    sample_logprobs: mx.array   # (B, R) float32: log p(token) at sampling time, from logits / T
+
+    @property
+    def lengths(self) -> mx.array:
+        """Length of prompt + response per row (what a reward model reads up to)."""
+        return self.prompt_lengths + self.response_lengths
+
+
+def _batch_cache(model: nn.Module, left_padding: list[int]) -> list:
+    """One batched KV cache per layer (mlx-lm's own per-architecture caches, merged)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rows = [make_prompt_cache(model) for _ in left_padding]
+    try:
+        cache = [c.merge([row[i] for row in rows]) for i, c in enumerate(rows[0])]
+    except (AttributeError, ValueError, NotImplementedError) as e:
+        raise MindprintError(f"{type(model).__module__}: its KV cache does not support batched "
+                             f"generation ({e})") from None
+    for c in cache:
+        c.prepare(left_padding=left_padding)
+    return cache
+
+
+def _sample(logits: mx.array, temperature: float, top_p: float, noise: mx.array) -> tuple[mx.array, mx.array]:
+    """Sample one token per row from softmax(logits / T), optionally from the top-p nucleus,
+    by the Gumbel-max trick with the given (rows, V) Gumbel noise.
+
+    Returns (tokens (B,), log p(token) under the full tempered distribution (B,))."""
+    logprobs = logits.astype(mx.float32) / temperature
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    sample_from = logprobs
+    if top_p < 1.0:
+        order = mx.argsort(-logprobs, axis=-1)
+        sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+        cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+        keep_sorted = (cum - mx.exp(sorted_lp)) < top_p       # always keeps the top token
+        keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+        sample_from = mx.where(keep, logprobs, -mx.inf)
+    tokens = mx.argmax(sample_from + noise, axis=-1)
+    return tokens, mx.take_along_axis(logprobs, tokens[:, None], axis=-1).squeeze(-1)
+
+
+def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
+                   top_p: float = 1.0, key: mx.array | None = None) -> Generation:
+    """Sample responses for a batch of token prompts with one batched KV cache.
+
+    A row that emits an EOS leaves the batch (its cache rows are dropped, as mlx-lm's batch
+    generation does); sampling stops when every row is done or after `max_new_tokens`.
+    Each (step, row) draws its own noise, so a row's tokens do not depend on when others end.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MindprintError("generate_batch needs non-empty prompts")
+    if temperature <= 0:
+        raise MindprintError(f"temperature must be > 0 for PPO rollouts, got {temperature}")
+    if max_new_tokens < 1:
+        raise MindprintError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    key = mx.random.key(0) if key is None else key
+    keys = mx.random.split(key, max_new_tokens)
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    left = [P - len(p) for p in prompts]
+    x = mx.array([[pad_id] * l + list(p) for l, p in zip(left, prompts)], dtype=mx.int32)
+    cache = _batch_cache(model, left)
+    eos = np.array(sorted(set(int(e) for e in eos_ids)))
+    sampled = np.full((B, max_new_tokens), pad_id, dtype=np.int32)
+    sample_lps = np.zeros((B, max_new_tokens), dtype=np.float32)
+    active = np.arange(B)
+    active_mx = None                      # None: all rows
+
+    def step(inputs: mx.array, i: int, rows: mx.array | None):
+        h = hidden_states(model, inputs, cache=cache)
+        logits = lm_logits(model, h[:, -1:, :])[:, -1, :]
+        noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
+        return _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
+
+    y, lp = step(x, 0, None)
+    mx.async_eval(y, lp)
+    n_steps = 0
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:
+            y_next, lp_next = step(y[:, None], i + 1, active_mx)   # queued before we wait on y
+            mx.async_eval(y_next, lp_next)
+        y_np, lp_np = np.array(y), np.array(lp)
+        sampled[active, i] = y_np
+        sample_lps[active, i] = lp_np
+        n_steps = i + 1
+        finished = np.isin(y_np, eos)
+        if finished.all() or i + 1 == max_new_tokens:
+            break
+        if finished.any():
+            keep = np.nonzero(~finished)[0]
+            keep_mx = mx.array(keep.astype(np.int32))
+            for c in cache:
+                c.filter(keep_mx)
+            y_next, lp_next = y_next[keep_mx], lp_next[keep_mx]
+            active = active[keep]
+            active_mx = mx.array(active.astype(np.int32))
+        y, lp = y_next, lp_next
+    return _finish(prompts, sampled[:, :n_steps], sample_lps[:, :n_steps], eos, pad_id)
+
+
+def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarray,
+            pad_id: int) -> Generation:
+    """Cut each row after its first EOS, right-pad, and build the teacher-forcing rows."""
+    B, R = sampled.shape
+    is_eos = np.isin(sampled, eos)
+    ended = is_eos.any(axis=1)
+    resp_len = np.where(ended, is_eos.argmax(axis=1) + 1, R).astype(np.int32)
+    mask = (np.arange(R)[None, :] < resp_len[:, None])
+    resp = np.where(mask, sampled, pad_id).astype(np.int32)
+    plen = np.array([len(p) for p in prompts], dtype=np.int32)
+    L = int(plen.max()) + R
+    rows = np.full((B, L), pad_id, dtype=np.int32)
+    for b, p in enumerate(prompts):
+        rows[b, :plen[b]] = p
+        rows[b, plen[b]:plen[b] + resp_len[b]] = resp[b, :resp_len[b]]
+    return Generation(tokens=mx.array(rows), prompt_lengths=mx.array(plen),
+                      response_tokens=mx.array(resp), response_mask=mx.array(mask.astype(np.float32)),
+                      response_lengths=mx.array(resp_len), ended=mx.array(ended),
+                      sample_logprobs=mx.array(np.where(mask, sample_lps, 0.0).astype(np.float32)))
+
+
+def response_forward(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array,
+                     response_tokens: mx.array, temperature: float = 1.0,
+                     value_head: nn.Module | None = None, return_logits: bool = False,
+                     detach_values: bool = False):
+    """Teacher-forced pass over right-padded rows: one trunk pass gives log-probabilities of
+    the response tokens (from logits / T, float32) and, with a value head, the values.
+
+    Returns (logprobs (B, R), values (B, R) or None, logits (B, R, V) or None).
+    `detach_values` stops the value loss's gradient at the trunk (value head trains alone). Position j of
+    the response is predicted from the hidden state at prompt_length + j - 1, which is
+    also the state the value V_j is read from.
+    """
+    R = response_tokens.shape[1]
+    L = tokens.shape[1]
+    h = hidden_states(model, tokens)
+    pos = mx.minimum(prompt_lengths[:, None] - 1 + mx.arange(R)[None, :], L - 1)
+    h = mx.take_along_axis(h, pos[:, :, None], axis=1)                    # (B, R, H)
+    logits = lm_logits(model, h).astype(mx.float32) / temperature
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = mx.take_along_axis(logprobs, response_tokens[:, :, None], axis=-1).squeeze(-1)
+    if value_head is None:
+        values = None
+    else:   # detach_values: the value loss trains the head only, not the shared trunk
+        values = value_head(mx.stop_gradient(h) if detach_values else h)
+    return logprobs, values, (logits if return_logits else None)
+
+
+def batched_response_forward(model: nn.Module, gen: Generation, temperature: float,
+                             value_head: nn.Module | None = None,
+                             forward_batch_size: int | None = None) -> tuple[mx.array, mx.array | None]:
+    """`response_forward` without gradients over a whole rollout, in chunks of rows."""
+    B = gen.tokens.shape[0]
+    n = forward_batch_size or B
+    lps, vals = [], []
+    for s in range(0, B, n):
+        lp, v, _ = response_forward(model, gen.tokens[s:s + n], gen.prompt_lengths[s:s + n],
+                                    gen.response_tokens[s:s + n], temperature, value_head)
+        mx.eval(lp, v) if v is not None else mx.eval(lp)
+        lps.append(lp)
+        vals.append(v)
+    lp = mx.concatenate(lps, axis=0) * gen.response_mask
+    v = mx.concatenate(vals, axis=0) * gen.response_mask if value_head is not None else None
+    return mx.stop_gradient(lp), (mx.stop_gradient(v) if v is not None else None)

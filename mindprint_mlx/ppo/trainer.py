@@ -1,0 +1,542 @@
+"""PPO on one base in memory: rollout, score, advantages, clipped updates, adaptive KL.
+
+Roles are adapter sets on the same base weights (DESIGN.md, "One base in memory"):
+policy = frozen adapters (e.g. "sft") + the trainable "ppo" adapter, with a value head on
+the policy's trunk; reference = the frozen adapters only; reward model = whatever
+`reward_fn` switches in (RewardModel.score_tokens activates only its own adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..config import ConfigError, to_dict
+from ..errors import MindprintError
+from ..io import append_jsonl, atomic_dir, atomic_save_safetensors, atomic_write_json, \
+    atomic_write_text, read_jsonl
+from ..models import lora
+from ..models.adapters import load_heads, save_adapter, set_adapter_weights, ADAPTER_WEIGHTS
+from ..models.heads import ScalarHead, hidden_size
+from ..progress import Progress
+from .advantages import gae, kl_penalized_rewards, masked_whiten
+from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from .losses import ppo_losses
+from .rollout import Generation, batched_response_forward, generate_batch, response_forward
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[mx.array, mx.array], Any]
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters; defaults are the classic ones (Ziegler et al. 2019, TRL <= 0.11)."""
+
+    steps: int = 100                      # PPO steps (one rollout batch each)
+    learning_rate: float = 1.41e-5
+    batch_size: int = 4                   # prompts (rollouts) per step
+    mini_batch_size: int = 4              # rollouts per optimizer step
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch
+    ppo_epochs: int = 4                   # passes over the rollout batch, reshuffled each time
+    max_grad_norm: float | None = 1.0     # global gradient-norm clip (None: off)
+    seed: int = 0
+    # KL penalty
+    adap_kl_ctrl: bool = True             # adaptive (Ziegler) or fixed beta
+    init_kl_coef: float = 0.2
+    target: float = 6.0                   # target summed KL per response (nats)
+    horizon: float = 10000.0
+    kl_estimator: Literal["k1", "abs", "mse", "k3"] = "k1"
+    # advantages and losses
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    value_trunk_grad: bool = True         # the value loss also trains the shared trunk's PPO adapter
+    whiten_rewards: bool = False
+    ratio_threshold: float = 10.0         # skip a minibatch (and its optimizer step) above this mean ratio
+    early_stopping: bool = False          # stop the epochs when policy KL > 1.5 * target_kl
+    target_kl: float = 1.0
+    # rollouts
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0                    # 1.0 = pure sampling (recommended for PPO)
+    missing_eos_penalty: float | None = None   # subtracted from the score of responses without EOS
+    score_norm: Literal["none", "scale", "running"] = "none"   # running std / running mean+std
+    score_clip: float | None = None
+    forward_batch_size: int | None = None # rows per teacher-forced pass in rollouts (None: all)
+    # the trainable adapter and the value head
+    adapter_name: str = "ppo"
+    lora_rank: int = 1
+    lora_alpha: float = 1.0
+    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
+    num_layers: int = 0                   # LoRA on the last N decoder layers; 0 = all (as SFTConfig)
+    # bookkeeping
+    save_every: int = 10                  # checkpoint every N steps (0: only at the end)
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"key '{key}': {what}, got {getattr(self, key)!r}")
+
+        need(self.steps >= 1, "steps", "must be >= 1")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(1 <= self.mini_batch_size <= self.batch_size, "mini_batch_size",
+             f"must be between 1 and batch_size ({self.batch_size})")
+        need(self.gradient_accumulation_steps >= 1
+             and self.mini_batch_size % self.gradient_accumulation_steps == 0,
+             "gradient_accumulation_steps", f"must divide mini_batch_size ({self.mini_batch_size})")
+        need(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
+        need(self.init_kl_coef >= 0, "init_kl_coef", "must be >= 0")
+        need(self.target > 0, "target", "must be > 0")
+        need(self.horizon > 0, "horizon", "must be > 0")
+        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}")
+        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        need(self.cliprange > 0, "cliprange", "must be > 0")
+        need(self.cliprange_value > 0, "cliprange_value", "must be > 0")
+        need(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        need(self.ratio_threshold > 1, "ratio_threshold", "must be > 1")
+        need(self.target_kl > 0, "target_kl", "must be > 0")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.temperature > 0, "temperature", "must be > 0 (PPO samples)")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(self.score_norm in ("none", "scale", "running"), "score_norm",
+             "must be none, scale or running")
+        need(self.score_clip is None or self.score_clip > 0, "score_clip", "must be > 0 or null")
+        need(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
+             "must be >= 1 or null")
+        need(bool(self.adapter_name) and "." not in self.adapter_name, "adapter_name",
+             "must be non-empty without '.'")
+        need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
+        need(bool(self.lora_targets), "lora_targets", "must name at least one layer")
+        need(self.num_layers >= 0, "num_layers", "must be >= 0 (0: all layers)")
+        need(self.save_every >= 0, "save_every", "must be >= 0")
+
+
+@dataclass
+class PPOResult:
+    adapter_dir: Path
+    steps: int
+    mean_score_first: float
+    mean_score_last: float
+    history: list[dict]
+
+
+class RunningMoments:
+    """Running mean and std of scores across steps (TRL's use_score_scaling / use_score_norm)."""
+
+    def __init__(self) -> None:
+        self.mean, self.std, self.var, self.count = 0.0, 1.0, 1.0, 1e-24
+
+    def update(self, xs: np.ndarray) -> None:
+        xs = np.asarray(xs, dtype=np.float64)
+        n = xs.size
+        delta = xs.mean() - self.mean
+        total = self.count + n
+        m2 = self.var * self.count + xs.var() * n + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.std = math.sqrt(self.var * total / max(total - 1, 1e-12))
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.mean, self.std, self.var, self.count = s["mean"], s["std"], s["var"], s["count"]
+
+
+class PolicyWithValue(nn.Module):
+    """The policy's language model and its value head: the one tree the optimizer sees."""
+
+    def __init__(self, lm: nn.Module, value_head: ScalarHead):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+
+
+def base_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the base model's own weights (LoRA adapters excluded)."""
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".adapters." not in k)
+
+
+def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
+    """Only the PPO adapter and the value head may train."""
+    keys = [k for k, _ in tree_flatten(policy.trainable_parameters())]
+    stray = [k for k in keys if not (k.startswith("value_head.") or f".adapters.{adapter_name}." in k)]
+    if stray:
+        raise MindprintError(f"PPO would also train {len(stray)} tensors outside the '{adapter_name}' "
+                             f"adapter and the value head (first: {stray[0]}); load other adapters frozen")
+    if not any(f".adapters.{adapter_name}." in k for k in keys):
+        raise MindprintError(f"the '{adapter_name}' adapter has no trainable tensors")
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[Any]) -> list[list[int]]:
+    from ..data.batching import as_messages, encode_prompt
+
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (list, tuple)) and p and isinstance(p[0], int):
+            out.append([int(t) for t in p])      # already tokens
+            continue
+        ids = encode_prompt(tokenizer, as_messages(p))
+        if not ids:
+            raise MindprintError(f"prompt {i} encodes to no tokens")
+        out.append(ids)
+    return out
+
+
+def _prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The prompts of `step`: a seeded permutation per pass over the prompts, cycled."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n_prompts)
+        out.append(int(np.random.default_rng([seed, epoch, 17]).permutation(n_prompts)[i]))
+    return out
+
+
+def _step_key(seed: int, step: int) -> mx.array:
+    return mx.random.key(int(np.random.default_rng([seed, step, 29]).integers(0, 2 ** 62)))
+
+
+@dataclass
+class _Batch:
+    tokens: mx.array
+    prompt_lengths: mx.array
+    response_tokens: mx.array
+    mask: mx.array
+    old_logprobs: mx.array
+    old_values: mx.array
+    advantages: mx.array
+    returns: mx.array
+
+    def rows(self, idx: np.ndarray) -> "_Batch":
+        ix = mx.array(idx.astype(np.int32))
+        return _Batch(*(mx.take(getattr(self, f), ix, axis=0) for f in self.__dataclass_fields__))
+
+
+class PPOTrainer:
+    """Orchestrates one PPO run; `train_ppo` is the entry point most callers want."""
+
+    def __init__(self, model: nn.Module, tokenizer, reward_fn: RewardFn, cfg: PPOConfig,
+                 frozen_adapters: Sequence[str] = (), value_head: ScalarHead | None = None):
+        cfg.validate()
+        self.model, self.tokenizer, self.reward_fn, self.cfg = model, tokenizer, reward_fn, cfg
+        known = lora.adapter_names(model)
+        missing = [a for a in frozen_adapters if a not in known]
+        if missing:
+            raise MindprintError(f"frozen adapter(s) {', '.join(missing)} not in the model "
+                                 f"(it has: {', '.join(known) or 'none'})")
+        if cfg.adapter_name in known:
+            raise MindprintError(f"the model already has an adapter named '{cfg.adapter_name}'; "
+                                 "merge or remove it first, or set adapter_name")
+        if cfg.adapter_name in frozen_adapters:
+            raise MindprintError(f"adapter '{cfg.adapter_name}' cannot be both frozen and trained")
+        for a in known:                   # every other adapter (sft, reward, ...) is frozen in PPO
+            lora.set_trainable(model, a, False)
+        self.reference_adapters = list(frozen_adapters)
+        self.policy_adapters = self.reference_adapters + [cfg.adapter_name]
+        n_layers = len(lora._layers(model))
+        if cfg.num_layers > n_layers:
+            raise MindprintError(f"num_layers={cfg.num_layers} but the model has {n_layers} layers")
+        layers = range(n_layers - cfg.num_layers, n_layers) if cfg.num_layers else None
+        lora.apply_lora(model, cfg.adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
+                        alpha=cfg.lora_alpha, layers=layers, trainable=True, enabled=False)
+        model.eval()                      # dropout off in every role (PPO_DETAILS item 7)
+        self.value_head = value_head if value_head is not None else ScalarHead(hidden_size(model))
+        self.policy = PolicyWithValue(model, self.value_head)
+        _check_trainable(self.policy, cfg.adapter_name)
+        self.optimizer = optim.Adam(learning_rate=cfg.learning_rate)
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon)
+                       if cfg.adap_kl_ctrl else FixedKLController(cfg.init_kl_coef))
+        self.score_moments = RunningMoments()
+        self.step = 0
+        self.history: list[dict] = []
+        self.base_bytes = base_weight_bytes(model)
+        self.eos_ids = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
+        from ..data.batching import pad_id
+        self.pad_id = pad_id(tokenizer)
+        self._loss_and_grad = nn.value_and_grad(self.policy, self._loss)
+
+    # ------------------------------------------------------------------ rollout
+
+    def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
+        """Sample, then teacher-force policy (with values) and reference, then score."""
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        with lora.active_adapters(model, self.policy_adapters):
+            gen = generate_batch(model, prompts, cfg.max_new_tokens, self.eos_ids, self.pad_id,
+                                 cfg.temperature, cfg.top_p, key)
+        t1 = time.perf_counter()
+        with lora.active_adapters(model, self.policy_adapters):
+            logprobs, values = batched_response_forward(model, gen, cfg.temperature, self.value_head,
+                                                        cfg.forward_batch_size)
+        with lora.active_adapters(model, self.reference_adapters):
+            ref_logprobs, _ = batched_response_forward(model, gen, cfg.temperature, None,
+                                                       cfg.forward_batch_size)
+        t2 = time.perf_counter()
+        with lora.active_adapters(model, []):   # the reward fn switches in its own adapter
+            scores = mx.array(self.reward_fn(gen.tokens, gen.lengths)).astype(mx.float32).reshape(-1)
+        mx.eval(scores)
+        t3 = time.perf_counter()
+        if scores.shape[0] != gen.tokens.shape[0]:
+            raise MindprintError(f"reward_fn returned {scores.shape[0]} scores for "
+                                 f"{gen.tokens.shape[0]} responses")
+        return gen, {"logprobs": logprobs, "values": values, "ref_logprobs": ref_logprobs,
+                     "scores": scores, "time/generation": t1 - t0, "time/forward": t2 - t1,
+                     "time/scoring": t3 - t2}
+
+    def _process_scores(self, raw: mx.array, ended: mx.array) -> mx.array:
+        cfg = self.cfg
+        scores = raw
+        if cfg.score_norm != "none":
+            self.score_moments.update(np.array(raw))
+            scale = self.score_moments.std + np.finfo(np.float32).eps
+            scores = (scores - self.score_moments.mean) / scale if cfg.score_norm == "running" \
+                else scores / scale
+        if cfg.score_clip is not None:
+            scores = mx.clip(scores, -cfg.score_clip, cfg.score_clip)
+        if cfg.missing_eos_penalty is not None:
+            # Without it policies learn to ramble to the length limit (PPO_DETAILS item 6).
+            scores = scores - cfg.missing_eos_penalty * (1 - ended.astype(mx.float32))
+        return scores.astype(mx.float32)
+
+    # ------------------------------------------------------------------ update
+
+    def _loss(self, policy: PolicyWithValue, b: _Batch):
+        cfg = self.cfg
+        logprobs, values, logits = response_forward(policy.lm, b.tokens, b.prompt_lengths,
+                                                    b.response_tokens, cfg.temperature,
+                                                    policy.value_head, return_logits=True,
+                                                    detach_values=not cfg.value_trunk_grad)
+        return ppo_losses(logprobs, b.old_logprobs, values, b.old_values, b.advantages, b.returns,
+                          b.mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, logits=logits)
+
+    def _minibatch(self, mb: _Batch) -> tuple[dict, bool]:
+        """Gradients over the minibatch's micro-batches, then one (possibly skipped) step."""
+        cfg = self.cfg
+        n = mb.tokens.shape[0]
+        ga = min(cfg.gradient_accumulation_steps, n)
+        micro = np.array_split(np.arange(n), ga)
+        grads, stats = None, None
+        for idx in micro:
+            (_, st), g = self._loss_and_grad(self.policy, mb.rows(idx))
+            w = len(idx) / n
+            g = tree_map(lambda x: x * w, g)
+            st = {k: v * w for k, v in st.items()}
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            stats = st if stats is None else {k: stats[k] + st[k] for k in stats}
+            mx.eval(grads, stats)
+        stats = {k: float(v) for k, v in stats.items()}
+        if stats["policy/ratio_mean"] > cfg.ratio_threshold:
+            # Skip the optimizer step too, or Adam's momentum still moves the weights.
+            return stats, False
+        if cfg.max_grad_norm is not None:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            stats["policy/grad_norm"] = float(norm)
+        self.optimizer.update(self.policy, grads)
+        mx.eval(self.policy.trainable_parameters(), self.optimizer.state)
+        return stats, True
+
+    def update(self, batch: _Batch, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        B = batch.tokens.shape[0]
+        all_stats: list[dict] = []
+        skipped, early = 0, False
+        with lora.active_adapters(self.model, self.policy_adapters):
+            for _ in range(cfg.ppo_epochs):
+                order = rng.permutation(B)       # a fresh shuffle each epoch
+                for s in range(0, B, cfg.mini_batch_size):
+                    stats, stepped = self._minibatch(batch.rows(order[s:s + cfg.mini_batch_size]))
+                    skipped += not stepped
+                    all_stats.append(stats)
+                    if cfg.early_stopping and stats["policy/policykl"] > 1.5 * cfg.target_kl:
+                        early = True
+                        break
+                if early:
+                    break
+        keys = set().union(*all_stats)
+        out = {k: float(np.mean([s[k] for s in all_stats if k in s])) for k in sorted(keys)}
+        out["first_minibatch_ratio_mean"] = all_stats[0]["policy/ratio_mean"]
+        out["skipped_minibatches"] = skipped
+        out["minibatches"] = len(all_stats)
+        out["early_stopped"] = int(early)
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, prompts: Sequence[Sequence[int]]) -> dict:
+        """One PPO step on these tokenized prompts; returns the step's stats."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        gen, ro = self.rollout(prompts, _step_key(cfg.seed, self.step))
+        mask = gen.response_mask
+        beta = self.kl_ctl.value
+        scores = self._process_scores(ro["scores"], gen.ended)
+        rewards, kl = kl_penalized_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, beta,
+                                           cfg.kl_estimator)
+        non_score_reward = -beta * kl
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask) * mask    # over the whole rollout batch
+        batch = _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
+                       ro["values"], mx.stop_gradient(advantages), mx.stop_gradient(returns))
+        mx.eval(batch.advantages, batch.returns, kl, non_score_reward)
+        t_upd = time.perf_counter()
+        upd = self.update(batch, np.random.default_rng([cfg.seed, self.step, 31]))
+        t_end = time.perf_counter()
+
+        mean_kl = float(kl.sum(axis=1).mean())     # batch mean of each sequence's summed KL
+        self.kl_ctl.update(mean_kl, cfg.batch_size)  # once per batch, after the update
+        resp_len = np.array(gen.response_lengths)
+        n_tokens = int(resp_len.sum())
+        raw = np.array(ro["scores"])
+        used = np.array(scores)
+        nsr = float(non_score_reward.sum(axis=1).mean())
+        stats = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": beta,
+            "objective/entropy": float((-ro["logprobs"] * mask).sum(axis=1).mean()),
+            "objective/scores": float(raw.mean()),
+            "objective/scores_std": float(raw.std()),
+            "objective/non_score_reward": nsr,
+            "objective/total_reward": float(used.mean()) + nsr,
+            "ppo/mean_scores": float(used.mean()),
+            "ppo/std_scores": float(used.std()),
+            "ppo/response_length": float(resp_len.mean()),
+            "ppo/eos_fraction": float(np.array(gen.ended).mean()),
+            "ppo/kl_coef_next": self.kl_ctl.value,
+            "ppo/time/generation": ro["time/generation"],
+            "ppo/time/forward": ro["time/forward"],
+            "ppo/time/scoring": ro["time/scoring"],
+            "ppo/time/update": t_end - t_upd,
+            "ppo/time/step": t_end - t_start,
+            "ppo/generation_tokens_per_sec": n_tokens / max(ro["time/generation"], 1e-9),
+            "ppo/tokens_per_sec": n_tokens / max(t_end - t_start, 1e-9),
+            "ppo/memory/peak_bytes": int(mx.get_peak_memory()),
+            "ppo/memory/base_weight_bytes": self.base_bytes,
+            "ppo/memory/peak_over_base": mx.get_peak_memory() / max(self.base_bytes, 1),
+            "ppo/sampling/temperature": cfg.temperature,   # what the rollouts used (item 3)
+            "ppo/sampling/top_p": cfg.top_p,
+        }
+        stats.update({f"ppo/{k}": v for k, v in upd.items()})
+        if mean_kl < -1:
+            log.warning("step %d: mean KL %.3f < -1: the log-probabilities do not reproduce the "
+                        "rollout (PPO_DETAILS item 1)", self.step, mean_kl)
+        self.step += 1
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, ckpt_dir: Path) -> None:
+        state = {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(),
+                 "score_moments": self.score_moments.state_dict(), "seed": self.cfg.seed,
+                 "rng": "derived from (seed, step)", "history": self.history,
+                 "config": to_dict(self.cfg)}
+        with atomic_dir(ckpt_dir) as tmp:
+            save_adapter(self.model, self.cfg.adapter_name, tmp / "adapter",
+                         metadata={"role": "ppo", "step": self.step}, heads={"value": self.value_head})
+            atomic_save_safetensors(tmp / "optimizer.safetensors",
+                                    dict(tree_flatten(self.optimizer.state)))
+            atomic_write_json(tmp / "trainer_state.json", state)
+
+    def load_checkpoint(self, ckpt_dir: Path) -> None:
+        try:
+            state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MindprintError(f"{ckpt_dir}: unreadable PPO checkpoint ({e})") from None
+        set_adapter_weights(self.model, self.cfg.adapter_name,
+                            mx.load(str(ckpt_dir / "adapter" / ADAPTER_WEIGHTS)),
+                            source=ckpt_dir / "adapter" / ADAPTER_WEIGHTS)
+        lora.set_trainable(self.model, self.cfg.adapter_name, True)
+        head = load_heads(ckpt_dir / "adapter").get("value")
+        if head is None:
+            raise MindprintError(f"{ckpt_dir}/adapter: no value head in the checkpoint")
+        self.value_head.update(head.parameters())
+        opt_state = mx.load(str(ckpt_dir / "optimizer.safetensors"))
+        self.optimizer.state = tree_unflatten(list(opt_state.items()))
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        mx.eval(self.policy.parameters(), self.optimizer.state)
+
+
+def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: RewardFn,
+              cfg: PPOConfig, out_dir: str | Path, frozen_adapters: Sequence[str] = (),
+              resume: bool = False, value_head: ScalarHead | None = None,
+              metrics_path: str | Path | None = None) -> PPOResult:
+    """Train the `cfg.adapter_name` LoRA adapter (plus a value head) with PPO.
+
+    prompts: chat messages (list of {"role", "content"}), plain strings (one user turn) or
+    token lists. reward_fn(tokens (B, T) int32, lengths (B,)) -> (B,) scores of right-padded
+    prompt + response rows, e.g. RewardModel.score_tokens. Writes out_dir/checkpoint/
+    (resumable), out_dir/metrics.jsonl and the final adapter (with the value head) to
+    out_dir/ppo_adapter. Afterwards the model keeps the PPO adapter, frozen and inactive.
+    """
+    if not prompts:
+        raise MindprintError("train_ppo: no prompts")
+    out = Path(out_dir)
+    ckpt = out / "checkpoint"
+    metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
+    saved_active = lora.get_active(model)
+    trainer = PPOTrainer(model, tokenizer, reward_fn, cfg, frozen_adapters, value_head)
+    encoded = _encode_prompts(tokenizer, prompts)
+    if resume and (ckpt / "trainer_state.json").is_file():
+        trainer.load_checkpoint(ckpt)
+        kept = [r for r in read_jsonl(metrics) if r.get("step", 0) <= trainer.step]
+        atomic_write_text(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        log.info("resuming PPO from step %d (%s)", trainer.step, ckpt)
+    elif metrics.exists():
+        metrics.unlink()                 # a fresh run starts a fresh metrics file
+    mx.reset_peak_memory()
+    bar = Progress(cfg.steps, "ppo", enabled=cfg.progress, initial=trainer.step)
+    try:
+        while trainer.step < cfg.steps:
+            idx = _prompt_indices(len(encoded), trainer.step, cfg.batch_size, cfg.seed)
+            stats = trainer.train_step([encoded[i] for i in idx])
+            record = {"step": trainer.step, **stats}
+            trainer.history.append(record)
+            append_jsonl(metrics, record)
+            if stats["objective/kl"] < -1:
+                bar.write(f"warning: step {trainer.step}: mean KL {stats['objective/kl']:.3f} < -1")
+            bar.update(1, score=stats["objective/scores"], kl=stats["objective/kl"],
+                       beta=stats["objective/kl_coef"], ent=stats["objective/entropy"],
+                       pg=stats.get("ppo/loss/policy", 0.0), vf=stats.get("ppo/loss/value", 0.0),
+                       clip=stats.get("ppo/policy/clipfrac", 0.0),
+                       ev=stats.get("ppo/val/explained_variance", 0.0),
+                       len=stats["ppo/response_length"], tok_s=stats["ppo/tokens_per_sec"])
+            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+                trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt)
+    finally:
+        bar.close()
+        lora.set_trainable(model, cfg.adapter_name, False)
+        for path, m in lora.lora_layers(model):
+            m.active = saved_active.get(path, frozenset())
+    adapter_dir = save_adapter(model, cfg.adapter_name, out / "ppo_adapter",
+                               metadata={"role": "ppo", "stack": trainer.policy_adapters,
+                                         "steps": trainer.step, "training_config": to_dict(cfg)},
+                               heads={"value": trainer.value_head})
+    hist = trainer.history
+    return PPOResult(adapter_dir=adapter_dir, steps=trainer.step,
+                     mean_score_first=hist[0]["objective/scores"] if hist else float("nan"),
+                     mean_score_last=hist[-1]["objective/scores"] if hist else float("nan"),
+                     history=hist)

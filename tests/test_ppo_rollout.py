@@ -1,0 +1,188 @@
+"""Rollouts: batched KV-cache sampling, right-padding and masks after EOS, and teacher-forced
+log-probabilities that reproduce the sampling distribution (PPO_DETAILS items 1, 2, 5)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mindprint_mlx.models import load, lora
+from mindprint_mlx.ppo import PPOConfig, PPOTrainer, generate_batch, response_forward
+from mindprint_mlx.ppo.rollout import _finish, batched_response_forward
+from mindprint_mlx.ppo.trainer import _Batch
+from mindprint_mlx.ppo.advantages import gae, masked_whiten, kl_penalized_rewards
+
+TEXTS = ["hi there", "the teacher reads a letter near the river after dinner", "why"]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_llama):
+    model, tok = load(tiny_llama)
+    mx.random.seed(0)
+    lora.apply_lora(model, "sft", r=2, alpha=4.0, trainable=False)
+    for _, m in lora.lora_layers(model):          # a non-trivial frozen SFT adapter
+        m.adapters["sft"].lora_b = 0.3 * mx.random.normal(m.adapters["sft"].lora_b.shape)
+    return model, tok
+
+
+def prompts(tok):
+    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+            for t in TEXTS]
+
+
+def test_finish_right_pads_and_masks_after_the_first_eos():
+    sampled = np.array([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]], dtype=np.int32)
+    lps = np.full(sampled.shape, -1.0, dtype=np.float32)
+    g = _finish([[10, 11], [12], [13, 14, 15]], sampled, lps, np.array([2]), pad_id=3)
+    assert g.response_lengths.tolist() == [2, 4, 1]
+    assert g.ended.tolist() == [True, False, True]
+    assert g.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert g.response_tokens.tolist() == [[5, 2, 3, 3], [5, 6, 7, 8], [2, 3, 3, 3]]
+    assert g.tokens.tolist() == [[10, 11, 5, 2, 3, 3, 3], [12, 5, 6, 7, 8, 3, 3],
+                                 [13, 14, 15, 2, 3, 3, 3]]
+    assert g.lengths.tolist() == [4, 5, 4]
+    assert g.sample_logprobs.tolist() == [[-1, -1, 0, 0], [-1, -1, -1, -1], [-1, 0, 0, 0]]
+
+
+def test_generation_stops_at_eos_and_pads_after_it(model_tok):
+    model, tok = model_tok
+    ps = prompts(tok)
+    key = mx.random.key(3)
+    free = generate_batch(model, ps, 6, [tok.eos_token_id], tok.pad_token_id, key=key)
+    assert free.response_tokens.shape == (3, 6)
+    # Declare the token row 0 sampled at position 2 an end-of-turn: the same key then samples the
+    # same tokens, and row 0 stops there with that token masked in and padding after it.
+    stop = int(free.response_tokens[0, 2])
+    g = generate_batch(model, ps, 6, [stop], tok.pad_token_id, key=key)
+    first = int(np.argmax(np.array(free.response_tokens[0]) == stop))
+    assert int(g.response_lengths[0]) == first + 1 and bool(g.ended[0])
+    assert g.response_tokens[0, :first + 1].tolist() == free.response_tokens[0, :first + 1].tolist()
+    assert all(t == tok.pad_token_id for t in g.response_tokens[0, first + 1:].tolist())
+    assert g.response_mask[0].tolist() == [1.0] * (first + 1) + [0.0] * (g.response_tokens.shape[1] - first - 1)
+    row = g.tokens[0].tolist()
+    n = len(ps[0])
+    assert row[:n] == ps[0] and row[n:n + first + 1] == g.response_tokens[0, :first + 1].tolist()
+    # Row 0 left the batch (its KV-cache rows were dropped): the others still sample exactly
+    # what teacher forcing computes.
+    lp, _ = batched_response_forward(model, g, 1.0)
+    m = np.array(g.response_mask) > 0
+    assert np.abs(np.array(lp) - np.array(g.sample_logprobs))[m].max() < 1e-4
+    assert int(g.response_lengths.max()) > first + 1
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0)])
+def test_teacher_forcing_reproduces_sampling_logprobs(model_tok, temperature, top_p):
+    """Left-padded KV-cache sampling and right-padded teacher forcing agree (item 1), and both
+    use logits / T (item 2): checked against the model's own full forward pass too."""
+    model, tok = model_tok
+    ps = prompts(tok)
+    with lora.active_adapters(model, ["sft"]):
+        g = generate_batch(model, ps, 8, [tok.eos_token_id], tok.pad_token_id, temperature,
+                           top_p, key=mx.random.key(1))
+        lp, _ = batched_response_forward(model, g, temperature)
+        full = model(g.tokens).astype(mx.float32) / temperature
+    m = np.array(g.response_mask) > 0
+    assert np.abs(np.array(lp) - np.array(g.sample_logprobs))[m].max() < 1e-4
+    full = full - mx.logsumexp(full, axis=-1, keepdims=True)
+    for b, n in enumerate(g.prompt_lengths.tolist()):
+        for j in range(int(g.response_lengths[b])):
+            tok_id = int(g.tokens[b, n + j])
+            assert abs(float(full[b, n + j - 1, tok_id]) - float(lp[b, j])) < 1e-4
+
+
+def test_top_p_samples_only_from_the_nucleus(model_tok):
+    model, tok = model_tok
+    g = generate_batch(model, prompts(tok), 5, [tok.eos_token_id], tok.pad_token_id, 1.0, 1e-6,
+                       key=mx.random.key(2))
+    lp, _, logits = response_forward(model, g.tokens, g.prompt_lengths, g.response_tokens,
+                                     return_logits=True)
+    greedy = np.array(mx.argmax(logits, axis=-1))
+    m = np.array(g.response_mask) > 0
+    assert (greedy[m] == np.array(g.response_tokens)[m]).all()
+
+
+def test_first_minibatch_ratio_is_one_and_reference_excludes_ppo(model_tok):
+    model, tok = model_tok
+    cfg = PPOConfig(batch_size=3, mini_batch_size=2, max_new_tokens=6, temperature=0.8,
+                    adapter_name="ppo_t1", progress=False)
+    tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+    try:
+        for _, m in lora.lora_layers(model):     # a PPO adapter that changes the policy
+            m.adapters["ppo_t1"].lora_b = 0.5 * mx.random.normal(m.adapters["ppo_t1"].lora_b.shape)
+        gen, ro = tr.rollout(prompts(tok), mx.random.key(5))
+        mask = gen.response_mask
+        m = np.array(mask) > 0
+        # Reference = SFT only; the policy differs from it because the PPO adapter is active.
+        with lora.active_adapters(model, ["sft"]):
+            ref_direct, _ = batched_response_forward(model, gen, 0.8)
+        assert np.array_equal(np.array(ref_direct), np.array(ro["ref_logprobs"]))
+        assert np.abs(np.array(ro["logprobs"]) - np.array(ro["ref_logprobs"]))[m].max() > 1e-3
+        # Teacher-forced policy log-probs match what the sampler saw.
+        assert np.abs(np.array(ro["logprobs"]) - np.array(gen.sample_logprobs))[m].max() < 1e-4
+        rewards, _ = kl_penalized_rewards(ro["scores"] + 1.0, ro["logprobs"], ro["ref_logprobs"],
+                                          mask, 0.2)
+        adv, ret = gae(rewards, ro["values"], mask)
+        batch = _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
+                       ro["values"], masked_whiten(adv, mask) * mask, ret)
+        # A minibatch of other rows (other batch shape) through the training loss: ratio == 1.
+        mb = batch.rows(np.array([2, 0]))
+        with lora.active_adapters(model, tr.policy_adapters):
+            new_lp, _, _ = response_forward(model, mb.tokens, mb.prompt_lengths, mb.response_tokens,
+                                            0.8, tr.value_head)
+        ratio = np.exp(np.array(new_lp) - np.array(mb.old_logprobs))[np.array(mb.mask) > 0]
+        assert np.abs(ratio - 1).max() < 1e-4
+        stats = tr.update(batch, np.random.default_rng(0))
+        assert abs(stats["first_minibatch_ratio_mean"] - 1) < 1e-5
+        assert stats["minibatches"] == cfg.ppo_epochs * 2 and stats["skipped_minibatches"] == 0
+    finally:
+        lora.remove_adapter(model, "ppo_t1")
+
+
+def _batch_for(tr, tok, key=7):
+    gen, ro = tr.rollout(prompts(tok), mx.random.key(key))
+    mask = gen.response_mask
+    rewards, _ = kl_penalized_rewards(mx.array([1.0, -1.0, 0.5]), ro["logprobs"], ro["ref_logprobs"],
+                                      mask, 0.2)
+    adv, ret = gae(rewards, ro["values"], mask)
+    return _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
+                  ro["values"], masked_whiten(adv, mask) * mask, ret)
+
+
+def test_update_guards_skip_high_ratio_minibatches_and_stop_early(model_tok):
+    model, tok = model_tok
+    cfg = PPOConfig(batch_size=3, mini_batch_size=1, max_new_tokens=4, learning_rate=1e-2,
+                    adapter_name="ppo_t2", progress=False, early_stopping=True, target_kl=1e9)
+    tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+    try:
+        batch = _batch_for(tr, tok)
+        # Old log-probs 5 nats lower: ratio e^5 > 10 everywhere, so every minibatch is skipped
+        # and the optimizer never steps (Adam's momentum would still move the weights).
+        before = {k: np.array(v) for k, v in lora.adapter_state(model, "ppo_t2").items()}
+        skewed = _Batch(**{**batch.__dict__, "old_logprobs": batch.old_logprobs - 5.0})
+        st = tr.update(skewed, np.random.default_rng(0))
+        assert st["skipped_minibatches"] == st["minibatches"] == 3 * cfg.ppo_epochs
+        for k, v in lora.adapter_state(model, "ppo_t2").items():
+            assert np.array_equal(np.array(v), before[k])
+        # Early stopping: a policy KL bound that the first minibatch already exceeds.
+        tr.cfg.target_kl = -1.0
+        st = tr.update(batch, np.random.default_rng(0))
+        assert st["minibatches"] == 1 and st["early_stopped"] == 1 and st["skipped_minibatches"] == 0
+    finally:
+        lora.remove_adapter(model, "ppo_t2")
+
+
+def test_missing_eos_penalty_and_running_score_normalisation(model_tok):
+    model, tok = model_tok
+    cfg = PPOConfig(missing_eos_penalty=1.0, score_norm="running", adapter_name="ppo_t3",
+                    progress=False)
+    tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+    try:
+        raw = mx.array([1.0, 2.0, 3.0, 4.0])
+        out = tr._process_scores(raw, mx.array([True, False, True, False]))
+        mean, std = 2.5, np.std([1, 2, 3, 4], ddof=1)   # first update: the batch's own moments
+        expected = (np.array([1, 2, 3, 4]) - mean) / std - np.array([0, 1, 0, 1])
+        np.testing.assert_allclose(np.array(out), expected, atol=1e-5)
+        tr.cfg.score_norm = "none"
+        out = tr._process_scores(raw, mx.array([True, True, False, True]))
+        assert out.tolist() == [1.0, 2.0, 2.0, 4.0]
+    finally:
+        lora.remove_adapter(model, "ppo_t3")
