@@ -1,0 +1,310 @@
+"""Quiz scoring and evaluate-generations (BEST / MEDIUM / WORST).
+
+The quiz score of a topic is a number in [0, 1] built from three parts, each reported
+on its own (every part is the mean over the topic's quiz questions):
+
+- `preference`: the reward model's preference for the generated answer over the
+  reference answer, sigmoid(r(answer) - r(reference)) (the Bradley-Terry probability
+  that the answer wins). 0.5 means "as good as the reference", above 0.5 better.
+- `markers`: voice-marker density of the answer against the topic's target density
+  (markers per 100 words in the topic's own reference texts):
+  1 - min(1, |density - target| / target); 1.0 when the topic has no markers to hit.
+- `overlap`: content overlap with the reference answer, token-level F1 (SQuAD style:
+  lower-cased word tokens, multiset overlap).
+
+score = sum(w_i * part_i) / sum(w_i) over the parts that exist (without a reward model,
+`preference` is left out and the other weights are renormalised). Default weights:
+preference 0.5, markers 0.25, overlap 0.25 (`QuizWeights`).
+
+Answers are generated greedily (temperature 0) so a score is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import MindprintError
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+Messages = Sequence[dict]
+
+
+# ---------------------------------------------------------------- text parts
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style F1 over lower-cased word tokens; 1.0 when both are empty."""
+    a, r = words(answer), words(reference)
+    if not a and not r:
+        return 1.0
+    if not a or not r:
+        return 0.0
+    common = sum((Counter(a) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _marker_pattern(marker: str) -> re.Pattern:
+    m = re.escape(marker.lower().strip())
+    # Whole-word match where the marker starts/ends with a word character ("y'know" in
+    # "y'knowing" does not count), plain substring for punctuation markers ("...").
+    left = r"(?<!\w)" if marker.strip()[:1].isalnum() else ""
+    right = r"(?!\w)" if marker.strip()[-1:].isalnum() else ""
+    return re.compile(left + m + right)
+
+
+def marker_count(text: str, markers: Sequence[str]) -> int:
+    low = text.lower()
+    return sum(len(_marker_pattern(m).findall(low)) for m in markers if m and m.strip())
+
+
+def marker_density(text: str, markers: Sequence[str]) -> float:
+    """Voice-marker occurrences per 100 words."""
+    n = len(words(text))
+    if n == 0:
+        return 0.0
+    return 100.0 * marker_count(text, markers) / n
+
+
+def target_marker_density(texts: Sequence[str], markers: Sequence[str]) -> float:
+    """The density a topic's own reference texts show (pooled over all of them)."""
+    n = sum(len(words(t)) for t in texts)
+    if n == 0 or not markers:
+        return 0.0
+    return 100.0 * sum(marker_count(t, markers) for t in texts) / n
+
+
+def marker_score(density: float, target: float) -> float:
+    """1 at the target density, falling linearly to 0 at 0 or 2x the target."""
+    if target <= 0:
+        return 1.0
+    return max(0.0, 1.0 - min(1.0, abs(density - target) / target))
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+# ---------------------------------------------------------------- tokens
+
+def encode_prompt(tokenizer, messages: Messages) -> list[int]:
+    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+
+
+def encode_completion(tokenizer, text: str) -> list[int]:
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def encode_pair(tokenizer, messages: Messages, completion: str, max_len: int = 1024) -> list[int]:
+    """The shared token layout: chat-templated prompt, completion tokens, EOS."""
+    toks = encode_prompt(tokenizer, messages) + encode_completion(tokenizer, completion)
+    toks = toks[:max_len - 1] + [tokenizer.eos_token_id]
+    return toks
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
+    T = max(len(r) for r in rows)
+    tokens = mx.array([r + [pad_id] * (T - len(r)) for r in rows], dtype=mx.int32)
+    lengths = mx.array([len(r) for r in rows], dtype=mx.int32)
+    return tokens, lengths
+
+
+def pad_id(tokenizer) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return int(pid if pid is not None else tokenizer.eos_token_id)
+
+
+RewardFn = Callable[[mx.array, mx.array], mx.array]
+
+
+def reward_scores(reward_fn: RewardFn, tokenizer, prompts: Sequence[Messages],
+                  completions: Sequence[str], batch_size: int = 8,
+                  max_len: int = 1024) -> list[float]:
+    """Reward scores of (prompt, completion) pairs through `reward_fn(tokens, lengths)`
+    (e.g. `RewardModel.score_tokens`), in batches of `batch_size`."""
+    rows = [encode_pair(tokenizer, p, c, max_len) for p, c in zip(prompts, completions)]
+    out: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        tokens, lengths = pad_rows(rows[i:i + batch_size], pad_id(tokenizer))
+        scores = reward_fn(tokens, lengths)
+        mx.eval(scores)
+        out.extend(float(s) for s in scores.tolist())
+    return out
+
+
+def as_reward_fn(reward: Any) -> RewardFn | None:
+    """A RewardModel (anything with `.score_tokens`) or a plain callable, or None."""
+    if reward is None:
+        return None
+    fn = getattr(reward, "score_tokens", None)
+    if fn is not None:
+        return fn
+    if callable(reward):
+        return reward
+    raise MindprintError(f"reward must be a RewardModel or a callable, got {type(reward).__name__}")
+
+
+# ---------------------------------------------------------------- generation
+
+def generate(model: nn.Module, tokenizer, messages: Messages, max_tokens: int = 64,
+             temp: float = 0.0, seed: int = 0) -> str:
+    """One answer to chat `messages` (greedy at temp 0)."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    sampler = make_sampler(temp=temp)
+    parts = []
+    for resp in stream_generate(model, tokenizer, encode_prompt(tokenizer, messages),
+                                max_tokens=max_tokens, sampler=sampler):
+        parts.append(resp.text)
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- quiz
+
+@dataclass
+class QuizWeights:
+    """Weights of the quiz score's parts (any non-negative numbers; normalised)."""
+
+    preference: float = 0.5     # reward model: answer vs reference answer
+    markers: float = 0.25       # voice-marker density vs the topic's target
+    overlap: float = 0.25       # token F1 with the reference answer
+
+    def validate(self) -> None:
+        from .config import ConfigError
+
+        for k, v in asdict(self).items():
+            if v < 0:
+                raise ConfigError(f"key 'weights.{k}': must be >= 0, got {v}")
+        if sum(asdict(self).values()) <= 0:
+            raise ConfigError("key 'weights': at least one weight must be > 0")
+
+
+@dataclass
+class QuizItem:
+    messages: tuple          # the chat prompt (system prompt + question)
+    reference: str
+
+
+@dataclass
+class QuizResult:
+    score: float                                  # in [0, 1]
+    parts: dict[str, float]                       # preference / markers / overlap means
+    target_marker_density: float
+    marker_density: float                         # mean density of the answers
+    n: int
+    items: list[dict] = field(default_factory=list)   # per question: answer and parts
+
+    def summary(self) -> dict:
+        return {"score": self.score, **{f"part/{k}": v for k, v in self.parts.items()},
+                "marker_density": self.marker_density,
+                "target_marker_density": self.target_marker_density, "n": self.n}
+
+
+def combine_parts(parts: dict[str, float], weights: QuizWeights) -> float:
+    w = asdict(weights)
+    used = {k: w[k] for k in parts if w.get(k, 0) > 0}
+    total = sum(used.values())
+    if total <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, sum(used[k] * parts[k] for k in used) / total)))
+
+
+def quiz_items(questions: Sequence[tuple[str, str]], system_prompt: str | None = None) -> list[QuizItem]:
+    """(question, reference answer) pairs -> chat prompts."""
+    sys_msg = ({"role": "system", "content": system_prompt},) if system_prompt else ()
+    return [QuizItem(sys_msg + ({"role": "user", "content": q},), ref) for q, ref in questions]
+
+
+def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], markers: Sequence[str] = (),
+                  target_density: float | None = None, reward: Any = None,
+                  weights: QuizWeights | None = None, max_tokens: int = 64,
+                  answers: Sequence[str] | None = None) -> QuizResult:
+    """Score `items` with the model's currently active adapters (greedy answers).
+
+    `target_density` defaults to the density of the reference answers. `answers` skips
+    generation (scores given texts). The reward model, when given, is run with only its
+    own adapter active (RewardModel.score_tokens does the switching)."""
+    weights = weights or QuizWeights()
+    if not items:
+        raise MindprintError("quiz evaluation needs at least one question")
+    if answers is None:
+        answers = [generate(model, tokenizer, it.messages, max_tokens=max_tokens) for it in items]
+    refs = [it.reference for it in items]
+    if target_density is None:
+        target_density = target_marker_density(refs, markers)
+    f1 = [token_f1(a, r) for a, r in zip(answers, refs)]
+    dens = [marker_density(a, markers) for a in answers]
+    mk = [marker_score(d, target_density) for d in dens]
+    parts: dict[str, float] = {"markers": _mean(mk), "overlap": _mean(f1)}
+    per_item = [{"question": it.messages[-1]["content"], "reference": it.reference, "answer": a,
+                 "overlap": f, "marker_density": d, "markers": m}
+                for it, a, f, d, m in zip(items, answers, f1, dens, mk)]
+    fn = as_reward_fn(reward)
+    if fn is not None:
+        prompts = [it.messages for it in items]
+        r_ans = reward_scores(fn, tokenizer, prompts, answers)
+        r_ref = reward_scores(fn, tokenizer, prompts, refs)
+        pref = [sigmoid(a - b) for a, b in zip(r_ans, r_ref)]
+        parts["preference"] = _mean(pref)
+        for d, ra, rr, p in zip(per_item, r_ans, r_ref, pref):
+            d.update(reward_answer=ra, reward_reference=rr, preference=p)
+    parts = {k: parts[k] for k in ("preference", "markers", "overlap") if k in parts}
+    return QuizResult(score=combine_parts(parts, weights), parts=parts,
+                      target_marker_density=target_density, marker_density=_mean(dens),
+                      n=len(items), items=per_item)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+# ---------------------------------------------------------------- generations
+
+def evaluate_generations(model: nn.Module, tokenizer, reward: Any, prompts: Sequence[Messages | str],
+                         k: int = 4, max_tokens: int = 64, temp: float = 0.8,
+                         seed: int = 0) -> dict:
+    """N prompts x K sampled completions, scored by the reward model and ranked.
+
+    Returns a JSON-ready dict: per prompt its completions sorted best first with score
+    and rank, and the BEST (highest), MEDIUM (median) and WORST (lowest) completion;
+    plus the overall mean score."""
+    if k < 1:
+        raise MindprintError(f"k must be >= 1, got {k}")
+    fn = as_reward_fn(reward)
+    if fn is None:
+        raise MindprintError("evaluate-generations needs a reward model")
+    out = []
+    all_scores: list[float] = []
+    for i, p in enumerate(prompts):
+        messages = ({"role": "user", "content": p},) if isinstance(p, str) else tuple(p)
+        texts = [generate(model, tokenizer, messages, max_tokens=max_tokens, temp=temp,
+                          seed=seed + 1000 * i + j) for j in range(k)]
+        scores = reward_scores(fn, tokenizer, [messages] * k, texts)
+        order = sorted(range(k), key=lambda j: -scores[j])
+        ranked = [{"rank": r + 1, "text": texts[j], "score": scores[j]} for r, j in enumerate(order)]
+        all_scores.extend(scores)
+        out.append({"prompt": list(messages), "completions": ranked,
+                    "BEST": ranked[0], "MEDIUM": ranked[len(ranked) // 2], "WORST": ranked[-1]})
+    return {"k": k, "temp": temp, "max_tokens": max_tokens, "seed": seed,
+            "mean_score": _mean(all_scores), "prompts": out}

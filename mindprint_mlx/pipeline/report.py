@@ -1,0 +1,154 @@
+"""report.md and metrics CSV from state.json and metrics/*.jsonl."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..io import atomic_write_text, read_jsonl
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def topic_rows(state: dict) -> list[dict]:
+    """One summary row per planned topic, in plan order."""
+    rows = []
+    for p in state.get("plan", []):
+        rec = state.get("topics", {}).get(p["key"], {})
+        ph = rec.get("phases", {})
+        quiz, ppo, final = ph.get("quiz") or {}, ph.get("ppo") or {}, ph.get("final") or {}
+        if not p["plan"]["trainable"]:
+            status = "skipped"
+        elif final.get("done"):
+            status = "pass" if final.get("passed") else "fail"
+        else:
+            status = "not run"
+        ppo_ran = bool(ppo.get("done")) and not ppo.get("skipped")
+        rows.append({
+            "key": p["key"], "unit": p["unit"], "status": status,
+            "threshold": p["plan"]["pass_threshold"],
+            "before": quiz.get("score"), "after": final.get("score") if ppo_ran else None,
+            "final": final.get("score"),
+            "ppo": ("ran" if ppo_ran else ("skipped" if ppo.get("skipped") else "-")),
+            "reward_first": ppo.get("mean_score_first"), "reward_last": ppo.get("mean_score_last"),
+            "reward_before": ppo.get("reward_before"), "reward_after": ppo.get("reward_after"),
+        })
+    return rows
+
+
+def summary_table(state: dict) -> str:
+    """The markdown summary table (also printed at the end of a run and the demo)."""
+    rows = topic_rows(state)
+    out = ["| topic | quiz after SFT | after PPO | threshold | mean reward before -> after PPO | result |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        rw = (f"{_f(r['reward_before'])} -> {_f(r['reward_after'])}" if r["ppo"] == "ran"
+              else r["ppo"])
+        out.append(f"| {r['key']} | {_f(r['before'])} | {_f(r['after'])} | {_f(r['threshold'], '.2f')} "
+                   f"| {rw} | {r['status']} |")
+    done = [r for r in rows if r["status"] in ("pass", "fail")]
+    passed = sum(r["status"] == "pass" for r in done)
+    rate = f"{passed}/{len(done)} = {100 * passed / len(done):.0f}%" if done else "n/a"
+    out.append("")
+    out.append(f"Overall pass rate: {rate} of trained topics "
+               f"({sum(r['status'] == 'skipped' for r in rows)} skipped, "
+               f"{sum(r['status'] == 'not run' for r in rows)} not run yet).")
+    return "\n".join(out)
+
+
+def render_report(state: dict, config: dict | None = None) -> str:
+    lines = ["# mindprint run report", ""]
+    if config:
+        lines += [f"- model: `{config.get('model')}`", f"- data: `{config.get('data_dir')}`",
+                  f"- seed: {config.get('seed')}"]
+    rm = state.get("reward_model") or {}
+    if rm:
+        acc = rm.get("best_val_accuracy")
+        lines.append(f"- reward model: `{rm.get('adapter_dir')}`"
+                     + (f" (validation accuracy {acc:.2f})" if isinstance(acc, (int, float)) else ""))
+    status = "finished" if state.get("finished") else (state.get("stopped") or "in progress")
+    lines += [f"- status: {status}", "", "## Summary", "", summary_table(state), ""]
+    units = state.get("units", {})
+    if units:
+        lines += ["## Units (merge and verify)", "",
+                  "| unit | merged adapter | topic | final | after merge | drop | regression |",
+                  "|---|---|---|---|---|---|---|"]
+        for u, rec in units.items():
+            for v in rec.get("verify", []):
+                lines.append(f"| {u} | `{rec.get('merged') or '-'}` | {v['key']} | {_f(v.get('final'))} "
+                             f"| {_f(v.get('merged'))} | {_f(v.get('drop'))} | "
+                             f"{'YES' if v.get('regression') else 'no'} |")
+        lines.append("")
+    lines += ["## Topics", ""]
+    for p in state.get("plan", []):
+        rec = state.get("topics", {}).get(p["key"], {})
+        ph = rec.get("phases", {})
+        pl = p["plan"]
+        lines.append(f"### {p['key']}")
+        lines.append("")
+        c = p["counts"]
+        lines.append(f"Data: {c['sft']} SFT, {c['preference']} preference, {c['quiz']} quiz, "
+                     f"{c['distinctions']} distinctions.")
+        if pl["trainable"]:
+            lines.append(f"Adaptive plan: SFT {pl['sft_epochs']} epochs, batch {pl['batch_size']}, "
+                         f"lr x{pl['lr_multiplier']:.3g}, pass threshold {pl['pass_threshold']:.2f}.")
+        else:
+            lines.append("Skipped (not trainable).")
+        for r in p["reasons"]:
+            lines.append(f"- {r}")
+        for name, title in (("quiz", "Quiz after SFT"), ("final", "Final quiz")):
+            q = ph.get(name)
+            if q and q.get("done"):
+                parts = ", ".join(f"{k} {v:.3f}" for k, v in q.get("parts", {}).items())
+                lines.append(f"- {title}: **{q['score']:.3f}** ({parts})")
+        ppo = ph.get("ppo")
+        if ppo and ppo.get("done"):
+            if ppo.get("skipped"):
+                lines.append(f"- PPO skipped: {ppo.get('reason')}")
+            else:
+                lines.append(f"- PPO: {ppo.get('steps')} steps; mean reward of sampled answers to the "
+                             f"topic's prompts {_f(ppo.get('reward_before'))} -> {_f(ppo.get('reward_after'))} "
+                             f"(training batches: first {_f(ppo.get('mean_score_first'))}, last "
+                             f"{_f(ppo.get('mean_score_last'))})")
+        for name in ("sft", "ppo"):
+            a = (ph.get(name) or {}).get("adapter")
+            if a:
+                lines.append(f"- {name} adapter: `{a}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, state: dict, config: dict | None = None) -> Path:
+    path = Path(run_dir) / "report.md"
+    atomic_write_text(path, render_report(state, config))
+    return path
+
+
+def jsonl_to_csv(jsonl: Path, csv_path: Path) -> Path:
+    rows = read_jsonl(jsonl)
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    if "step" in cols:
+        cols.remove("step")
+        cols.insert(0, "step")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in cols})
+    atomic_write_text(csv_path, buf.getvalue())
+    return csv_path
+
+
+def write_metrics_csv(run_dir: Path) -> list[Path]:
+    """metrics/X.jsonl -> metrics/X.csv for every metrics file."""
+    out = []
+    for f in sorted((Path(run_dir) / "metrics").glob("*.jsonl")):
+        out.append(jsonl_to_csv(f, f.with_suffix(".csv")))
+    return out

@@ -1,0 +1,567 @@
+"""The curriculum runner: reward model once, then per topic SFT -> quiz -> PPO -> quiz,
+and after each unit merge -> verify -> continue on the merged (frozen) weights.
+
+Composition (one base in memory, adapters stacked by name):
+- prior units: one frozen adapter each, `u0`, `u1`, ... (loaded from
+  merged_adapters/{unit}_merged on resume), always active;
+- the current unit: a running frozen adapter `u{i}` into which each finished topic's
+  `sft` (and `ppo`) adapters are folded with `models.lora.combine_adapters` (exact: ranks
+  concatenate), so the next topic of the unit trains on top of everything before it;
+- the topic being trained: `sft` (trainable during SFT, then frozen), then `ppo`
+  (trainable, with `sft` and everything below frozen: the reference policy is the model
+  without `ppo`).
+After the unit's last topic, `u{i}` *is* the unit's merged adapter: it is saved to
+merged_adapters/{unit}_merged (an mlx-lm adapter directory, loadable on its own on the
+base after the prior units' merged adapters), verified, and kept frozen for later units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from .. import evaluate as ev
+from ..config import to_dict
+from ..errors import MindprintError
+from ..io import append_jsonl, atomic_write_text, safe_name
+from ..models import lora
+from . import interrupt
+from .config import PipelineConfig, resolve_section, resolved_dict
+from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
+from .report import summary_table, write_metrics_csv, write_report
+from .state import RunState, check_resume, data_hashes, write_run_json
+
+log = logging.getLogger(__name__)
+
+PIPELINE_METRICS = "pipeline.jsonl"
+
+
+class Stopped(Exception):
+    """Raised inside the run when Ctrl-C asked it to stop (after saving)."""
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    run_dir: Path
+    state: dict
+    status: str                     # "finished" | "interrupted" | "stopped: ..." | "dry run"
+    plan: list[dict]
+    estimate: dict | None = None
+    report: Path | None = None
+
+
+# ---------------------------------------------------------------- helpers
+
+def _set_fields(cfg: Any, values: dict[tuple[str, ...], Any]) -> Any:
+    """dataclasses.replace with the first existing field name of each key tuple."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    names = {f.name for f in dataclasses.fields(cfg)}
+    kw = {}
+    for keys, v in values.items():
+        for k in keys:
+            if k in names:
+                kw[k] = v(getattr(cfg, k)) if callable(v) else v
+                break
+    return dataclasses.replace(cfg, **kw)
+
+
+def _topic_sft_config(cfg: PipelineConfig, plan: dict) -> Any:
+    sft = resolve_section(cfg, "sft")
+    p = plan["plan"]
+    return _set_fields(sft, {("epochs", "num_epochs", "sft_epochs"): p["sft_epochs"],
+                             ("batch_size",): p["batch_size"],
+                             ("learning_rate", "lr"): (lambda lr: lr * p["lr_multiplier"])})
+
+
+def _quiz_items(topic, persona, max_questions: int) -> list[ev.QuizItem]:
+    """The topic's quiz questions as single user turns (the layout the SFT prompts have: the
+    data loader adds no persona system prompt); without any, its SFT examples serve."""
+    if topic.quiz:
+        return ev.quiz_items([(q.question, q.reference_answer) for q in topic.quiz[:max_questions]])
+    return [ev.QuizItem(tuple(r.prompt), r.completion) for r in topic.sft[:max_questions]]
+
+
+def _ppo_prompts(topic, persona) -> list[list[dict]]:
+    """PPO's prompts: the topic's SFT and preference prompts and its quiz questions (unique)."""
+    out, seen = [], set()
+    prompts = [list(r.prompt) for r in topic.sft] + [list(r.prompt) for r in topic.preference] + \
+        [[{"role": "user", "content": q.question}] for q in topic.quiz]
+    for p in prompts:
+        key = repr(p)
+        if key not in seen:
+            seen.add(key)
+            out.append([dict(m) for m in p])
+    return out
+
+
+def _target_density(topic, markers) -> float:
+    texts = [r.completion for r in topic.sft] + [q.reference_answer for q in topic.quiz]
+    return ev.target_marker_density(texts, markers)
+
+
+def _copy_metrics(work: Path, metrics_dir: Path, prefix: str) -> list[str]:
+    """A trainer's *.jsonl files from its work dir into metrics/, atomically."""
+    out = []
+    for f in sorted(work.rglob("*.jsonl")) if work.exists() else []:
+        stem = f.stem if f.stem not in ("metrics", "log") else ""
+        name = safe_name(f"{prefix}{'-' + stem if stem else ''}") + ".jsonl"
+        dst = metrics_dir / name
+        atomic_write_text(dst, f.read_text(encoding="utf-8", errors="replace"))
+        out.append(name)
+    return out
+
+
+def _is_adapter_dir(d: Any) -> bool:
+    return d is not None and (Path(d) / "adapter_config.json").is_file()
+
+
+def _adopt_adapter(model, before: set[str], name: str, result_dir: Any) -> None:
+    """After a trainer ran: make sure its adapter is in the model as frozen `name`.
+
+    Trainers may name their adapter differently, or leave it out of the model (then it is
+    loaded from the directory they return). Renaming goes through combine_adapters, exact."""
+    from ..models.adapters import load_adapter
+
+    new = [n for n in lora.adapter_names(model) if n not in before]
+    new = [n for n in new if n == name] or [n for n in new if "value" not in n and "critic" not in n]
+    if name in lora.adapter_names(model):
+        pass
+    elif len(new) == 1:
+        lora.combine_adapters(model, new, name)
+    elif _is_adapter_dir(result_dir):
+        for n in new:
+            lora.remove_adapter(model, n)
+        load_adapter(model, result_dir, name=name)
+    else:
+        raise MindprintError(f"the trainer left no adapter '{name}' in the model "
+                             f"(new adapters: {new}) and no adapter directory ({result_dir})")
+    for extra in [n for n in lora.adapter_names(model) if n not in before and n != name]:
+        lora.remove_adapter(model, extra)  # e.g. a separate critic: not part of the policy
+    lora.set_trainable(model, name, False)
+
+
+def _check_composable(cfg: PipelineConfig) -> None:
+    """Topic adapters are folded into one unit adapter per layer (ranks concatenate), and an
+    mlx-lm adapter file has one rank for every layer: SFT and PPO must cover the same layers."""
+    from ..config import ConfigError
+
+    sft, ppo = resolve_section(cfg, "sft", strict=False), resolve_section(cfg, "ppo", strict=False)
+    t_sft = sorted(_get(sft, "lora_targets") or [])
+    t_ppo = sorted(_get(ppo, "lora_targets") or [])
+    if t_sft and t_ppo and t_sft != t_ppo:
+        raise ConfigError(f"sft.lora_targets {t_sft} and ppo.lora_targets {t_ppo} must be equal: each "
+                          "unit's adapters are combined into one adapter, which needs the same layers")
+    n_sft, n_ppo = _get(sft, "num_layers") or 0, _get(ppo, "num_layers") or 0
+    if n_sft != n_ppo:
+        raise ConfigError(f"sft.num_layers ({n_sft}) and ppo's LoRA layers ({n_ppo or 'all'}) must match: "
+                          "each unit's adapters are combined into one adapter, which needs the same layers")
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+# ---------------------------------------------------------------- the run
+
+class _Run:
+    def __init__(self, cfg: PipelineConfig, resume: bool, echo: Callable[[str], None]):
+        self.cfg, self.resume, self.echo = cfg, resume, echo
+        self.run_dir = Path(cfg.run_dir)
+        self.metrics = self.run_dir / "metrics"
+        self.work = self.run_dir / "work"
+        self.resolved = resolved_dict(cfg)
+
+    # -- setup
+    def prepare(self, dry_run: bool) -> PipelineResult | None:
+        cfg = self.cfg
+        _check_composable(cfg)
+        self.dataset, self.curriculum = load_curriculum(cfg)
+        self.plan = plan_topics(cfg, self.dataset, self.curriculum)
+        self.hashes = data_hashes(cfg.data_dir)
+        if dry_run:
+            import yaml
+
+            est = estimate(cfg, self.plan, self.dataset)
+            self.echo("# resolved config\n" + yaml.safe_dump(self.resolved, sort_keys=False))
+            self.echo(f"# topic plan ({len(self.plan)} topics, curriculum order)\n" + format_plan(self.plan))
+            self.echo("\n# estimate\n" + format_estimate(est))
+            self.echo("\ndry run: nothing trained, nothing written.")
+            return PipelineResult(self.run_dir, {}, "dry run", self.plan, est)
+        state_file = self.run_dir / "state.json"
+        if state_file.exists() and not self.resume:
+            raise MindprintError(f"{self.run_dir} already holds a run (state.json); pass --resume to "
+                                 "continue it, or choose another run_dir")
+        if self.resume and state_file.exists():
+            check_resume(self.run_dir, self.resolved, self.hashes)
+            if not (self.run_dir / "run.json").exists():
+                write_run_json(self.run_dir, self.resolved, cfg.seed, self.hashes, self.plan)
+        else:
+            self.resume = False
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_json(self.run_dir, self.resolved, cfg.seed, self.hashes, self.plan)
+        self.state = RunState.load(self.run_dir)
+        self.state.data["plan"] = self.plan
+        self.state.data.pop("stopped", None)
+        self.state.save()
+        return None
+
+    def load_model(self) -> None:
+        from ..models import load
+
+        mx.random.seed(self.cfg.seed)
+        self.echo(f"loading {self.cfg.model}" + (f" ({self.cfg.quantize}-bit)" if self.cfg.quantize else ""))
+        self.model, self.tok = load(self.cfg.model, quantize=self.cfg.quantize)
+
+    def check_stop(self) -> None:
+        if interrupt.requested():
+            raise Stopped
+
+    # -- reward model
+    def reward_model(self) -> Any:
+        from ..train.reward import RewardModel, train_reward_model
+
+        cfg, st = self.cfg, self.state
+        if cfg.reward.path:
+            adapter_dir = Path(cfg.reward.path)
+            st.data["reward_model"] = {"done": True, "adapter_dir": str(adapter_dir), "reused": True}
+            st.save()
+        elif st.data.get("reward_model") and (self.run_dir / st.data["reward_model"]["adapter_dir"]).exists():
+            adapter_dir = self.run_dir / st.data["reward_model"]["adapter_dir"]
+            self.echo(f"reward model: done ({adapter_dir})")
+        else:
+            # distinctions go in as such: RewardConfig.include_distinctions decides
+            pairs = list(self.dataset.preference) + list(self.dataset.distinctions)
+            if not pairs:
+                raise MindprintError(f"{cfg.data_dir}: no preference pairs or distinctions to train "
+                                     "the reward model on (or set reward.path)")
+            rcfg = resolve_section(cfg, "reward.train")
+            self.echo(f"reward model: training on {len(pairs)} pairs")
+            lora.set_active(self.model, [])
+            before = set(lora.adapter_names(self.model))
+            res = train_reward_model(self.model, self.tok, pairs, rcfg, self.run_dir / "reward_model",
+                                     resume=self.resume)
+            for n in [n for n in lora.adapter_names(self.model) if n not in before]:
+                lora.remove_adapter(self.model, n)   # reloaded below, frozen and disabled
+            adapter_dir = Path(res.adapter_dir)
+            mfiles = _copy_metrics(self.run_dir / "reward_model", self.metrics, "reward")
+            st.data["reward_model"] = {
+                "done": True, "adapter_dir": st.rel(adapter_dir), "metrics": mfiles,
+                "best_val_loss": res.best_val_loss, "best_val_accuracy": res.best_val_accuracy,
+                "stopped_early": res.stopped_early, "epochs": res.epochs}
+            st.save()
+            self.echo(f"reward model: validation accuracy {res.best_val_accuracy:.3f}")
+        rm = RewardModel.load(self.model, self.tok, adapter_dir)
+        lora.set_active(self.model, [])
+        return rm
+
+    # -- topics
+    def fold(self, acc: str | None, unit_name: str, names: list[str]) -> str:
+        lora.combine_adapters(self.model, ([acc] if acc else []) + names, unit_name)
+        return unit_name
+
+    def load_done_topic(self, key: str, acc: str | None, unit_name: str) -> str:
+        from ..models.adapters import load_adapter
+
+        names = []
+        for ph in ("sft", "ppo"):
+            rec = self.state.phase(key, ph)
+            if rec and rec.get("adapter"):
+                load_adapter(self.model, self.run_dir / rec["adapter"], name=ph)
+                names.append(ph)
+        return self.fold(acc, unit_name, names) if names else acc
+
+    def topic_done(self, key: str) -> bool:
+        return self.state.phase(key, "final") is not None or self.state.phase(key, "skip") is not None
+
+    def quiz(self, topic, active: list[str]) -> ev.QuizResult:
+        items = _quiz_items(topic, self.dataset.persona, self.cfg.eval.max_questions)
+        markers = list(getattr(self.dataset.persona, "voice_markers", []) or [])
+        with lora.active_adapters(self.model, active):
+            return ev.evaluate_quiz(self.model, self.tok, items, markers=markers,
+                                    target_density=_target_density(topic, markers), reward=self.rm,
+                                    weights=self.cfg.eval.weights, max_tokens=self.cfg.eval.max_tokens)
+
+    def policy_reward(self, prompts: list, active: list[str], pcfg: Any) -> float:
+        """Mean reward of sampled answers to all `prompts` (fixed sampling keys, so the
+        numbers before and after PPO compare the same draws): PPO's effect, measured."""
+        from ..ppo.rollout import generate_batch
+
+        enc = [ev.encode_prompt(self.tok, p) for p in prompts]
+        n = self.cfg.eval.reward_samples
+        T = int(getattr(pcfg, "max_new_tokens", self.cfg.eval.max_tokens))
+        temp = float(getattr(pcfg, "temperature", 1.0))
+        top_p = float(getattr(pcfg, "top_p", 1.0))
+        scores = []
+        with lora.active_adapters(self.model, active):
+            for k in range(n):
+                for i in range(0, len(enc), 16):
+                    g = generate_batch(self.model, enc[i:i + 16], T, [self.tok.eos_token_id],
+                                       ev.pad_id(self.tok), temp, top_p,
+                                       mx.random.key(self.cfg.seed * 1000 + 7919 + k * 101 + i))
+                    s = self.rm.score_tokens(g.tokens, g.lengths)
+                    scores.extend(float(x) for x in s.tolist())
+        return float(sum(scores) / max(1, len(scores)))
+
+    def log_eval(self, index: int, key: str, name: str, q: ev.QuizResult) -> None:
+        append_jsonl(self.metrics / PIPELINE_METRICS, {
+            "step": index, "topic": key, f"eval/{name}_score": q.score,
+            **{f"eval/{name}_{k}": v for k, v in q.parts.items()}})
+
+    def run_topic(self, index: int, topic, plan: dict, frozen: list[str]) -> list[str]:
+        """Train one topic on top of the `frozen` adapters; returns the adapters to fold."""
+        from ..models.adapters import adapter_metadata, load_adapter, load_heads, save_adapter
+
+        st, key, cfg = self.state, topic.key, self.cfg
+        adir = self.run_dir / "adapters" / Path(*[safe_name(p, "topic path") for p in Path(topic.rel_dir).parts])
+        work = self.work / topic.rel_dir
+        slug = safe_name(topic.rel_dir.replace("/", "__"))
+        meta = {"unit": topic.unit, "chapter": topic.chapter, "topic": topic.name,
+                "frozen_below": frozen}
+        if not plan["plan"]["trainable"]:
+            st.finish_phase(key, "skip", {"reason": "; ".join(plan["reasons"])})
+            self.echo(f"[{key}] skipped: {'; '.join(plan['reasons'])}")
+            return []
+
+        # SFT
+        lora.set_active(self.model, frozen)
+        rec = st.phase(key, "sft")
+        if rec:
+            load_adapter(self.model, self.run_dir / rec["adapter"], name="sft")
+        else:
+            from ..train.sft import train_sft
+
+            scfg = _topic_sft_config(cfg, plan)
+            self.echo(f"[{key}] SFT on {len(topic.sft)} examples")
+            before = set(lora.adapter_names(self.model))
+            res = train_sft(self.model, self.tok, list(topic.sft), scfg, work / "sft",
+                            adapter_name="sft", resume=self.resume)
+            _adopt_adapter(self.model, before, "sft", getattr(res, "adapter_dir", None))
+            save_adapter(self.model, "sft", adir / "sft_adapter", metadata={**meta, "phase": "sft"})
+            mfiles = _copy_metrics(work / "sft", self.metrics, f"sft-{slug}")
+            st.finish_phase(key, "sft", {
+                "adapter": st.rel(adir / "sft_adapter"), "artefacts": [st.rel(adir / "sft_adapter")],
+                "train_loss": getattr(res, "train_loss", None), "eval_loss": getattr(res, "eval_loss", None),
+                "steps": getattr(res, "steps", None), "metrics": mfiles,
+                "config": to_dict(scfg) if dataclasses.is_dataclass(scfg) else scfg})
+            shutil.rmtree(work / "sft", ignore_errors=True)
+        self.check_stop()
+
+        # quiz after SFT
+        active = frozen + ["sft"]
+        rec = st.phase(key, "quiz")
+        if rec is None:
+            q = self.quiz(topic, active)
+            st.finish_phase(key, "quiz", {"score": q.score, "parts": q.parts, "items": q.items,
+                                          "target_marker_density": q.target_marker_density})
+            self.log_eval(index, key, "quiz", q)
+            rec = st.phase(key, "quiz")
+        threshold = plan["plan"]["pass_threshold"]
+        self.echo(f"[{key}] quiz {rec['score']:.3f} (threshold {threshold:.2f}; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in rec["parts"].items()) + ")")
+        self.check_stop()
+
+        # PPO when below the threshold
+        rec_ppo = st.phase(key, "ppo")
+        prompts = _ppo_prompts(topic, self.dataset.persona)
+        if rec_ppo is None:
+            reason = None
+            if not cfg.run_ppo:
+                reason = "run_ppo is false"
+            elif rec["score"] >= threshold:
+                reason = f"quiz {rec['score']:.3f} >= threshold {threshold:.2f}"
+            elif not prompts:
+                reason = "no prompts"
+            if reason:
+                st.finish_phase(key, "ppo", {"skipped": True, "reason": reason})
+                self.echo(f"[{key}] PPO skipped: {reason}")
+            else:
+                from ..ppo import train_ppo
+
+                pcfg = resolve_section(cfg, "ppo")
+                self.echo(f"[{key}] PPO on {len(prompts)} prompts (quiz {rec['score']:.3f} < {threshold:.2f})")
+                reward_before = self.policy_reward(prompts, active, pcfg)
+                lora.set_active(self.model, active)
+                before = set(lora.adapter_names(self.model))
+                res = train_ppo(self.model, self.tok, prompts, self.rm.score_tokens, pcfg, work / "ppo",
+                                frozen_adapters=active, resume=self.resume)
+                _adopt_adapter(self.model, before, "ppo", getattr(res, "adapter_dir", None))
+                reward_after = self.policy_reward(prompts, active + ["ppo"], pcfg)
+                # keep the trainer's value head and metadata (stack, steps, config) beside ours
+                rdir = getattr(res, "adapter_dir", None)
+                heads = load_heads(rdir) if _is_adapter_dir(rdir) else None
+                tmeta = adapter_metadata(rdir) if _is_adapter_dir(rdir) else {}
+                save_adapter(self.model, "ppo", adir / "ppo_adapter",
+                             metadata={**tmeta, **meta, "phase": "ppo"}, heads=heads or None)
+                mfiles = _copy_metrics(work / "ppo", self.metrics, f"ppo-{slug}")
+                if not mfiles and getattr(res, "history", None):
+                    name = f"ppo-{slug}.jsonl"
+                    atomic_write_text(self.metrics / name, "".join(
+                        json.dumps(h, default=float) + "\n" for h in res.history))
+                    mfiles = [name]
+                st.finish_phase(key, "ppo", {
+                    "adapter": st.rel(adir / "ppo_adapter"), "artefacts": [st.rel(adir / "ppo_adapter")],
+                    "steps": res.steps, "mean_score_first": res.mean_score_first,
+                    "mean_score_last": res.mean_score_last, "metrics": mfiles,
+                    "reward_before": reward_before, "reward_after": reward_after,
+                    "config": to_dict(pcfg) if dataclasses.is_dataclass(pcfg) else pcfg})
+                shutil.rmtree(work / "ppo", ignore_errors=True)
+                self.echo(f"[{key}] PPO: mean reward on the topic's prompts {reward_before:.3f} -> "
+                          f"{reward_after:.3f} (training batches: first {res.mean_score_first:.3f}, "
+                          f"last {res.mean_score_last:.3f})")
+            rec_ppo = st.phase(key, "ppo")
+        elif not rec_ppo.get("skipped"):
+            load_adapter(self.model, self.run_dir / rec_ppo["adapter"], name="ppo")
+        ran_ppo = not rec_ppo.get("skipped")
+        self.check_stop()
+
+        # final quiz
+        names = ["sft"] + (["ppo"] if ran_ppo else [])
+        if st.phase(key, "final") is None:
+            if ran_ppo:
+                q = self.quiz(topic, frozen + names)
+                final = {"score": q.score, "parts": q.parts, "items": q.items}
+                self.log_eval(index, key, "final", q)
+            else:
+                final = {k: rec[k] for k in ("score", "parts")}
+            final["passed"] = final["score"] >= threshold
+            st.finish_phase(key, "final", final)
+            write_report(self.run_dir, st.data, self.resolved)
+            self.echo(f"[{key}] final {final['score']:.3f}: {'pass' if final['passed'] else 'FAIL'}")
+        return names
+
+    def verify_unit(self, unit: str, topics: list, active: list[str]) -> list[dict]:
+        out = []
+        for t in topics:
+            fin = self.state.phase(t.key, "final")
+            if fin is None:
+                continue
+            q = self.quiz(t, active)
+            drop = fin["score"] - q.score
+            out.append({"key": t.key, "final": fin["score"], "merged": q.score, "drop": drop,
+                        "parts": q.parts, "regression": drop > self.cfg.verify.tolerance})
+        return out
+
+    def run(self) -> str:
+        from ..models.adapters import load_adapter, save_adapter
+
+        st = self.state
+        self.rm = self.reward_model()
+        self.check_stop()
+        plans = {p["key"]: p for p in self.plan}
+        units: list[str] = []
+        for t in self.curriculum.topics:
+            if t.unit not in units:
+                units.append(t.unit)
+        prior: list[str] = []
+        index = 0
+        for ui, unit in enumerate(units):
+            uname = f"u{ui}"
+            topics = [t for t in self.curriculum.topics if t.unit == unit]
+            merged_dir = self.run_dir / "merged_adapters" / f"{safe_name(unit, 'unit')}_merged"
+            if st.unit_done(unit):
+                if st.data["units"][unit].get("merged"):
+                    load_adapter(self.model, self.run_dir / st.data["units"][unit]["merged"], name=uname)
+                    prior.append(uname)
+                index += len(topics)
+                continue
+            acc = None
+            for t in topics:
+                index += 1
+                if self.topic_done(t.key):
+                    acc = self.load_done_topic(t.key, acc, uname)
+                    continue
+                frozen = prior + ([acc] if acc else [])
+                names = self.run_topic(index, t, plans[t.key], frozen)
+                if names:
+                    acc = self.fold(acc, uname, names)
+                self.check_stop()
+            # merge + verify
+            rec = st.unit(unit)
+            if acc:
+                save_adapter(self.model, uname, merged_dir, metadata={
+                    "unit": unit, "topics": [t.key for t in topics], "frozen_below": list(prior),
+                    "composition": "sft (+ppo) of each topic, in curriculum order, ranks concatenated"})
+                rec["merged"] = st.rel(merged_dir)
+                rec["artefacts"] = [rec["merged"]]
+                prior.append(uname)
+            verify = self.verify_unit(unit, topics, list(prior))
+            rec.update(verify=verify, done=True, tolerance=self.cfg.verify.tolerance)
+            st.save()
+            for v in verify:
+                append_jsonl(self.metrics / PIPELINE_METRICS, {
+                    "step": index, "topic": v["key"], "eval/merged_score": v["merged"], "eval/merge_drop": v["drop"]})
+            bad = [v for v in verify if v["regression"]]
+            self.echo(f"[unit {unit}] merged -> {rec.get('merged', '(nothing to merge)')}; verify: "
+                      + (", ".join(f"{v['key']} {v['final']:.3f}->{v['merged']:.3f}" for v in verify) or "no topics"))
+            if bad:
+                msg = (f"regression after merging unit {unit}: "
+                       + ", ".join(f"{v['key']} dropped {v['drop']:.3f}" for v in bad)
+                       + f" (tolerance {self.cfg.verify.tolerance})")
+                self.echo("WARNING: " + msg)
+                if self.cfg.verify.stop_on_regression:
+                    return "stopped: " + msg
+            self.check_stop()
+        # The whole curriculum as one adapter (every unit's merged adapter, ranks concatenated):
+        # what `mindprint export peft` and `mlx_lm.generate --adapter-path` take.
+        if prior:
+            final_dir = self.run_dir / "final_adapter"
+            lora.combine_adapters(self.model, list(prior), "final")
+            save_adapter(self.model, "final", final_dir, metadata={
+                "units": units, "composition": "all units' merged adapters, in order"})
+            st.data["final_adapter"] = st.rel(final_dir)
+            st.save()
+        return "finished"
+
+
+def run_pipeline(cfg: PipelineConfig, resume: bool = False, dry_run: bool = False,
+                 echo: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run (or continue, or only plan) the curriculum of `cfg`; see the module docstring."""
+    echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    run = _Run(cfg, resume, echo)
+    early = run.prepare(dry_run)
+    if early is not None:
+        return early
+    t0 = time.time()
+    status = "interrupted"
+    with interrupt.graceful_sigint():
+        try:
+            run.load_model()
+            status = run.run()
+        except Stopped:
+            status = "interrupted"
+            echo("interrupted: state saved; continue with --resume")
+        except BaseException as e:
+            status = f"failed: {type(e).__name__}: {e}".strip()
+            raise
+        finally:
+            st = run.state
+            st.data["finished"] = status == "finished"
+            if status != "finished":
+                st.data["stopped"] = status
+            st.data.setdefault("wall_seconds", 0.0)
+            st.data["wall_seconds"] += time.time() - t0
+            st.save()
+            report = write_report(run.run_dir, st.data, run.resolved)
+            write_metrics_csv(run.run_dir)
+    if status == "finished":
+        shutil.rmtree(run.work, ignore_errors=True)
+        try:
+            from ..plots import plot_run
+
+            plot_run(run.run_dir)
+        except MindprintError as e:
+            echo(f"plots: {e}")
+    return PipelineResult(run.run_dir, run.state.data, status, run.plan, report=report)
+
+
+def summary(result: PipelineResult) -> str:
+    return summary_table(result.state)

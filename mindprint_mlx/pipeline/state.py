@@ -1,0 +1,167 @@
+"""The run's record: run.json (what it is) and state.json (how far it got).
+
+state.json is rewritten atomically after every finished phase and lists, per topic, the
+phases that are done with their scores and artefacts (paths relative to the run
+directory). A phase counts as done only after its artefacts are complete on disk, so a
+run killed at any moment resumes from the last finished phase. run.json holds the
+resolved config, versions, seed and data hashes; resuming with a different config or
+data is refused, naming what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import MindprintError
+from ..io import atomic_write_json, sha256_file
+
+STATE = "state.json"
+RUN = "run.json"
+STATE_VERSION = 1
+
+# Keys whose change does not alter what a run computes (may differ on resume).
+RESUME_FREE_KEYS = ("run_dir", "estimate")
+
+
+class ResumeError(MindprintError):
+    pass
+
+
+def data_hashes(data_dir: str | Path) -> dict[str, str]:
+    """sha256 of every file under the data directory, by relative path."""
+    d = Path(data_dir)
+    if d.is_file():
+        return {d.name: sha256_file(d)}
+    return {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts)}
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("mindprint-mlx", "mlx", "mlx-lm", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every differing leaf (order-stable)."""
+    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    return out
+
+
+def data_changes(old: dict, new: dict) -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k not in new:
+            out.append(f"{k} removed")
+        elif k not in old:
+            out.append(f"{k} added")
+        elif old[k] != new[k]:
+            out.append(f"{k} changed")
+    return out
+
+
+class RunState:
+    """state.json in memory; `save()` writes it atomically."""
+
+    def __init__(self, run_dir: Path, data: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.data = data or {"version": STATE_VERSION, "reward_model": None, "topics": {},
+                             "units": {}, "finished": False, "started": time.time()}
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunState":
+        f = Path(run_dir) / STATE
+        if not f.is_file():
+            return cls(run_dir)
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ResumeError(f"{f}: not valid JSON ({e}); it is written atomically, so this "
+                              "file was edited by hand") from None
+        if data.get("version") != STATE_VERSION:
+            raise ResumeError(f"{f}: state version {data.get('version')!r}, this mindprint "
+                              f"writes {STATE_VERSION}")
+        return cls(run_dir, data)
+
+    def save(self) -> None:
+        self.data["updated"] = time.time()
+        atomic_write_json(self.run_dir / STATE, self.data)
+
+    # -- topics
+    def topic(self, key: str) -> dict:
+        return self.data["topics"].setdefault(key, {"phases": {}})
+
+    def phase(self, key: str, phase: str) -> dict | None:
+        """The record of a finished phase whose artefacts still exist, else None."""
+        rec = self.data["topics"].get(key, {}).get("phases", {}).get(phase)
+        if not rec or not rec.get("done"):
+            return None
+        for rel in rec.get("artefacts", []):
+            if not (self.run_dir / rel).exists():
+                return None
+        return rec
+
+    def finish_phase(self, key: str, phase: str, record: dict) -> None:
+        rec = dict(record, done=True, finished=time.time())
+        self.topic(key)["phases"][phase] = rec
+        self.save()
+
+    # -- units
+    def unit(self, name: str) -> dict:
+        return self.data["units"].setdefault(name, {})
+
+    def unit_done(self, name: str) -> bool:
+        u = self.data["units"].get(name) or {}
+        return bool(u.get("done")) and all((self.run_dir / a).exists() for a in u.get("artefacts", []))
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+
+
+def write_run_json(run_dir: Path, resolved: dict, seed: int, hashes: dict, plan: list[dict]) -> None:
+    atomic_write_json(Path(run_dir) / RUN, {
+        "config": resolved, "seed": seed, "data_hashes": hashes, "versions": versions(),
+        "plan": plan, "created": time.time()})
+
+
+def check_resume(run_dir: Path, resolved: dict, hashes: dict) -> None:
+    """Refuse to resume when the config or the data differ from run.json's."""
+    f = Path(run_dir) / RUN
+    if not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{f}: not valid JSON ({e})") from None
+    changes = config_changes(old.get("config", {}), resolved)
+    dchanges = data_changes(old.get("data_hashes", {}), hashes)
+    if changes or dchanges:
+        lines = [f"config {c}" for c in changes] + [f"data {c}" for c in dchanges]
+        shown = "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
+        raise ResumeError(f"cannot resume {run_dir}: {shown} (start a new run_dir, or restore "
+                          "the old config/data)")

@@ -1,0 +1,96 @@
+"""Quiz score parts and evaluate-generations on a real tiny model."""
+
+import json
+import math
+
+import mlx.core as mx
+import pytest
+
+from mindprint_mlx import evaluate as ev
+from mindprint_mlx.models import load, lora
+from mindprint_mlx.models.heads import ScalarHead, hidden_size
+
+
+def test_token_f1_is_squad_style():
+    assert ev.token_f1("The cat sat.", "the cat") == pytest.approx(0.8)   # P 2/3, R 1
+    assert ev.token_f1("a b", "c d") == 0.0
+    assert ev.token_f1("", "") == 1.0
+    assert ev.token_f1("x", "") == 0.0
+
+
+def test_marker_density_counts_whole_words_per_100_words():
+    markers = ["the tide", "patience", "..."]
+    text = "Patience. The tide turns... patiences do not count"   # 8 words
+    assert ev.marker_count(text, markers) == 3
+    assert ev.marker_density(text, markers) == pytest.approx(100 * 3 / 8)
+
+
+def test_marker_score_peaks_at_the_target():
+    assert ev.marker_score(5.0, 5.0) == 1.0
+    assert ev.marker_score(2.5, 5.0) == pytest.approx(0.5)
+    assert ev.marker_score(0.0, 5.0) == 0.0
+    assert ev.marker_score(12.0, 5.0) == 0.0
+    assert ev.marker_score(3.0, 0.0) == 1.0      # no target: nothing to miss
+
+
+def test_combine_parts_renormalises_missing_parts():
+    w = ev.QuizWeights(preference=0.5, markers=0.25, overlap=0.25)
+    assert ev.combine_parts({"preference": 1.0, "markers": 0.0, "overlap": 0.0}, w) == pytest.approx(0.5)
+    assert ev.combine_parts({"markers": 1.0, "overlap": 0.0}, w) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def model_and_reward(tiny_llama):
+    from mindprint_mlx.train.reward import RewardModel
+
+    model, tok = load(tiny_llama)
+    mx.random.seed(0)
+    lora.apply_lora(model, "reward", r=2, alpha=2.0, trainable=False, enabled=False)
+    for _, m in lora.lora_layers(model):   # a non-zero reward adapter
+        a = m.adapters["reward"]
+        a.lora_b = mx.random.normal(a.lora_b.shape) * 0.5
+    rm = RewardModel(model, tok, adapter="reward", head=ScalarHead(hidden_size(model), zero_init=False))
+    return model, tok, rm
+
+
+def test_quiz_parts_are_reported_and_combine_into_the_score(model_and_reward):
+    model, tok, rm = model_and_reward
+    items = ev.quiz_items([("What does the teacher read?", "The teacher reads the book."),
+                           ("Why?", "Because it matters, with patience.")])
+    markers = ["patience", "the book"]
+    res = ev.evaluate_quiz(model, tok, items, markers=markers, reward=rm, max_tokens=8)
+    assert set(res.parts) == {"preference", "markers", "overlap"}
+    assert all(0.0 <= v <= 1.0 for v in res.parts.values())
+    assert 0.0 <= res.score <= 1.0
+    assert res.score == pytest.approx(ev.combine_parts(res.parts, ev.QuizWeights()))
+    # the preference part is sigmoid(r(answer) - r(reference)), by the reward model's own scorer
+    answers = [it["answer"] for it in res.items]
+    prompts = [list(it.messages) for it in items]
+    r_ans = rm.score_batch(prompts, answers)
+    r_ref = rm.score_batch(prompts, [it.reference for it in items])
+    expected = sum(1 / (1 + math.exp(-(a - b))) for a, b in zip(r_ans, r_ref)) / 2
+    assert res.parts["preference"] == pytest.approx(expected, abs=1e-4)
+    assert res.target_marker_density == pytest.approx(
+        ev.target_marker_density([it.reference for it in items], markers))
+
+
+def test_quiz_of_the_reference_itself_scores_full_overlap_and_even_preference(model_and_reward):
+    model, tok, rm = model_and_reward
+    items = ev.quiz_items([("Why?", "Because it matters, with patience.")])
+    refs = [items[0].reference]
+    res = ev.evaluate_quiz(model, tok, items, markers=["patience"], reward=rm, answers=refs)
+    assert res.parts == pytest.approx({"preference": 0.5, "markers": 1.0, "overlap": 1.0})
+    assert res.score == pytest.approx(0.75)
+
+
+def test_evaluate_generations_ranks_best_medium_worst(model_and_reward):
+    model, tok, rm = model_and_reward
+    out = ev.evaluate_generations(model, tok, rm, ["Tell me a story.", "Hello!"], k=3, max_tokens=6)
+    json.dumps(out)                                   # JSON-ready
+    assert len(out["prompts"]) == 2
+    for p in out["prompts"]:
+        scores = [c["score"] for c in p["completions"]]
+        assert scores == sorted(scores, reverse=True)
+        assert [c["rank"] for c in p["completions"]] == [1, 2, 3]
+        assert p["BEST"]["score"] >= p["MEDIUM"]["score"] >= p["WORST"]["score"]
+        assert p["prompt"] == [{"role": "user", "content": p["prompt"][0]["content"]}]

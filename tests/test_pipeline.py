@@ -1,0 +1,207 @@
+"""The curriculum pipeline on a tiny model: 1 unit, 2 topics, very few steps.
+
+One run is interrupted twice (Ctrl-C after the first SFT, SIGKILL during PPO) and resumed;
+it must end with every topic done and every artefact where DESIGN.md puts it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+
+from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+from mindprint_mlx.errors import MindprintError
+from mindprint_mlx.pipeline import ResumeError, load_pipeline_config, run_pipeline
+
+UNIT = "unit-1-foundations"
+CHAPTER = "chapter-1-nature-of-cycles"
+TOPICS = ["cycle-phases", "drivers-of-cycles"]
+SKIPPED = "one-example"
+
+
+def _small_data(dst: Path) -> Path:
+    """The demo curriculum's first chapter: one unit, two topics."""
+    dst.mkdir(parents=True)
+    for f in DEMO_CURRICULUM_DIR.iterdir():
+        if f.suffix == ".jsonl":
+            keep = [line for line in f.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("chapter") == CHAPTER]
+            if f.name == "sft_data.jsonl":   # a topic with too little data: skipped, with the reason
+                keep.append(json.dumps({"unit": UNIT, "chapter": CHAPTER, "topic": SKIPPED,
+                                        "prompt": "Is one example enough?", "completion": "No."}))
+            if f.name == "quiz_data.jsonl":
+                keep.append(json.dumps({"unit": UNIT, "chapter": CHAPTER, "topic": SKIPPED,
+                                        "question": "Enough?", "reference_answer": "No."}))
+            (dst / f.name).write_text("\n".join(keep) + "\n")
+        else:
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _config(model: Path, data: Path, run_dir: Path) -> dict:
+    return {
+        "model": str(model), "data_dir": str(data), "run_dir": str(run_dir), "seed": 0,
+        "reward": {"train": {"lora_r": 2, "lora_alpha": 4.0, "epochs": 1, "batch_size": 8,
+                             "max_len": 96, "compile": False}},
+        "sft": {"lora_r": 2, "lora_alpha": 4.0, "max_len": 96, "compile": False},
+        "ppo": {"steps": 3, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
+                "max_new_tokens": 8, "save_every": 1, "progress": False, "learning_rate": 1e-3},
+        # a threshold no answer reaches: PPO runs on both topics
+        "adaptive": {"min_epochs": 1, "max_epochs": 1, "min_pass_threshold": 1.0,
+                     "max_pass_threshold": 1.0},
+        "eval": {"max_tokens": 8, "max_questions": 2},
+    }
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_demo_model):
+    data = _small_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    cfg_file = tmp_path / "pipeline.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(tiny_demo_model, data, run_dir)))
+    return cfg_file, data, run_dir
+
+
+def _cli(*args) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "mindprint_mlx.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _state(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _wait_for(proc, cond, timeout=120.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(setup, capsys):
+    cfg_file, data, run_dir = setup
+    cfg = load_pipeline_config(cfg_file)
+    lines = []
+    res = run_pipeline(cfg, dry_run=True, echo=lines.append)
+    text = "\n".join(lines)
+    assert res.status == "dry run"
+    assert [p["topic"] for p in res.plan] == TOPICS + [SKIPPED]
+    assert all(p["plan"]["sft_epochs"] == 1 and p["plan"]["pass_threshold"] == 1.0 for p in res.plan)
+    assert [p["plan"]["trainable"] for p in res.plan] == [True, True, False]
+    assert "SKIP: " in text and "1 SFT example (need at least 2)" in text
+    for t in TOPICS:
+        assert f"{UNIT}/{CHAPTER}/{t}" in text
+    assert "sft_epochs=1" in text and "pass_threshold=1" in text      # every decision with its reason
+    assert "peak memory" in text and "time ~" in text
+    assert not run_dir.exists()
+
+
+def test_unknown_key_is_an_error_naming_key_and_file(setup):
+    cfg_file, _, _ = setup
+    d = yaml.safe_load(cfg_file.read_text())
+    d["ppo"]["stpes"] = 3
+    cfg_file.write_text(yaml.safe_dump(d))
+    with pytest.raises(MindprintError, match=r"pipeline.yaml.*ppo\.stpes.*did you mean 'steps'"):
+        load_pipeline_config(cfg_file)
+
+
+def test_interrupted_and_killed_run_resumes_to_the_same_result(setup):
+    cfg_file, data, run_dir = setup
+    planned = run_pipeline(load_pipeline_config(cfg_file), dry_run=True, echo=lambda s: None).plan
+    # 1. Ctrl-C once the first topic's SFT is done: the run stops cleanly, state saved.
+    p = _cli("pipeline", "run", str(cfg_file))
+    first = f"{UNIT}/{CHAPTER}/{TOPICS[0]}"
+    assert _wait_for(p, lambda: "sft" in _state(run_dir).get("topics", {}).get(first, {}).get("phases", {})), \
+        p.communicate()[0]
+    os.killpg(p.pid, signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out
+    st = _state(run_dir)
+    assert st["stopped"] == "interrupted" and not st["finished"]
+
+    # 2. Resume, then SIGKILL in the middle of PPO (a PPO checkpoint exists, PPO not done).
+    p = _cli("pipeline", "run", str(cfg_file), "--resume")
+    assert _wait_for(p, lambda: any((run_dir / "work").glob("**/ppo/checkpoint"))), p.communicate()[0]
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not _state(run_dir).get("finished")
+
+    # 3. Resume to the end (in process).
+    cfg = load_pipeline_config(cfg_file)
+    res = run_pipeline(cfg, resume=True, echo=lambda s: None)
+    assert res.status == "finished"
+    st = json.loads((run_dir / "state.json").read_text())
+    assert st["finished"]
+    for t in TOPICS:
+        key = f"{UNIT}/{CHAPTER}/{t}"
+        phases = st["topics"][key]["phases"]
+        assert {"sft", "quiz", "ppo", "final"} <= set(phases)
+        assert phases["ppo"]["steps"] == 3
+        for ph in ("sft", "ppo"):
+            a = run_dir / "adapters" / UNIT / CHAPTER / t / f"{ph}_adapter"
+            assert phases[ph]["adapter"] == str(a.relative_to(run_dir))
+            assert (a / "adapters.safetensors").is_file() and (a / "adapter_config.json").is_file()
+        assert (run_dir / phases["ppo"]["adapter"] / "heads.safetensors").is_file()   # PPO's value head
+        assert 0.0 <= phases["final"]["score"] <= 1.0
+    skipped = st["topics"][f"{UNIT}/{CHAPTER}/{SKIPPED}"]["phases"]
+    assert set(skipped) == {"skip"} and "need at least 2" in skipped["skip"]["reason"]
+    assert not (run_dir / "adapters" / UNIT / CHAPTER / SKIPPED).exists()
+    merged = run_dir / "merged_adapters" / f"{UNIT}_merged"
+    assert (merged / "adapters.safetensors").is_file()
+    assert st["units"][UNIT]["done"] and len(st["units"][UNIT]["verify"]) == 2
+    assert (run_dir / "reward_model" / "adapter" / "heads.safetensors").is_file()
+    assert (run_dir / "final_adapter" / "adapter_config.json").is_file()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["plan"] == planned == st["plan"]          # the dry run's plan is what ran
+    assert run["seed"] == 0 and "mlx" in run["versions"] and "sft_data.jsonl" in run["data_hashes"]
+    report = (run_dir / "report.md").read_text()
+    assert "Overall pass rate: 2/2" in report or "Overall pass rate: 0/2" in report or "Overall pass rate: 1/2" in report
+    assert all(t in report for t in TOPICS) and "| skipped |" in report
+    assert "sft_epochs=1" in report and "PPO: 3 steps" in report
+    assert any((run_dir / "metrics").glob("ppo-*.jsonl")) and any((run_dir / "metrics").glob("*.csv"))
+    assert any((run_dir / "plots").glob("*.png"))
+    assert not list(run_dir.rglob(".*.tmp"))            # no half-written file left behind
+
+    # The merged unit adapter is exactly both topics' sft + ppo adapters stacked.
+    from mindprint_mlx.models import load, lora
+    from mindprint_mlx.models.adapters import load_adapter
+
+    model, tok = load(cfg.model)
+    x = mx.array([tok.apply_chat_template([{"role": "user", "content": "What is a cycle?"}],
+                                          add_generation_prompt=True)])
+    names = [load_adapter(model, run_dir / "adapters" / UNIT / CHAPTER / t / f"{ph}_adapter",
+                          name=f"{ph}{i}") for i, t in enumerate(TOPICS) for ph in ("sft", "ppo")]
+    stacked = model(x)
+    load_adapter(model, merged, name="merged")
+    with lora.active_adapters(model, ["merged"]):
+        one = model(x)
+    assert np.abs(np.array(stacked) - np.array(one)).max() < 1e-4
+
+    # Resuming with a changed config or data is refused, naming what changed.
+    with pytest.raises(ResumeError, match=r"ppo\.steps: 3 -> 4"):
+        run_pipeline(load_pipeline_config(cfg_file, ["ppo.steps=4"]), resume=True)
+    with open(data / "quiz_data.jsonl", "a") as f:
+        f.write(json.dumps({"unit": UNIT, "chapter": CHAPTER, "topic": TOPICS[0],
+                            "question": "Why wait?", "reference_answer": "Patience."}) + "\n")
+    with pytest.raises(ResumeError, match=r"quiz_data\.jsonl changed"):
+        run_pipeline(load_pipeline_config(cfg_file), resume=True)
+    # And a finished run_dir is not silently overwritten.
+    with pytest.raises(MindprintError, match="--resume"):
+        run_pipeline(load_pipeline_config(cfg_file))
