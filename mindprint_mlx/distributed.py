@@ -1,0 +1,245 @@
+"""Data-parallel training on `mx.distributed`, and gradient checkpointing.
+
+Launch any mindprint training command on several processes (one per Mac, or several on
+one machine for testing) with MLX's launcher:
+
+    mlx.launch --hostfile hosts.json --backend ring -- mindprint sft ...
+    mlx.launch --backend ring -n 2 -- python script.py        # two ranks on loopback
+
+Every rank loads the same base and data, takes its own shard of each batch
+(`shard`), computes gradients on it and averages them (`average_gradients`) before the
+optimizer step, so all ranks keep identical adapters. Only rank 0 writes files and logs
+(`is_main`). Sampling (PPO rollouts) uses `rank_seed(seed)` so ranks draw different
+completions. A single process is a world of size 1 and every helper is then a no-op,
+so the same code path runs with and without `mlx.launch`.
+
+Exactness: with a token-level loss, normalise the summed token loss of the local shard by
+the *global* token count (`global_sum(mask.sum())`) times `size` (see
+`token_loss_scale`); the averaged gradient is then exactly the single-process gradient of
+the union batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence, TypeVar
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import MindprintError
+
+T = TypeVar("T")
+
+__all__ = ["world", "rank", "size", "is_main", "shard", "shard_batch", "rank_seed",
+           "average_gradients", "all_sum", "global_sum", "global_mean", "token_loss_scale", "barrier",
+           "grad_checkpoint", "checkpoint_layers", "main_only"]
+
+_GROUP: mx.distributed.Group | None = None
+
+
+def world() -> tuple[int, int, mx.distributed.Group]:
+    """(rank, size, group) of this process; (0, 1, group) when not launched distributed."""
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = mx.distributed.init()
+    return _GROUP.rank(), _GROUP.size(), _GROUP
+
+
+def rank() -> int:
+    return world()[0]
+
+
+def size() -> int:
+    return world()[1]
+
+
+def is_main() -> bool:
+    """True on rank 0: the one process that writes files, logs and shows progress."""
+    return world()[0] == 0
+
+
+def shard(items: Sequence[T], rank: int | None = None, size: int | None = None) -> list[T]:
+    """Rank `rank`'s share of `items`: every `size`-th item starting at `rank`.
+
+    Deterministic, and the shards have equal length (the last `len(items) % size` items
+    are dropped), so every rank runs the same number of steps and no all-reduce waits for
+    a rank that has already finished. With `size == 1` it returns all items.
+    """
+    if rank is None or size is None:
+        r, s, _ = world()
+        rank = r if rank is None else rank
+        size = s if size is None else size
+    if size < 1 or not 0 <= rank < size:
+        raise MindprintError(f"bad shard: rank {rank} of size {size}")
+    n = (len(items) // size) * size
+    return [items[i] for i in range(rank, n, size)]
+
+
+def shard_batch(n_rows: int, rank: int | None = None, size: int | None = None) -> slice:
+    """The contiguous row slice of a batch of `n_rows` that rank `rank` computes.
+
+    Raises when the batch does not split evenly (each rank must hold the same number of
+    rows, or the averaged gradient is not the union-batch gradient in general).
+    """
+    if rank is None or size is None:
+        r, s, _ = world()
+        rank = r if rank is None else rank
+        size = s if size is None else size
+    if n_rows % size:
+        raise MindprintError(f"batch size {n_rows} is not divisible by the number of ranks "
+                             f"({size}); choose a batch size that is a multiple of {size}")
+    per = n_rows // size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def rank_seed(seed: int, rank: int | None = None) -> int:
+    """A per-rank seed for sampling (rank 0 keeps `seed`); initialisation should use the
+    plain seed so that every rank starts from the same adapter."""
+    r = world()[0] if rank is None else rank
+    return int(seed) + 1_000_003 * r
+
+
+def global_sum(x: Any, group: mx.distributed.Group | None = None) -> mx.array:
+    """The sum of `x` over all ranks (`x` itself on one process), evaluated now.
+
+    Collectives are lazy in MLX: a rank that never evaluates one leaves the others
+    waiting forever (e.g. a sum only read inside `if is_main():`). So this evaluates
+    eagerly, on every rank; call it unconditionally on all ranks.
+    """
+    group = group or world()[2]
+    x = mx.array(x) if not isinstance(x, mx.array) else x
+    if group.size() == 1:
+        return x
+    # Reduce on the CPU stream: it works for every backend (ring/MPI run on the CPU).
+    out = mx.distributed.all_sum(x, group=group, stream=mx.cpu)
+    mx.eval(out)
+    return out
+
+
+def all_sum(x: Any, group: mx.distributed.Group | None = None) -> mx.array:
+    """Lazy sum over ranks, usable inside `mx.compile`d steps and gradient code (identity on
+    one process). Every rank must evaluate it; see `global_sum` for an eager one."""
+    group = group or world()[2]
+    x = mx.array(x) if not isinstance(x, mx.array) else x
+    if group.size() == 1:
+        return x
+    return mx.distributed.all_sum(x, group=group, stream=mx.cpu)
+
+
+def global_mean(x: Any, group: mx.distributed.Group | None = None) -> mx.array:
+    group = group or world()[2]
+    return global_sum(x, group) / group.size()
+
+
+def token_loss_scale(local_tokens: Any, group: mx.distributed.Group | None = None) -> mx.array:
+    """Denominator that makes averaged token-level gradients exact.
+
+    `loss = (token_loss * mask).sum() / token_loss_scale(mask.sum())` on each rank, then
+    `average_gradients`, gives the gradient of `sum(all tokens) / global token count`,
+    i.e. exactly the single-process gradient of the union batch. On one process this is
+    just the local token count. Compute it outside `value_and_grad`.
+    """
+    group = group or world()[2]
+    total = global_sum(mx.array(local_tokens, dtype=mx.float32), group)
+    return mx.maximum(total, 1.0) / group.size()
+
+
+def average_gradients(grads: Any, group: mx.distributed.Group | None = None,
+                      all_reduce_size: int = 32 * 1024 ** 2, weight: Any = None) -> Any:
+    """Average a gradient tree over all ranks (identity on one process).
+
+    Small tensors are concatenated into buffers of about `all_reduce_size` bytes so that
+    a LoRA adapter's hundreds of tiny matrices cost a few all-reduces, not hundreds
+    (mlx.nn.utils.average_gradients, the helper mlx_lm.lora uses). Mixed dtypes fall back
+    to one all-reduce per tensor. The result is lazy: evaluate it on every rank (the
+    usual `mx.eval(model.parameters(), optimizer.state)` after the update does).
+
+    weight: this rank's share, e.g. its token count when `grads` is the gradient of a
+    per-rank *mean* token loss. The result is then sum_r(weight_r * grads_r) / sum_r(weight_r),
+    exactly the gradient of the mean over all ranks' tokens (plain averaging is exact only
+    when every rank holds the same number of tokens). Lazy, so it works inside mx.compile.
+    """
+    group = group or world()[2]
+    if group.size() == 1:
+        return grads
+    if weight is not None:
+        from mlx.utils import tree_map
+
+        w = mx.array(weight, dtype=mx.float32) if not isinstance(weight, mx.array) else weight
+        w = w.astype(mx.float32)
+        scale = w * group.size() / mx.maximum(all_sum(w, group), 1e-12)
+        grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
+    from mlx.nn.utils import average_gradients as _avg
+
+    # The ring/MPI backends run on the CPU; on a GPU build, the communication stream
+    # must be the CPU one.
+    return _avg(grads, group=group, all_reduce_size=all_reduce_size,
+                communication_stream=mx.cpu)
+
+
+def barrier(group: mx.distributed.Group | None = None) -> None:
+    """Wait until every rank reaches this point (e.g. before reading rank 0's files)."""
+    group = group or world()[2]
+    if group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+
+
+@contextlib.contextmanager
+def main_only() -> Iterator[bool]:
+    """`with main_only() as main: if main: save(...)` followed by a barrier for all ranks."""
+    try:
+        yield is_main()
+    finally:
+        barrier()
+
+
+# ------------------------------------------------------------ gradient checkpointing
+
+def grad_checkpoint(layer: nn.Module) -> None:
+    """Recompute the activations of every layer of `type(layer)` in the backward pass.
+
+    The same patch as mlx_lm.tuner.trainer.grad_checkpoint: the class's `__call__` runs
+    through `mx.checkpoint`, so only each layer's input is kept for the backward pass,
+    at the cost of one more forward per layer. It patches the class (all instances, for
+    the rest of the process); idempotent.
+    """
+    cls = type(layer)
+    if getattr(cls, "_mindprint_checkpointed", False):
+        return
+    fn = cls.__call__
+
+    def checkpointed_fn(model, *args, **kwargs):
+        def inner_fn(params, *args, **kwargs):
+            model.update(params)
+            return fn(model, *args, **kwargs)
+
+        return mx.checkpoint(inner_fn)(model.trainable_parameters(), *args, **kwargs)
+
+    cls.__call__ = checkpointed_fn
+    cls._mindprint_checkpointed = True
+    cls._mindprint_original_call = fn
+
+
+def remove_grad_checkpoint(layer_or_cls: nn.Module | type) -> None:
+    """Undo `grad_checkpoint` for the layer's class."""
+    cls = layer_or_cls if isinstance(layer_or_cls, type) else type(layer_or_cls)
+    if getattr(cls, "_mindprint_checkpointed", False):
+        cls.__call__ = cls._mindprint_original_call
+        cls._mindprint_checkpointed = False
+
+
+def checkpoint_layers(model: nn.Module, enabled: bool = True) -> bool:
+    """Turn gradient checkpointing of the model's decoder layers on (or off).
+
+    Trainers call this once with their `grad_checkpoint` option. Returns whether the
+    model has decoder layers to checkpoint.
+    """
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return False
+    if enabled:
+        grad_checkpoint(layers[0])
+    else:
+        remove_grad_checkpoint(layers[0])
+    return True

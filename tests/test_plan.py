@@ -1,0 +1,140 @@
+"""The memory planner against measured peaks (mx.get_peak_memory) of real LoRA steps."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from mindprint_mlx import distributed as dist
+from mindprint_mlx import memory
+from mindprint_mlx.errors import MindprintError
+from mindprint_mlx.models import load, lora
+from mindprint_mlx.models.heads import ScalarHead, gather_last, hidden_states
+
+B, T, R = 4, 64, 8
+
+
+def _batch(vocab, rows=B):
+    mx.random.seed(1)
+    return mx.random.randint(4, vocab, (rows, T + 1))
+
+
+def _peak(step) -> int:
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    step()
+    return mx.get_peak_memory()
+
+
+def _sft_peak(model_dir, grad_checkpoint=False) -> int:
+    model, _ = load(model_dir)
+    lora.apply_lora(model, "sft", r=R)
+    opt = optim.AdamW(learning_rate=1e-3)
+    toks = _batch(model.args.vocab_size)
+    mask = mx.ones((B, T))
+
+    def loss_fn(m):
+        logits = m(toks[:, :-1]).astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, toks[:, 1:], reduction="none")
+        return (ce * mask).sum() / mask.sum()
+
+    vg = nn.value_and_grad(model, loss_fn)
+    mx.eval(model.parameters())
+    dist.checkpoint_layers(model, grad_checkpoint)
+    try:
+        def step():
+            loss, g = vg(model)
+            opt.update(model, g)
+            mx.eval(model.parameters(), opt.state, loss)
+        return _peak(step)
+    finally:
+        dist.checkpoint_layers(model, False)
+
+
+def _reward_peak(model_dir) -> int:
+    """Bradley-Terry step: chosen and rejected rows together through the trunk + head."""
+    model, _ = load(model_dir)
+    lora.apply_lora(model, "reward", r=R)
+    model.head = ScalarHead(model.args.hidden_size, zero_init=False)
+    opt = optim.AdamW(learning_rate=1e-3)
+    toks = _batch(model.args.vocab_size, 2 * B)[:, :T]
+    mask = mx.ones((2 * B, T))
+
+    def loss_fn(m):
+        scores = gather_last(m.head(hidden_states(m, toks)), mask)
+        return -nn.log_sigmoid(scores[:B] - scores[B:]).mean()
+
+    vg = nn.value_and_grad(model, loss_fn)
+    mx.eval(model.parameters())
+
+    def step():
+        loss, g = vg(model)
+        opt.update(model, g)
+        mx.eval(model.parameters(), opt.state, loss)
+    return _peak(step)
+
+
+def test_peak_memory_reports_on_this_backend():
+    a = mx.ones((256, 256))
+    peak = _peak(lambda: mx.eval(a @ a))
+    assert peak >= 256 * 256 * 4
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_sft_estimate_within_25_percent(tiny_llama, gc):
+    measured = _sft_peak(tiny_llama, grad_checkpoint=gc)
+    est = memory.estimate(tiny_llama, "sft", batch=B, seq_len=T, lora_rank=R, grad_checkpoint=gc)
+    assert est.total == est.weights + est.adapters + est.optimizer + est.activations + est.kv_cache
+    assert abs(est.total - measured) / measured < 0.25, (est, measured)
+
+
+def test_sft_estimate_qwen2_and_reward(tiny_qwen2):
+    measured = _sft_peak(tiny_qwen2)
+    est = memory.estimate(tiny_qwen2, "sft", batch=B, seq_len=T, lora_rank=R)
+    assert abs(est.total - measured) / measured < 0.25, (est, measured)
+    measured = _reward_peak(tiny_qwen2)
+    est = memory.estimate(tiny_qwen2, "reward", batch=B, seq_len=T, lora_rank=R)
+    assert abs(est.total - measured) / measured < 0.25, (est, measured)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_weight_bytes_exact_from_config_only(tiny_llama, bits):
+    """Weights (plain, 4-bit, 8-bit) from config.json alone equal the loaded model's bytes."""
+    model, _ = load(tiny_llama, quantize=bits)
+    loaded = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    config = json.loads((tiny_llama / "config.json").read_text())
+    shape = memory.model_shape(config, quantize=bits, dtype="float32")
+    assert shape.weight_bytes == loaded
+    assert memory.model_shape(tiny_llama, quantize=bits).weight_bytes == loaded
+
+
+def test_ppo_estimate_and_errors(tiny_llama):
+    est = memory.estimate(tiny_llama, "ppo", batch=8, seq_len=96, max_new_tokens=32, lora_rank=4)
+    sft = memory.estimate(tiny_llama, "sft", batch=8, seq_len=96, lora_rank=4)
+    assert est.adapters > sft.adapters and est.total >= est.weights
+    s = memory.model_shape(tiny_llama)
+    assert memory.kv_cache_bytes(s, 2, 10) == 2 * s.num_layers * 2 * s.num_kv_heads * s.head_dim * 256 * 4
+    with pytest.raises(MindprintError, match="phase"):
+        memory.estimate(tiny_llama, "dpo")
+    with pytest.raises(MindprintError, match="q_projj"):
+        memory.estimate(tiny_llama, "sft", targets=("q_projj",))
+
+
+def test_plan_cli(tiny_llama, tmp_path):
+    from mindprint_mlx.cli import cli
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_llama}\nsft:\n  batch_size: 2\n  max_seq_len: 32\n"
+                   "lora:\n  rank: 4\nppo:\n  max_new_tokens: 16\n")
+    res = CliRunner().invoke(cli, ["plan", "--config", str(cfg), "--quantize", "4"])
+    assert res.exit_code == 0, res.output
+    assert "| sft |" in res.output and "| reward |" in res.output and "| ppo |" in res.output
+    assert "4-bit" in res.output and "usable" in res.output and "fits" in res.output
+    res = CliRunner().invoke(cli, ["plan", "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "error:" in res.output
