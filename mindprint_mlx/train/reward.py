@@ -282,12 +282,14 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     net = _RewardNet(model, head)
     schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
     opt = adamw(schedule, cfg.weight_decay)
+    was_training = model.training
     try:
         with training_only(model, adapter_name), lora.active_adapters(model, [adapter_name]):
             return _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metrics,
                           train_rows, val_rows, lengths, pid, steps_per_epoch, total_steps,
                           run_fp, n_cut, resume, progress, on_epoch)
     finally:
+        model.train(was_training)
         if adapter_name in lora.adapter_names(model):
             lora.remove_adapter(model, adapter_name)
 

@@ -170,7 +170,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_r,
                     alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=True)
-    ok = False
+    ok, was_training = False, model.training
     try:
         with training_only(model, adapter_name), gradient_checkpointing(model, cfg.grad_checkpoint):
             result = _train(model, adapter_name, cfg, out, adapter_dir, ckpt_dir, metrics,
@@ -179,6 +179,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
         ok = True
         return result
     finally:
+        model.train(was_training)
         if not ok and adapter_name in lora.adapter_names(model):
             lora.remove_adapter(model, adapter_name)
 
