@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 __all__ = ["world", "rank", "size", "is_main", "shard", "shard_batch", "rank_seed",
            "average_gradients", "all_sum", "global_sum", "global_mean", "token_loss_scale", "barrier",
-           "grad_checkpoint", "checkpoint_layers", "main_only"]
+           "grad_checkpoint", "checkpoint_layers", "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather"]
 
 _GROUP: mx.distributed.Group | None = None
 
@@ -176,6 +176,69 @@ def average_gradients(grads: Any, group: mx.distributed.Group | None = None,
     # must be the CPU one.
     return _avg(grads, group=group, all_reduce_size=all_reduce_size,
                 communication_stream=mx.cpu)
+
+
+def broadcast(tree: Any, group: mx.distributed.Group | None = None) -> Any:
+    """Rank 0's values of an array tree on every rank (identity on one process).
+
+    Every rank passes a tree of the same structure, shapes and dtypes (e.g. its own
+    freshly initialised parameters); the others contribute zeros to an all-sum. Used to
+    hand rank 0's checkpoint to ranks whose disk does not hold it. Evaluated now.
+    """
+    group = group or world()[2]
+    if group.size() == 1:
+        return tree
+    from mlx.utils import tree_map
+
+    main = group.rank() == 0
+    out = tree_map(lambda x: all_sum(x if main else mx.zeros_like(x), group), tree)
+    mx.eval(out)
+    return out
+
+
+def broadcast_json(obj: Any, group: mx.distributed.Group | None = None) -> Any:
+    """Rank 0's JSON-able `obj` on every rank (the others may pass anything, e.g. None)."""
+    import json
+
+    import numpy as np
+
+    group = group or world()[2]
+    if group.size() == 1:
+        return obj
+    main = group.rank() == 0
+    data = json.dumps(obj).encode() if main else b""
+    n = int(global_sum(mx.array(len(data) if main else 0, dtype=mx.int32), group).item())
+    arr = (mx.array(np.frombuffer(data, dtype=np.uint8).astype(np.int32)) if main
+           else mx.zeros((n,), dtype=mx.int32))
+    got = np.array(global_sum(arr, group)).astype(np.uint8).tobytes()
+    return json.loads(got.decode())
+
+
+def broadcast_named(arrays: dict[str, mx.array] | None,
+                    group: mx.distributed.Group | None = None) -> dict[str, mx.array]:
+    """Rank 0's dict of named arrays on every rank; the others pass None (they need not
+    know the names, shapes or dtypes, e.g. an optimizer state they never built)."""
+    group = group or world()[2]
+    if group.size() == 1:
+        return dict(arrays or {})
+    main = group.rank() == 0
+    spec = broadcast_json({k: [list(v.shape), str(v.dtype).split(".")[-1]]
+                           for k, v in (arrays or {}).items()} if main else None, group)
+    tree = {k: (arrays[k] if main else mx.zeros(shape, dtype=getattr(mx, dt)))
+            for k, (shape, dt) in spec.items()}
+    return broadcast(tree, group)
+
+
+def gather(x: mx.array, group: mx.distributed.Group | None = None) -> mx.array:
+    """Every rank's `x` (same shape on all ranks), stacked in rank order: (size, *x.shape).
+    Evaluated now; call it on every rank."""
+    group = group or world()[2]
+    x = mx.array(x) if not isinstance(x, mx.array) else x
+    if group.size() == 1:
+        return x[None]
+    onehot = mx.zeros((group.size(),) + (1,) * x.ndim, dtype=x.dtype)
+    onehot[group.rank()] = 1
+    return global_sum(onehot * x[None], group)
 
 
 def barrier(group: mx.distributed.Group | None = None) -> None:

@@ -100,30 +100,47 @@ def test_grad_checkpoint_same_gradients(tiny_llama):
     assert max(mx.abs(f0[k] - f1[k]).max().item() for k in f0) < 1e-6
 
 
-def test_two_ranks_ring_equals_single_process(tiny_llama, tmp_path):
+def _import_helper(name: str):
     sys.path.insert(0, str(HERE))
     try:
-        import _dist_step
+        return __import__(name)
     finally:
         sys.path.remove(str(HERE))
+
+
+@pytest.fixture(scope="module")
+def ring_run(tiny_llama, tmp_path_factory) -> Path:
+    """One `mlx.launch --backend ring -n 2` on loopback for every test below: the bare
+    averaged step (_dist_step.py into out/step), then the real SFT, reward and PPO trainers."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OPENBLAS_NUM_THREADS="1")   # two ranks share the cores
+    extra = ["--env", "OPENBLAS_NUM_THREADS=1"]
+    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, env.get("LD_PRELOAD")) if p)
+        extra += ["--env", f"LD_PRELOAD={env['LD_PRELOAD']}"]
+    out = tmp_path_factory.mktemp("ring") / "dist"
+    cmd = [*_launcher(), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()),
+           *extra, "--", sys.executable, str(HERE / "_dist_train.py"), str(tiny_llama), str(out),
+           "--with-step", "--with-ppo"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(HERE.parent))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _max_diff(a: dict, b: dict, keys=None) -> float:
+    assert a.keys() == b.keys() and a
+    return max(mx.abs(a[k] - b[k]).max().item() for k in (keys or a))
+
+
+def test_two_ranks_ring_equals_single_process(tiny_llama, tmp_path, ring_run):
+    _dist_step = _import_helper("_dist_step")
 
     # The reference: one process, the whole batch.
     single = tmp_path / "single"
     _dist_step.main(str(tiny_llama), str(single), "sgd", 1)
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    extra = []
-    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, env.get("LD_PRELOAD")) if p)
-        extra = ["--env", f"LD_PRELOAD={env['LD_PRELOAD']}"]
-    distdir = tmp_path / "dist"
-    cmd = [*_launcher(), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()),
-           *extra, "--", sys.executable, str(HERE / "_dist_step.py"), str(tiny_llama),
-           str(distdir), "sgd", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
-                          cwd=str(HERE.parent))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
+    distdir = ring_run / "step"
     rep = json.loads((distdir / "report.json").read_text())
     ref = json.loads((single / "report.json").read_text())
     assert rep["size"] == 2 and ref["size"] == 1
@@ -135,10 +152,59 @@ def test_two_ranks_ring_equals_single_process(tiny_llama, tmp_path):
                                                         "weighted_grads.safetensors"]
 
     for name in ("adapter/adapters.safetensors", "grads.safetensors", "weighted_grads.safetensors"):
-        a, b = mx.load(str(single / name)), mx.load(str(distdir / name))
-        assert a.keys() == b.keys() and a
-        diff = max(mx.abs(a[k] - b[k]).max().item() for k in a)
+        diff = _max_diff(mx.load(str(single / name)), mx.load(str(distdir / name)))
         assert diff < 1e-5, f"{name}: max abs diff {diff}"
     # The step moved the adapter (the comparison is not trivially between zeros).
     g = mx.load(str(single / "grads.safetensors"))
     assert max(mx.abs(v).max().item() for v in g.values()) > 1e-3
+
+
+def test_two_ranks_train_sft_and_reward_like_one_process(tiny_llama, tmp_path, ring_run):
+    """The real trainers under mlx.launch: 2 SFT steps (batch 4 = 2 rows per rank, then 3
+    rows: one rank gets a masked filler row) and one reward epoch end with the adapters,
+    optimizer moments and logged losses of a single process on the same data."""
+    _dist_train = _import_helper("_dist_train")
+    single = tmp_path / "single"
+    _dist_train.main(str(tiny_llama), str(single))
+
+    ranks = [json.loads((ring_run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ref = json.loads((single / "rank0.json").read_text())
+    for r in ranks:
+        for h in r["reward_history"]:
+            h.pop("reward/epoch_seconds")
+    # The ranks agree, PPO's adapter included (2 data-parallel PPO steps; PPO samples per
+    # rank, so only the agreement is checked, not equality with one process).
+    assert ranks[0]["size"] == 2 and ref["size"] == 1 and ranks[0] == ranks[1]
+    assert ranks[0]["ppo"]["steps"] == 2 and ranks[0]["ppo"]["checksum"] > 0
+    assert len((ring_run / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert ranks[0]["sft_steps"] == ref["sft_steps"] == 2
+    for k in ("sft_train_loss", "sft_eval_loss", "sft_eval_loss_start", "reward_val_loss",
+              "reward_val_accuracy"):
+        assert abs(ranks[0][k] - ref[k]) < 1e-5 * max(1.0, abs(ref[k])), k
+
+    for name in ("sft/adapter/adapters.safetensors", "reward/adapter/adapters.safetensors"):
+        a, b = mx.load(str(single / name)), mx.load(str(ring_run / name))
+        # it trained: LoRA B starts at zero and is now non-zero
+        assert max(mx.abs(v).max().item() for k, v in a.items() if k.endswith("lora_b")) > 1e-4
+        diff = _max_diff(a, b)
+        assert diff < 1e-5, f"{name}: max abs diff {diff}"
+    # Adam's moments are linear in the gradients: the averaged gradients match closely.
+    for name in ("sft/checkpoint/optimizer.safetensors", "reward/checkpoint/optimizer.safetensors"):
+        diff = _max_diff(mx.load(str(single / name)), mx.load(str(ring_run / name)))
+        assert diff < 1e-6, f"{name}: max abs diff {diff}"
+    ha = mx.load(str(single / "reward/adapter/heads.safetensors"))
+    hb = mx.load(str(ring_run / "reward/adapter/heads.safetensors"))
+    assert _max_diff(ha, hb, ["reward.summary.weight"]) < 1e-5
+    # The head's bias gets an exactly zero gradient from the Bradley-Terry loss (a shift of
+    # every score changes nothing); float noise of ~1e-10 then becomes an Adam step of up
+    # to lr per step, so only that bound holds for it.
+    assert _max_diff(ha, hb, ["reward.summary.bias"]) <= 2 * 3e-4 + 1e-7
+
+    # Rank 0 alone wrote the trainers' files: metrics lines once, no stray temp files.
+    for phase in ("sft", "reward"):
+        a = (single / phase / "metrics.jsonl").read_text().splitlines()
+        b = (ring_run / phase / "metrics.jsonl").read_text().splitlines()
+        assert len(a) == len(b) > 0
+        names = sorted(p.relative_to(ring_run / phase).as_posix() for p in (ring_run / phase).rglob("*"))
+        assert names == sorted(p.relative_to(single / phase).as_posix()
+                               for p in (single / phase).rglob("*"))

@@ -31,6 +31,25 @@ def _maybe_preload_openblas() -> None:
         pass
 
 
+def _distributed_rank() -> int:
+    """This process's rank under mlx.launch (ring: MLX_RANK; MPI: OMPI_COMM_WORLD_RANK or
+    PMI_RANK), without starting the distributed backend; 0 when not launched."""
+    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        v = os.environ.get(var)
+        if v and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def _quiet_unless_rank0() -> None:
+    """Under mlx.launch only rank 0 prints (output, progress, logs); the other ranks still
+    report an error, prefixed with their rank (see MindprintGroup)."""
+    if _distributed_rank() == 0:
+        return
+    devnull = open(os.devnull, "w")
+    sys.stdout = sys.stderr = devnull
+
+
 class MindprintGroup(click.Group):
     """Prints a MindprintError as one line on stderr and exits 1, never a traceback."""
 
@@ -38,7 +57,11 @@ class MindprintGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MindprintError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            rank = _distributed_rank()
+            if rank:
+                print(f"[rank {rank}] error: {e}", file=sys.__stderr__, flush=True)
+            else:
+                click.secho(f"error: {e}", fg="red", err=True)
             ctx.exit(1)
 
 
@@ -49,6 +72,7 @@ class MindprintGroup(click.Group):
 def cli(verbose: bool) -> None:
     """Align an open LLM to one person's voice: LoRA SFT, a learned reward model and PPO
     on MLX, exported to the Hugging Face stack."""
+    _quiet_unless_rank0()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 

@@ -1,4 +1,5 @@
-"""Ctrl-C as a request: the first SIGINT asks the run to stop after the current step; a
+"""Ctrl-C as a request: the first SIGINT asks the run to stop after the current step (the
+trainers poll it between optimizer steps, save a checkpoint and raise `Interrupted`); a
 second one interrupts at once (state.json is still consistent: it is only ever replaced
 whole, after a phase's artefacts are complete)."""
 
@@ -10,7 +11,9 @@ import sys
 import threading
 from typing import Iterator
 
-_requested = threading.Event()
+# The same event the trainers poll (mindprint_mlx.train.loop.stop_requested), so the first
+# Ctrl-C stops SFT, reward training and PPO after their current optimizer step.
+from ..train.loop import _STOP as _requested
 
 
 def requested() -> bool:

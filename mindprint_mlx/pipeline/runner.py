@@ -33,6 +33,7 @@ from ..config import to_dict
 from ..errors import MindprintError
 from ..io import append_jsonl, atomic_write_text, safe_name
 from ..models import lora
+from ..train.loop import Interrupted
 from . import interrupt
 from .config import PipelineConfig, resolve_section, resolved_dict
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
@@ -526,6 +527,15 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, dry_run: bool = Fals
                  echo: Callable[[str], None] | None = None) -> PipelineResult:
     """Run (or continue, or only plan) the curriculum of `cfg`; see the module docstring."""
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    from .. import distributed as dist
+
+    if not dry_run and dist.size() > 1:
+        # The trainers are data parallel, but the pipeline around them (quizzes, merges,
+        # state.json, reloading adapters rank 0 wrote) is not yet: refuse rather than let
+        # ranks on other Macs look for files only rank 0 has.
+        raise MindprintError("mindprint pipeline runs as one process (it is not data parallel yet); "
+                             "under mlx.launch use mindprint sft, mindprint reward train or "
+                             "mindprint ppo")
     run = _Run(cfg, resume, echo)
     early = run.prepare(dry_run)
     if early is not None:
@@ -536,7 +546,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, dry_run: bool = Fals
         try:
             run.load_model()
             status = run.run()
-        except Stopped:
+        except (Stopped, Interrupted):   # Interrupted: a trainer stopped mid-phase, checkpointed
             status = "interrupted"
             echo("interrupted: state saved; continue with --resume")
         except BaseException as e:

@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .. import distributed as dist
 from ..config import ConfigError, to_dict
 from ..errors import MindprintError
 from ..io import append_jsonl, atomic_dir, atomic_save_safetensors, atomic_write_json, \
@@ -30,6 +31,7 @@ from ..models import lora
 from ..models.adapters import load_heads, save_adapter, set_adapter_weights, ADAPTER_WEIGHTS
 from ..models.heads import ScalarHead, hidden_size
 from ..progress import Progress
+from ..train.loop import Interrupted, gradient_checkpointing, stop_now
 from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
@@ -83,6 +85,7 @@ class PPOConfig:
     lora_alpha: float = 1.0
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     num_layers: int = 0                   # LoRA on the last N decoder layers; 0 = all (as SFTConfig)
+    grad_checkpoint: bool = False         # recompute decoder-layer activations in the update's backward
     # bookkeeping
     save_every: int = 10                  # checkpoint every N steps (0: only at the end)
     progress: bool = True
@@ -127,6 +130,14 @@ class PPOConfig:
         need(bool(self.lora_targets), "lora_targets", "must name at least one layer")
         need(self.num_layers >= 0, "num_layers", "must be >= 0 (0: all layers)")
         need(self.save_every >= 0, "save_every", "must be >= 0")
+        n = dist.size()
+        if n > 1:   # data parallel: every rank takes an equal share of each batch and minibatch
+            need(self.batch_size % n == 0, "batch_size", f"must be a multiple of the number of ranks ({n})")
+            need(self.mini_batch_size % n == 0, "mini_batch_size",
+                 f"must be a multiple of the number of ranks ({n})")
+            need((self.mini_batch_size // n) % self.gradient_accumulation_steps == 0,
+                 "gradient_accumulation_steps",
+                 f"must divide mini_batch_size / ranks ({self.mini_batch_size // n})")
 
 
 @dataclass
@@ -209,6 +220,22 @@ def _prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int) -> li
         epoch, i = divmod(pos, n_prompts)
         out.append(int(np.random.default_rng([seed, epoch, 17]).permutation(n_prompts)[i]))
     return out
+
+
+def _whiten(x: mx.array, mask: mx.array, shift_mean: bool = True) -> mx.array:
+    """`masked_whiten` over the masked entries of every rank's batch (data parallel), so
+    that the statistics are those of the whole rollout batch; on one process it is
+    `masked_whiten` itself."""
+    if dist.size() == 1:
+        return masked_whiten(x, mask, shift_mean)
+    xm = mx.where(mask > 0, x, 0.0) * mask
+    s, n = dist.global_sum(mx.stack([xm.sum(), mask.sum()]))
+    mean = s / n
+    c = mx.where(mask > 0, x - mean, 0.0) * mask
+    var = dist.global_sum((c * c).sum()) / n
+    var = var * mx.where(n > 1, n / mx.maximum(n - 1, 1), 1.0)
+    out = (x - mean) * mx.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
 
 
 def _step_key(seed: int, step: int) -> mx.array:
@@ -306,7 +333,8 @@ class PPOTrainer:
         cfg = self.cfg
         scores = raw
         if cfg.score_norm != "none":
-            self.score_moments.update(np.array(raw))
+            # every rank's scores, so all ranks keep the same running statistics
+            self.score_moments.update(np.array(dist.gather(raw)).reshape(-1))
             scale = self.score_moments.std + np.finfo(np.float32).eps
             scores = (scores - self.score_moments.mean) / scale if cfg.score_norm == "running" \
                 else scores / scale
@@ -343,6 +371,13 @@ class PPOTrainer:
             grads = g if grads is None else tree_map(mx.add, grads, g)
             stats = st if stats is None else {k: stats[k] + st[k] for k in stats}
             mx.eval(grads, stats)
+        if dist.size() > 1:
+            # Before the skip check: every rank takes the same decision (or some would wait
+            # forever in the next all-reduce).
+            grads = dist.average_gradients(grads)
+            keys = sorted(stats)
+            vals = dist.global_mean(mx.stack([stats[k].astype(mx.float32) for k in keys]))
+            stats = dict(zip(keys, vals.tolist()))
         stats = {k: float(v) for k, v in stats.items()}
         if stats["policy/ratio_mean"] > cfg.ratio_threshold:
             # Skip the optimizer step too, or Adam's momentum still moves the weights.
@@ -359,11 +394,13 @@ class PPOTrainer:
         B = batch.tokens.shape[0]
         all_stats: list[dict] = []
         skipped, early = 0, False
-        with lora.active_adapters(self.model, self.policy_adapters):
+        mbs = cfg.mini_batch_size // dist.size()     # this rank's share of a minibatch
+        with lora.active_adapters(self.model, self.policy_adapters), \
+                gradient_checkpointing(self.model, cfg.grad_checkpoint):
             for _ in range(cfg.ppo_epochs):
                 order = rng.permutation(B)       # a fresh shuffle each epoch
-                for s in range(0, B, cfg.mini_batch_size):
-                    stats, stepped = self._minibatch(batch.rows(order[s:s + cfg.mini_batch_size]))
+                for s in range(0, B, mbs):
+                    stats, stepped = self._minibatch(batch.rows(order[s:s + mbs]))
                     skipped += not stepped
                     all_stats.append(stats)
                     if cfg.early_stopping and stats["policy/policykl"] > 1.5 * cfg.target_kl:
@@ -385,7 +422,7 @@ class PPOTrainer:
         """One PPO step on these tokenized prompts; returns the step's stats."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        gen, ro = self.rollout(prompts, _step_key(cfg.seed, self.step))
+        gen, ro = self.rollout(prompts, _step_key(dist.rank_seed(cfg.seed), self.step))
         mask = gen.response_mask
         beta = self.kl_ctl.value
         scores = self._process_scores(ro["scores"], gen.ended)
@@ -393,9 +430,9 @@ class PPOTrainer:
                                            cfg.kl_estimator)
         non_score_reward = -beta * kl
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+            rewards = _whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask) * mask    # over the whole rollout batch
+        advantages = _whiten(advantages, mask) * mask    # over the whole rollout batch (all ranks)
         batch = _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
                        ro["values"], mx.stop_gradient(advantages), mx.stop_gradient(returns))
         mx.eval(batch.advantages, batch.returns, kl, non_score_reward)
@@ -403,7 +440,8 @@ class PPOTrainer:
         upd = self.update(batch, np.random.default_rng([cfg.seed, self.step, 31]))
         t_end = time.perf_counter()
 
-        mean_kl = float(kl.sum(axis=1).mean())     # batch mean of each sequence's summed KL
+        mean_kl = kl.sum(axis=1).mean()            # batch mean of each sequence's summed KL
+        mean_kl = float(dist.global_mean(mean_kl) if dist.size() > 1 else mean_kl)  # (all ranks')
         self.kl_ctl.update(mean_kl, cfg.batch_size)  # once per batch, after the update
         resp_len = np.array(gen.response_lengths)
         n_tokens = int(resp_len.sum())
@@ -437,6 +475,12 @@ class PPOTrainer:
             "ppo/sampling/top_p": cfg.top_p,
         }
         stats.update({f"ppo/{k}": v for k, v in upd.items()})
+        if dist.size() > 1:   # the logged figures are means over the ranks' shares
+            keys = sorted(stats)
+            vals = dist.global_mean(mx.array([float(stats[k]) for k in keys], dtype=mx.float32))
+            stats = {k: (type(stats[k])(v) if isinstance(stats[k], int) else v)
+                     for k, v in zip(keys, vals.tolist())}
+            stats["objective/kl"] = mean_kl
         if mean_kl < -1:
             log.warning("step %d: mean KL %.3f < -1: the log-probabilities do not reproduce the "
                         "rollout (PPO_DETAILS item 1)", self.step, mean_kl)
@@ -478,6 +522,24 @@ class PPOTrainer:
         self.history = list(state.get("history", []))
         mx.eval(self.policy.parameters(), self.optimizer.state)
 
+    def sync_from_main(self) -> None:
+        """Data parallel resume: rank 0 loaded the checkpoint (only its disk need hold it);
+        copy its adapter, value head, optimizer state and trainer state to every rank."""
+        if dist.size() == 1:
+            return
+        main = dist.is_main()
+        params = dist.broadcast(dict(tree_flatten(self.policy.trainable_parameters())))
+        self.policy.load_weights(list(params.items()), strict=False)
+        opt = dist.broadcast_named(dict(tree_flatten(self.optimizer.state)) if main else None)
+        self.optimizer.state = tree_unflatten(list(opt.items()))
+        st = dist.broadcast_json({"kl_ctl": self.kl_ctl.state_dict(),
+                                  "score_moments": self.score_moments.state_dict(),
+                                  "step": self.step, "history": self.history} if main else None)
+        self.kl_ctl.load_state_dict(st["kl_ctl"])
+        self.score_moments.load_state_dict(st["score_moments"])
+        self.step, self.history = int(st["step"]), list(st["history"])
+        mx.eval(self.policy.parameters(), self.optimizer.state)
+
 
 def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: RewardFn,
               cfg: PPOConfig, out_dir: str | Path, frozen_adapters: Sequence[str] = (),
@@ -490,6 +552,12 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     prompt + response rows, e.g. RewardModel.score_tokens. Writes out_dir/checkpoint/
     (resumable), out_dir/metrics.jsonl and the final adapter (with the value head) to
     out_dir/ppo_adapter. Afterwards the model keeps the PPO adapter, frozen and inactive.
+
+    Data parallel (under `mlx.launch`): every rank passes the same prompts and takes its
+    share of each step's prompts, samples with its own seed (`distributed.rank_seed`),
+    and gradients, minibatch statistics, KL and score statistics are averaged over ranks;
+    rank 0 alone writes. A stop request (`train.loop.request_stop`, the pipeline's first
+    Ctrl-C) checkpoints after the current step and raises `Interrupted`.
     """
     if not prompts:
         raise MindprintError("train_ppo: no prompts")
@@ -499,22 +567,36 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     saved_active = lora.get_active(model)
     trainer = PPOTrainer(model, tokenizer, reward_fn, cfg, frozen_adapters, value_head)
     encoded = _encode_prompts(tokenizer, prompts)
-    if resume and (ckpt / "trainer_state.json").is_file():
-        trainer.load_checkpoint(ckpt)
-        kept = [r for r in read_jsonl(metrics) if r.get("step", 0) <= trainer.step]
-        atomic_write_text(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    rank, world_size, _ = dist.world()
+    main = rank == 0
+    has_ckpt = resume and (ckpt / "trainer_state.json").is_file()
+    if world_size > 1:
+        has_ckpt = bool(dist.broadcast_json(has_ckpt if main else None))   # rank 0's disk decides
+    if has_ckpt:
+        if main:
+            trainer.load_checkpoint(ckpt)
+            kept = [r for r in read_jsonl(metrics) if r.get("step", 0) <= trainer.step]
+            atomic_write_text(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        trainer.sync_from_main()
         log.info("resuming PPO from step %d (%s)", trainer.step, ckpt)
-    elif metrics.exists():
+    elif metrics.exists() and main:
         metrics.unlink()                 # a fresh run starts a fresh metrics file
     mx.reset_peak_memory()
-    bar = Progress(cfg.steps, "ppo", enabled=cfg.progress, initial=trainer.step)
+    bar = Progress(cfg.steps, "ppo", enabled=cfg.progress and main, initial=trainer.step)
+
+    def checkpoint() -> None:
+        if main:
+            trainer.save_checkpoint(ckpt)
+
     try:
         while trainer.step < cfg.steps:
             idx = _prompt_indices(len(encoded), trainer.step, cfg.batch_size, cfg.seed)
+            idx = idx[rank::world_size]              # this rank's share (all of it on one process)
             stats = trainer.train_step([encoded[i] for i in idx])
             record = {"step": trainer.step, **stats}
             trainer.history.append(record)
-            append_jsonl(metrics, record)
+            if main:
+                append_jsonl(metrics, record)
             if stats["objective/kl"] < -1:
                 bar.write(f"warning: step {trainer.step}: mean KL {stats['objective/kl']:.3f} < -1")
             bar.update(1, score=stats["objective/scores"], kl=stats["objective/kl"],
@@ -523,18 +605,26 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
                        clip=stats.get("ppo/policy/clipfrac", 0.0),
                        ev=stats.get("ppo/val/explained_variance", 0.0),
                        len=stats["ppo/response_length"], tok_s=stats["ppo/tokens_per_sec"])
-            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
-                trainer.save_checkpoint(ckpt)
-        trainer.save_checkpoint(ckpt)
+            saved_now = cfg.save_every and trainer.step % cfg.save_every == 0
+            if saved_now and trainer.step < cfg.steps:
+                checkpoint()
+            if trainer.step < cfg.steps and stop_now():
+                if not saved_now:
+                    checkpoint()
+                bar.write(f"ppo: stopped at step {trainer.step}; checkpoint in {ckpt}")
+                raise Interrupted("ppo", trainer.step, ckpt)
+        checkpoint()
     finally:
         bar.close()
         lora.set_trainable(model, cfg.adapter_name, False)
         for path, m in lora.lora_layers(model):
             m.active = saved_active.get(path, frozenset())
-    adapter_dir = save_adapter(model, cfg.adapter_name, out / "ppo_adapter",
-                               metadata={"role": "ppo", "stack": trainer.policy_adapters,
-                                         "steps": trainer.step, "training_config": to_dict(cfg)},
-                               heads={"value": trainer.value_head})
+    adapter_dir = out / "ppo_adapter"
+    if main:
+        save_adapter(model, cfg.adapter_name, adapter_dir,
+                     metadata={"role": "ppo", "stack": trainer.policy_adapters,
+                               "steps": trainer.step, "training_config": to_dict(cfg)},
+                     heads={"value": trainer.value_head})
     hist = trainer.history
     return PPOResult(adapter_dir=adapter_dir, steps=trainer.step,
                      mean_score_first=hist[0]["objective/scores"] if hist else float("nan"),

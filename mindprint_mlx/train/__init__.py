@@ -5,8 +5,9 @@
 model scores responses through `RewardModel.load(model, tokenizer, dir)`.
 """
 
+from .loop import Interrupted, request_stop, stop_requested
 from .reward import RewardConfig, RewardModel, RewardResult, train_reward_model
 from .sft import SFTConfig, SFTResult, train_sft
 
-__all__ = ["RewardConfig", "RewardModel", "RewardResult", "SFTConfig", "SFTResult",
-           "train_reward_model", "train_sft"]
+__all__ = ["Interrupted", "request_stop", "stop_requested", "RewardConfig", "RewardModel",
+           "RewardResult", "SFTConfig", "SFTResult", "train_reward_model", "train_sft"]

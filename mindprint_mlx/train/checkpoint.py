@@ -107,3 +107,58 @@ def restore_checkpoint(ckpt_dir: str | Path, module: nn.Module, optimizer: optim
     mx.random.seed((hi << 32) | lo)
     mx.eval(module.parameters(), optimizer.state)
     return state
+
+
+# ------------------------------------------------------------ data parallel (mx.distributed)
+
+def read_state_on_main(ckpt_dir: str | Path, resume: bool) -> dict | None:
+    """The checkpoint record as rank 0 sees it, on every rank (None: start fresh).
+
+    Rank 0 alone writes checkpoints, so its disk decides whether a run resumes; the other
+    ranks (possibly on other Macs) get the decision and, in `restore_everywhere`, the
+    tensors. On one process this is `read_checkpoint_state` when `resume`.
+    """
+    from .. import distributed as dist
+
+    if dist.size() == 1:
+        return read_checkpoint_state(ckpt_dir) if resume else None
+    got: Any = None
+    if resume and dist.is_main():
+        try:
+            got = read_checkpoint_state(ckpt_dir)
+        except MindprintError as e:
+            got = {"__error__": str(e)}
+    got = dist.broadcast_json(got)
+    if isinstance(got, dict) and "__error__" in got:
+        raise MindprintError(got["__error__"])
+    return got
+
+
+def restore_everywhere(ckpt_dir: str | Path, module: nn.Module, optimizer: optim.Optimizer) -> dict:
+    """`restore_checkpoint` on rank 0, then its weights, optimizer state and RNG key copied
+    to every rank (identical to `restore_checkpoint` on one process)."""
+    from .. import distributed as dist
+
+    if dist.size() == 1:
+        return restore_checkpoint(ckpt_dir, module, optimizer)
+    err = None
+    state: dict | None = None
+    if dist.is_main():
+        try:
+            state = restore_checkpoint(ckpt_dir, module, optimizer)
+        except MindprintError as e:
+            err = str(e)
+    else:
+        optimizer.init(module.trainable_parameters())
+    err = dist.broadcast_json(err)
+    if err:
+        raise MindprintError(err)
+    weights = dist.broadcast(dict(tree_flatten(module.trainable_parameters())))
+    module.load_weights(list(weights.items()), strict=False)
+    for k, v in dist.broadcast(dict(tree_flatten(optimizer.state))).items():
+        _set_path(optimizer.state, k, v)
+    hi, lo = (int(x) for x in dist.broadcast(mx.random.state[0]).tolist())
+    mx.random.seed((hi << 32) | lo)
+    state = dist.broadcast_json(state)
+    mx.eval(module.parameters(), optimizer.state)
+    return state

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import mlx.core as mx
@@ -13,6 +15,45 @@ import mlx.optimizers as optim
 
 from ..errors import MindprintError
 from ..models import lora
+
+# The Ctrl-C request flag. It lives here (not in pipeline/) so that trainers can poll it
+# without importing the pipeline; `pipeline.interrupt` sets and clears this same event.
+_STOP = threading.Event()
+
+
+def stop_requested() -> bool:
+    """True once a stop (the pipeline's first Ctrl-C) was requested; trainers poll it
+    between optimizer steps, save a checkpoint and raise `Interrupted`."""
+    return _STOP.is_set()
+
+
+def request_stop() -> None:
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+class Interrupted(MindprintError):
+    """A trainer stopped between steps because a stop was requested; its checkpoint at
+    `step` is complete, so the same call with `resume=True` continues exactly."""
+
+    def __init__(self, what: str, step: int, checkpoint: str | Path | None):
+        self.what, self.step, self.checkpoint = what, step, checkpoint
+        where = f"; checkpoint in {checkpoint}" if checkpoint else ""
+        super().__init__(f"{what}: stopped at step {step} on request{where}; resume to continue")
+
+
+def stop_now() -> bool:
+    """The stop decision, agreed by every rank (one all-reduce when distributed), so that
+    all ranks leave the loop after the same step and none waits on a collective."""
+    from .. import distributed as dist
+
+    flag = stop_requested()
+    if dist.size() == 1:
+        return flag
+    return dist.global_sum(mx.array(1.0 if flag else 0.0)).item() > 0
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from .. import distributed as dist
 from ..config import to_dict
 from ..errors import MindprintError
 from ..io import append_jsonl, atomic_write_json
@@ -29,8 +30,9 @@ from ..models.adapters import load_adapter, load_heads, read_adapter_config, sav
 from ..models.heads import ScalarHead, hidden_size, hidden_states
 from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_pair, pad_id
-from .checkpoint import fingerprint, read_checkpoint_state, restore_checkpoint, save_checkpoint
-from .loop import adamw, is_finite, lora_layer_indices, training_only, use_compile
+from .checkpoint import fingerprint, read_state_on_main, restore_everywhere, save_checkpoint
+from .loop import (Interrupted, adamw, gradient_checkpointing, is_finite, lora_layer_indices,
+                   stop_now, training_only, use_compile)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class RewardConfig:
     log_every: int = 5  # batches between metric lines
     include_distinctions: bool = False  # add critical distinctions (correct > incorrect) as pairs
     compile: bool | None = None  # mx.compile the step; None = on a GPU only (no gain measured on CPU)
+    grad_checkpoint: bool = False  # recompute layer activations in backward (less memory)
 
     def validate(self) -> None:
         from ..config import ConfigError
@@ -234,6 +237,17 @@ def bradley_terry(scores: mx.array, margin: float) -> tuple[mx.array, mx.array]:
     return loss, acc
 
 
+def weighted_bradley_terry(scores: mx.array, weights: mx.array,
+                           margin: float) -> tuple[mx.array, mx.array]:
+    """`bradley_terry` with a weight per pair (0 drops a padding pair): weighted means."""
+    b = scores.shape[0] // 2
+    diff = scores[:b] - scores[b:]
+    n = mx.maximum(weights.sum(), 1.0)
+    loss = -(nn.log_sigmoid(diff - margin) * weights).sum() / n
+    acc = ((diff > 0).astype(mx.float32) * weights).sum() / n
+    return loss, acc
+
+
 def _encode(tokenizer, pairs, max_len):
     rows, n_cut = [], 0
     for prompt, chosen, rejected in pairs:
@@ -256,6 +270,11 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     Writes `out_dir/adapter/` (the best epoch's mlx-lm adapter dir with heads.safetensors,
     head "reward"), `out_dir/checkpoint/` (resume state, per epoch) and metrics lines.
     The adapter is removed from `model` afterwards (load it with `RewardModel.load`).
+
+    Data parallel (under `mlx.launch`): each rank scores its share of every batch of pairs
+    (`rank::size`), gradients are averaged weighted by pair count, validation metrics are
+    summed over ranks, and rank 0 alone writes. A stop request (`train.loop.request_stop`)
+    checkpoints after the current step (mid-epoch) and raises `Interrupted`.
     """
     out = Path(out_dir)
     adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
@@ -271,7 +290,8 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     total_steps = steps_per_epoch * cfg.epochs
     run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items()
                                   if k not in ("epochs", "patience", "min_delta", "log_every",
-                                               "model", "data_dir", "out_dir", "compile")},
+                                               "model", "data_dir", "out_dir", "compile",
+                                               "grad_checkpoint")},
                           "rows": rows})
 
     mx.random.seed(cfg.seed)
@@ -284,7 +304,8 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     opt = adamw(schedule, cfg.weight_decay)
     was_training = model.training
     try:
-        with training_only(model, adapter_name), lora.active_adapters(model, [adapter_name]):
+        with training_only(model, adapter_name), lora.active_adapters(model, [adapter_name]), \
+                gradient_checkpointing(model, cfg.grad_checkpoint):
             return _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metrics,
                           train_rows, val_rows, lengths, pid, steps_per_epoch, total_steps,
                           run_fp, n_cut, resume, progress, on_epoch)
@@ -297,27 +318,39 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
 def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows,
            val_rows, lengths, pid, steps_per_epoch, total_steps, run_fp, n_cut, resume,
            progress, on_epoch) -> RewardResult:
+    rank, world_size, _ = dist.world()
+    main = rank == 0
+    # "batch" and the accumulators: the position inside an epoch (a stop request
+    # checkpoints mid-epoch; epoch-end checkpoints have batch 0).
     state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_val_accuracy": 0.0,
-             "bad_epochs": 0, "stopped_early": False, "done": False, "history": []}
-    if resume and read_checkpoint_state(ckpt_dir) is not None:
-        saved = read_checkpoint_state(ckpt_dir)
+             "bad_epochs": 0, "stopped_early": False, "done": False, "history": [],
+             "batch": 0, "acc": [0.0, 0.0, 0.0, 0.0, 0, 0.0]}
+    saved = read_state_on_main(ckpt_dir, resume)
+    if saved is not None:
         if saved.get("run_fingerprint") != run_fp:
             raise MindprintError(f"{ckpt_dir}: the checkpoint was written for other data or "
                                  "settings; delete it or run without resume")
-        state.update(restore_checkpoint(ckpt_dir, net, opt))
+        state.update(restore_everywhere(ckpt_dir, net, opt))
         log.info("reward: resuming after epoch %d", state["epoch"])
     else:
         opt.init(net.trainable_parameters())
         if not resume and ckpt_dir.exists():
             log.info("reward: starting fresh (resume=False); %s will be overwritten", ckpt_dir)
 
-    def loss_fn(net, tokens, lengths):
-        return bradley_terry(net(tokens, lengths), cfg.margin)
+    def loss_fn(net, tokens, lengths, weights=None):
+        if weights is None:
+            return bradley_terry(net(tokens, lengths), cfg.margin)
+        return weighted_bradley_terry(net(tokens, lengths), weights, cfg.margin)
 
     value_and_grad = nn.value_and_grad(net, loss_fn)
 
-    def step(tokens, lengths):
-        (loss, acc), grads = value_and_grad(net, tokens, lengths)
+    def step(tokens, lengths, weights=None):
+        (loss, acc), grads = value_and_grad(net, tokens, lengths, weights)
+        if world_size > 1:
+            n = weights.sum()
+            grads = dist.average_gradients(grads, weight=n)
+            tot = dist.all_sum(mx.stack([loss * n, acc * n, n]))
+            loss, acc = tot[0] / mx.maximum(tot[2], 1.0), tot[1] / mx.maximum(tot[2], 1.0)
         grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         opt.update(net, grads)
         return loss, acc, gnorm
@@ -330,31 +363,48 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
         rows = [c for c, _ in pairs_rows] + [r for _, r in pairs_rows]
         return _pad(rows, pid, multiple=8)
 
+    def local_pairs(group):
+        """This rank's pairs of a batch, padded with zero-weight copies to equal counts."""
+        if world_size == 1:
+            return arrays([train_rows[i] for i in group])
+        mine = [train_rows[i] for i in list(group)[rank::world_size]]
+        per = -(-len(group) // world_size)
+        w = [1.0] * len(mine) + [0.0] * (per - len(mine))
+        mine += [train_rows[group[0]]] * (per - len(mine))
+        return (*arrays(mine), mx.array(w, dtype=mx.float32))
+
     def evaluate() -> tuple[float, float]:
         net.eval()
         tot_loss = tot_acc = 0.0
-        for i in range(0, len(val_rows), cfg.batch_size):
-            chunk = val_rows[i:i + cfg.batch_size]
+        mine = val_rows[rank::world_size] if world_size > 1 else val_rows
+        for i in range(0, len(mine), cfg.batch_size):
+            chunk = mine[i:i + cfg.batch_size]
             loss, acc = bradley_terry(net(*arrays(chunk)), cfg.margin)
             mx.eval(loss, acc)
             tot_loss += loss.item() * len(chunk)
             tot_acc += acc.item() * len(chunk)
         net.train()
+        if world_size > 1:
+            tot_loss, tot_acc = dist.global_sum(mx.array([tot_loss, tot_acc])).tolist()
         return tot_loss / len(val_rows), tot_acc / len(val_rows)
 
-    bar = Progress(total_steps, "reward", enabled=progress, initial=state["step"])
+    def checkpoint():
+        if main:
+            save_checkpoint(ckpt_dir, net, opt, {**state, "run_fingerprint": run_fp})
+
+    bar = Progress(total_steps, "reward", enabled=progress and main, initial=state["step"])
     meta = {"role": "reward_model", "training_config": to_dict(cfg), "truncated_rows": n_cut}
     net.train()
     try:
         while not state["done"] and state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             order = batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-            ep_loss = ep_acc = 0.0
-            win_loss = win_acc = 0.0
-            win_n = 0
-            tic = time.perf_counter()
+            ep_loss, ep_acc, win_loss, win_acc, win_n, elapsed = state["acc"]
+            tic = time.perf_counter() - elapsed
             for b, group in enumerate(order):
-                loss, acc, gnorm = step(*arrays([train_rows[i] for i in group]))
+                if b < state["batch"]:
+                    continue                        # done before a stop request
+                loss, acc, gnorm = step(*local_pairs(group))
                 mx.eval(loss, acc, gnorm)
                 lv, av = loss.item(), acc.item()
                 state["step"] += 1
@@ -369,14 +419,23 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
                 win_acc += av
                 win_n += 1
                 bar.update(1, loss=lv, acc=av, lr=float(opt.learning_rate.item()))
-                if (b + 1) % cfg.log_every == 0 or b + 1 == len(order):
+                if ((b + 1) % cfg.log_every == 0 or b + 1 == len(order)) and main:
                     append_jsonl(metrics, {"step": state["step"], "epoch": epoch + 1,
                                            "reward/train_loss": win_loss / win_n,
                                            "reward/train_accuracy": win_acc / win_n,
                                            "reward/lr": float(opt.learning_rate.item()),
                                            "reward/grad_norm": gnorm.item()})
+                if (b + 1) % cfg.log_every == 0 or b + 1 == len(order):
                     win_loss = win_acc = 0.0
                     win_n = 0
+                if b + 1 < len(order) and stop_now():
+                    state["batch"] = b + 1
+                    state["acc"] = [ep_loss, ep_acc, win_loss, win_acc, win_n,
+                                    time.perf_counter() - tic]
+                    checkpoint()
+                    bar.write(f"reward: stopped at step {state['step']}; checkpoint in {ckpt_dir}")
+                    raise Interrupted("reward", state["step"], ckpt_dir)
+            state["batch"], state["acc"] = 0, [0.0, 0.0, 0.0, 0.0, 0, 0.0]
             val_loss, val_acc = evaluate()
             rec = {"epoch": epoch + 1, "step": state["step"],
                    "reward/epoch_train_loss": ep_loss / len(train_rows),
@@ -386,9 +445,10 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
             if val_loss < state["best_val_loss"] - cfg.min_delta:
                 state["best_val_loss"], state["best_val_accuracy"] = val_loss, val_acc
                 state["bad_epochs"] = 0
-                save_adapter(model, adapter_name, adapter_dir, heads={HEAD_NAME: net.head},
-                             metadata={**meta, "epoch": epoch + 1, "val_loss": val_loss,
-                                       "val_accuracy": val_acc})
+                if main:
+                    save_adapter(model, adapter_name, adapter_dir, heads={HEAD_NAME: net.head},
+                                 metadata={**meta, "epoch": epoch + 1, "val_loss": val_loss,
+                                           "val_accuracy": val_acc})
                 rec["reward/best"] = True
             else:
                 state["bad_epochs"] += 1
@@ -401,15 +461,24 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
                           f"(best {state['best_val_loss']:.4f})")
             rec["reward/stopped_early"] = state["stopped_early"]
             state["history"].append(rec)
-            append_jsonl(metrics, rec)
+            if main:
+                append_jsonl(metrics, rec)
             bar.write(f"reward epoch {epoch + 1}: train loss {rec['reward/epoch_train_loss']:.4f} "
                       f"acc {rec['reward/epoch_train_accuracy']:.3f} | val loss {val_loss:.4f} "
                       f"acc {val_acc:.3f}")
-            save_checkpoint(ckpt_dir, net, opt, {**state, "run_fingerprint": run_fp})
+            checkpoint()
             if on_epoch is not None:
                 on_epoch(epoch + 1, rec)
+            if not state["done"] and state["epoch"] < cfg.epochs and stop_now():
+                bar.write(f"reward: stopped after epoch {epoch + 1}; checkpoint in {ckpt_dir}")
+                raise Interrupted("reward", state["step"], ckpt_dir)
     finally:
         bar.close()
+    if not main:
+        return RewardResult(adapter_dir=adapter_dir, best_val_loss=state["best_val_loss"],
+                            best_val_accuracy=state["best_val_accuracy"],
+                            stopped_early=state["stopped_early"], epochs=state["epoch"],
+                            history=list(state["history"]))
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MindprintError(f"reward: no checkpoint was kept in {adapter_dir}")
     atomic_write_json(out / "reward_result.json", {k: state[k] for k in (

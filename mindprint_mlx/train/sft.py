@@ -21,6 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from .. import distributed as dist
 from ..config import to_dict
 from ..errors import MindprintError
 from ..io import append_jsonl, atomic_write_json
@@ -28,9 +29,10 @@ from ..models import lora
 from ..models.adapters import save_adapter
 from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_records, pad_batch, pad_id
-from .checkpoint import fingerprint, read_checkpoint_state, restore_checkpoint, save_checkpoint
-from .loop import (adamw, gradient_checkpointing, is_finite, lora_layer_indices, training_only,
-                   use_compile)
+from .checkpoint import (fingerprint, read_checkpoint_state, read_state_on_main, restore_everywhere,
+                         save_checkpoint)
+from .loop import (Interrupted, adamw, gradient_checkpointing, is_finite, lora_layer_indices,
+                   stop_now, training_only, use_compile)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -125,20 +127,29 @@ def completion_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple
 
 
 def eval_loss(model: nn.Module, rows: Sequence[tuple[list[int], int]], batch_size: int, pid: int,
-              pad_to_multiple: int = 8) -> float:
-    """Token-weighted completion loss over `rows` (dropout off)."""
+              pad_to_multiple: int = 8, distributed: bool = False) -> float:
+    """Token-weighted completion loss over `rows` (dropout off).
+
+    distributed: every rank passes all `rows`, computes its share (`rows[rank::size]`) and
+    the totals are summed over ranks (call it on every rank)."""
     if not rows:
         return float("nan")
     was_training = model.training
     model.eval()
+    rank, size, _ = dist.world()
+    if distributed and size > 1:
+        rows = list(rows)[rank::size]
     total, count = mx.array(0.0), mx.array(0.0)
-    for group in batch_order([len(t) for t, _ in rows], batch_size, seed=0, shuffle=False):
+    for group in (batch_order([len(t) for t, _ in rows], batch_size, seed=0, shuffle=False)
+                  if rows else []):
         tokens, mask = pad_batch([rows[i][0] for i in group], [rows[i][1] for i in group], pid,
                                  pad_to_multiple)
         loss, n = completion_loss(model, tokens, mask)
         total, count = total + loss * n, count + n
         mx.eval(total, count)
     model.train(was_training)
+    if distributed and size > 1:
+        total, count = dist.global_sum(mx.stack([total, count]))
     return (total / mx.maximum(count, 1.0)).item()
 
 
@@ -153,6 +164,13 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     the model keep their active state and are frozen while this one trains; afterwards
     the new adapter stays in the model, active and frozen. `on_step(step, metrics)` runs
     after every optimizer step.
+
+    Data parallel (under `mlx.launch`): every rank passes the same records; each computes
+    its share of every batch (rows `rank::size`; a rank left short gets a fully masked row,
+    so the token weighting stays exact), gradients are averaged weighted by token count,
+    and rank 0 alone writes files and shows progress. A stop request
+    (`train.loop.request_stop`, the pipeline's first Ctrl-C) saves a checkpoint after the
+    current optimizer step and raises `Interrupted`; `resume=True` continues exactly.
     """
     out = Path(out_dir)
     adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
@@ -196,13 +214,16 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
     schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio),
                                   min_lr=cfg.lr * cfg.min_lr_ratio)
     opt = adamw(schedule, cfg.weight_decay)
+    rank, world_size, _ = dist.world()
+    main = rank == 0
 
     state = {"step": 0, "micro": 0, "eval_loss_start": None}
-    if resume and read_checkpoint_state(ckpt_dir) is not None:
-        if read_checkpoint_state(ckpt_dir).get("run_fingerprint") != run_fp:
+    saved = read_state_on_main(ckpt_dir, resume)
+    if saved is not None:
+        if saved.get("run_fingerprint") != run_fp:
             raise MindprintError(f"{ckpt_dir}: the checkpoint was written for other data or "
                                  "settings; delete it or run without --resume")
-        state.update(restore_checkpoint(ckpt_dir, model, opt))
+        state.update(restore_everywhere(ckpt_dir, model, opt))
         log.info("sft: resuming at step %d (micro-batch %d of %d)", state["step"], state["micro"],
                  total_micro)
     else:
@@ -215,6 +236,11 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
 
     def step(tokens, mask, prev, do_update, n_accum):
         (loss, ntok), grad = loss_and_grad(model, tokens, mask)
+        if world_size > 1:
+            # Weighted by token count: exactly the gradient of the union batch's mean loss.
+            grad = dist.average_gradients(grad, weight=ntok)
+            tot = dist.all_sum(mx.stack([loss * ntok, ntok]))
+            loss, ntok = tot[0] / mx.maximum(tot[1], 1.0), tot[1]
         if prev is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev)
         if not do_update:
@@ -236,16 +262,20 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
     history: list[dict] = []
     model.train()
     if eval_rows and state["eval_loss_start"] is None:
-        state["eval_loss_start"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple)
+        state["eval_loss_start"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
+                                             distributed=True)
         rec = {"step": state["step"], "eval/loss": state["eval_loss_start"]}
-        append_jsonl(metrics, rec)
+        if main:
+            append_jsonl(metrics, rec)
         history.append(rec)
 
     def checkpoint():
+        if not main:
+            return
         save_checkpoint(ckpt_dir, model, opt, {**state, "run_fingerprint": run_fp,
                                                "total_steps": total_steps})
 
-    bar = Progress(total_steps, f"sft[{name}]", enabled=progress, initial=state["step"])
+    bar = Progress(total_steps, f"sft[{name}]", enabled=progress and main, initial=state["step"])
     last_train_loss = float("nan")
     win_loss, win_n, win_tokens, win_t0 = 0.0, 0, 0, time.perf_counter()
     grad, in_window, acc_loss = None, 0, []
@@ -257,8 +287,8 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
                 order = batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
                 order_epoch = epoch
             group = order[b]
-            tokens, mask = pad_batch([train_rows[i][0] for i in group],
-                                     [train_rows[i][1] for i in group], pid, cfg.pad_to_multiple)
+            rows, n_prompt = _local_rows(train_rows, group, rank, world_size)
+            tokens, mask = pad_batch(rows, n_prompt, pid, cfg.pad_to_multiple)
             win_tokens += sum(lengths[i] for i in group)
             state["micro"] += 1
             in_window += 1
@@ -301,17 +331,25 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
                               or (not cfg.eval_every and epoch_end) or state["micro"] == total_micro):
                 tic = time.perf_counter()
                 rec = rec or {"step": state["step"], "epoch": epoch + 1}
-                rec["eval/loss"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple)
+                rec["eval/loss"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
+                                             distributed=True)
                 bar.write(f"sft[{name}] step {state['step']}: eval loss {rec['eval/loss']:.4f}")
                 win_t0 += time.perf_counter() - tic  # tokens/s counts training time only
             state["epochs_evaluated"] = epochs_done
             if rec is not None:
-                append_jsonl(metrics, rec)
+                if main:
+                    append_jsonl(metrics, rec)
                 history.append(rec)
-            if state["step"] % cfg.save_every == 0 or state["micro"] == total_micro:
+            saved_now = state["step"] % cfg.save_every == 0 or state["micro"] == total_micro
+            if saved_now:
                 checkpoint()
             if on_step is not None:
                 on_step(state["step"], rec or {"step": state["step"], "train/loss": step_loss})
+            if state["micro"] < total_micro and stop_now():
+                if not saved_now:
+                    checkpoint()
+                bar.write(f"sft[{name}]: stopped at step {state['step']}; checkpoint in {ckpt_dir}")
+                raise Interrupted(f"sft[{name}]", state["step"], ckpt_dir)
     finally:
         bar.close()
 
@@ -319,17 +357,37 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
     if eval_rows:
         final_eval = next((h["eval/loss"] for h in reversed(history) if "eval/loss" in h), None)
         if final_eval is None:  # resumed a finished run
-            final_eval = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple)
+            final_eval = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
+                                   distributed=True)
     train_loss = float(state.get("train_loss", float("nan")))
-    save_adapter(model, name, adapter_dir, metadata={
-        **meta, "steps": state["step"], "train_loss": train_loss, "eval_loss": final_eval,
-        "eval_loss_start": state["eval_loss_start"]})
     result = SFTResult(adapter_dir=adapter_dir, train_loss=train_loss, eval_loss=final_eval,
                        steps=state["step"], eval_loss_start=state["eval_loss_start"],
                        truncated=n_cut, history=history)
-    atomic_write_json(out / "sft_result.json", {k: v for k, v in result.__dict__.items()
-                                                if k != "history"})
+    if main:
+        save_adapter(model, name, adapter_dir, metadata={
+            **meta, "steps": state["step"], "train_loss": train_loss, "eval_loss": final_eval,
+            "eval_loss_start": state["eval_loss_start"]})
+        atomic_write_json(out / "sft_result.json", {k: v for k, v in result.__dict__.items()
+                                                    if k != "history"})
     return result
+
+
+def _local_rows(train_rows, group: Sequence[int], rank: int, size: int) -> tuple[list, list]:
+    """This rank's rows of a batch (`group[rank::size]`) and their prompt lengths. A rank
+    left one row short (batch not divisible by the number of ranks) gets a copy of the
+    batch's first row with no target tokens: zero loss weight, so the token-weighted
+    average stays exact, and every rank runs the same collectives."""
+    if size == 1:
+        mine = list(group)
+        return [train_rows[i][0] for i in mine], [train_rows[i][1] for i in mine]
+    mine = list(group)[rank::size]
+    rows = [train_rows[i][0] for i in mine]
+    n_prompt = [train_rows[i][1] for i in mine]
+    per = -(-len(group) // size)
+    while len(rows) < per:
+        rows.append(train_rows[group[0]][0])
+        n_prompt.append(len(train_rows[group[0]][0]))
+    return rows, n_prompt
 
 
 def tree_flatten_values(tree) -> list[mx.array]:
