@@ -7,6 +7,8 @@ kernels on first use, ~55 s on a 2-core box with an empty /tmp/mlx cache.)"""
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -157,3 +159,39 @@ def test_reward_gradient_checkpointing_gives_the_same_adapter(tiny_llama, demo, 
                                  progress=False)
         got[flag] = mx.load(str(res.adapter_dir / "adapters.safetensors"))
     assert max(mx.abs(got[True][k] - got[False][k]).max().item() for k in got[False]) < 1e-6
+
+
+def test_ctrl_c_on_mindprint_sft_checkpoints_exits_130_and_resumes(tiny_llama, tmp_path):
+    """A real SIGINT to the `mindprint sft` process: it finishes the step, saves a
+    checkpoint, says how to resume and exits 130; `--resume` then completes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "sft.yaml"
+    out = tmp_path / "run"
+    cfg.write_text(f"model: {tiny_llama}\ndata_dir: {DEMO_CURRICULUM_DIR}\nout_dir: {out}\n"
+                   "lora_r: 2\ncompile: false\nbatch_size: 2\nmax_steps: 400\nsave_every: 1000\n")
+    cmd = [sys.executable, "-m", "mindprint_mlx.cli", "sft", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, MINDPRINT_NO_OPENBLAS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    stopped_at = read_checkpoint_state(out / "checkpoint")["step"]
+    assert 0 < stopped_at < 80
+
+    done = subprocess.run(cmd + ["--resume"],
+                          capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, MINDPRINT_NO_OPENBLAS="1"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "adapter" / "mindprint.json").read_text())["steps"] > stopped_at

@@ -54,8 +54,15 @@ class MindprintGroup(click.Group):
     """Prints a MindprintError as one line on stderr and exits 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        from ..train.loop import Interrupted
+
         try:
             return super().invoke(ctx)
+        except Interrupted as e:
+            # Ctrl-C during training: the checkpoint is complete; --resume continues exactly.
+            if not _distributed_rank():
+                click.echo(f"{e} (run the same command with --resume)", err=True)
+            ctx.exit(130)
         except MindprintError as e:
             rank = _distributed_rank()
             if rank:

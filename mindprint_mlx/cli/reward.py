@@ -38,7 +38,10 @@ def train(config, resume, quantize, overrides):
     save_config(cfg, out / "config.yaml")
     model, tok = load(cfg.model, quantize=int(quantize) if quantize else None)
     click.echo(f"reward: {len(pairs)} preference pairs -> {out}", err=True)
-    res = train_reward_model(model, tok, pairs, cfg, out, resume=resume)
+    from ..pipeline.interrupt import graceful_sigint
+
+    with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
+        res = train_reward_model(model, tok, pairs, cfg, out, resume=resume)
     click.echo(f"adapter: {res.adapter_dir}")
     click.echo(f"epochs: {res.epochs}  best val loss: {res.best_val_loss:.4f}  "
                f"best val accuracy: {res.best_val_accuracy:.3f}  stopped early: {res.stopped_early}")

@@ -45,7 +45,10 @@ def sft(config, resume, quantize, overrides):
     save_config(cfg, out / "config.yaml")
     model, tok = load(cfg.model, quantize=int(quantize) if quantize else None)
     click.echo(f"sft: {len(train)} training and {len(held)} held-out records -> {out}", err=True)
-    res = train_sft(model, tok, train, cfg, out, eval_records=held or None, resume=resume)
+    from ..pipeline.interrupt import graceful_sigint
+
+    with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
+        res = train_sft(model, tok, train, cfg, out, eval_records=held or None, resume=resume)
     click.echo(f"adapter: {res.adapter_dir}")
     click.echo(f"steps: {res.steps}  train loss: {res.train_loss:.4f}" +
                (f"  eval loss: {res.eval_loss_start:.4f} -> {res.eval_loss:.4f}"
