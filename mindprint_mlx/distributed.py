@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 __all__ = ["world", "rank", "size", "is_main", "shard", "shard_batch", "rank_seed",
            "average_gradients", "all_sum", "global_sum", "global_mean", "token_loss_scale", "barrier",
-           "grad_checkpoint", "checkpoint_layers", "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather"]
+           "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather"]
 
 _GROUP: mx.distributed.Group | None = None
 
@@ -255,54 +255,3 @@ def main_only() -> Iterator[bool]:
         yield is_main()
     finally:
         barrier()
-
-
-# ------------------------------------------------------------ gradient checkpointing
-
-def grad_checkpoint(layer: nn.Module) -> None:
-    """Recompute the activations of every layer of `type(layer)` in the backward pass.
-
-    The same patch as mlx_lm.tuner.trainer.grad_checkpoint: the class's `__call__` runs
-    through `mx.checkpoint`, so only each layer's input is kept for the backward pass,
-    at the cost of one more forward per layer. It patches the class (all instances, for
-    the rest of the process); idempotent.
-    """
-    cls = type(layer)
-    if getattr(cls, "_mindprint_checkpointed", False):
-        return
-    fn = cls.__call__
-
-    def checkpointed_fn(model, *args, **kwargs):
-        def inner_fn(params, *args, **kwargs):
-            model.update(params)
-            return fn(model, *args, **kwargs)
-
-        return mx.checkpoint(inner_fn)(model.trainable_parameters(), *args, **kwargs)
-
-    cls.__call__ = checkpointed_fn
-    cls._mindprint_checkpointed = True
-    cls._mindprint_original_call = fn
-
-
-def remove_grad_checkpoint(layer_or_cls: nn.Module | type) -> None:
-    """Undo `grad_checkpoint` for the layer's class."""
-    cls = layer_or_cls if isinstance(layer_or_cls, type) else type(layer_or_cls)
-    if getattr(cls, "_mindprint_checkpointed", False):
-        cls.__call__ = cls._mindprint_original_call
-        cls._mindprint_checkpointed = False
-
-
-def checkpoint_layers(model: nn.Module, enabled: bool = True) -> bool:
-    """Turn gradient checkpointing of the model's decoder layers on (or off).
-
-    Trainers call this once with their `grad_checkpoint` option. Returns whether the
-    model has decoder layers to checkpoint.
-    """
-    layers = getattr(model, "layers", None)
-    if not layers:
-        return False
-    if enabled:
-        grad_checkpoint(layers[0])
-    else:
-        remove_grad_checkpoint(layers[0])
-    return True

@@ -17,6 +17,7 @@ import pytest
 
 from mindprint_mlx import distributed as dist
 from mindprint_mlx.errors import MindprintError
+from mindprint_mlx.train.loop import gradient_checkpointing
 
 HERE = Path(__file__).resolve().parent
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
@@ -87,12 +88,9 @@ def test_grad_checkpoint_same_gradients(tiny_llama):
     vg = nn.value_and_grad(model, loss_fn)
     l0, g0 = vg(model)
     mx.eval(l0, g0)
-    try:
-        assert dist.checkpoint_layers(model, True)
+    with gradient_checkpointing(model):
         l1, g1 = vg(model)
         mx.eval(l1, g1)
-    finally:
-        dist.checkpoint_layers(model, False)
     assert abs(l0.item() - l1.item()) < 1e-6
     from mlx.utils import tree_flatten
     f0, f1 = dict(tree_flatten(g0)), dict(tree_flatten(g1))

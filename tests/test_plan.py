@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mindprint_mlx import distributed as dist
 from mindprint_mlx import memory
+from mindprint_mlx.train.loop import gradient_checkpointing
 from mindprint_mlx.errors import MindprintError
 from mindprint_mlx.models import load, lora
 from mindprint_mlx.models.heads import ScalarHead, gather_last, hidden_states
@@ -46,15 +46,12 @@ def _sft_peak(model_dir, grad_checkpoint=False) -> int:
 
     vg = nn.value_and_grad(model, loss_fn)
     mx.eval(model.parameters())
-    dist.checkpoint_layers(model, grad_checkpoint)
-    try:
+    with gradient_checkpointing(model, grad_checkpoint):
         def step():
             loss, g = vg(model)
             opt.update(model, g)
             mx.eval(model.parameters(), opt.state, loss)
         return _peak(step)
-    finally:
-        dist.checkpoint_layers(model, False)
 
 
 def _reward_peak(model_dir) -> int:
