@@ -75,17 +75,11 @@ class ModelShape:
 def _read_config(model: str | os.PathLike | dict) -> tuple[dict, Path | None]:
     if isinstance(model, dict):
         return dict(model), None
-    from .models.load import read_model_config, resolve_model_path
+    from .models.load import read_config_file, read_model_config, resolve_model_path
 
     p = Path(model)
     if p.is_file() and p.name.endswith(".json"):
-        try:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MindprintError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict) or "model_type" not in cfg:
-            raise MindprintError(f"{p}: has no 'model_type'; is this a model config.json?")
-        return cfg, None
+        return read_config_file(p), None
     path = resolve_model_path(model)
     return read_model_config(path), path
 

@@ -89,6 +89,11 @@ def read_model_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise MindprintError(f"{path} is not a model directory: config.json is missing")
+    return read_config_file(cfg_file)
+
+
+def read_config_file(cfg_file: Path) -> dict:
+    """A model's config.json, checked to be a JSON object with a `model_type`."""
     try:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
