@@ -234,8 +234,12 @@ def where_text(made: dict) -> str:
              f"  reward_model/        the reward model (LoRA + head)",
              f"  adapters/            per topic: sft_adapter/, ppo_adapter/ (mlx-lm format)",
              f"  merged_adapters/     one adapter per unit",
-             f"  final_adapter/       the whole curriculum in one adapter",
-             f"  metrics/, plots/     JSONL + CSV metrics, PNG curves"]
+             f"  final_adapter/       the whole curriculum in one adapter"]
+    if any((run / "plots").glob("*.png")):
+        lines.append(f"  metrics/, plots/     JSONL + CSV metrics, PNG curves")
+    else:
+        lines.append(f"  metrics/             JSONL + CSV metrics (PNG curves: pip install "
+                     "\"mindprint-mlx[plot]\", then mindprint plot " + str(run) + ")")
     if made.get("peft_adapter"):
         lines.append(f"  peft_adapter/        the final adapter for PEFT/transformers")
     lines.append(f"Try: mindprint generate -m {made['model']} -a {run}/final_adapter -p "
