@@ -14,21 +14,13 @@ from mindprint_mlx.models.adapters import (adapter_metadata, load_adapter, load_
 from mindprint_mlx.models.heads import ScalarHead
 from mindprint_mlx.models.tiny import build_tiny_model
 
+from _helpers import forward_logits, randomize
+
 IDS = mx.array([[5, 17, 33, 8, 91, 12, 40, 7, 3]])
 
 
 def logits(model):
-    out = model(IDS)
-    mx.eval(out)
-    return np.array(out)
-
-
-def randomize(model, name, seed=0, std=0.3):
-    mx.random.seed(seed)
-    for _, m in lora.lora_layers(model):
-        if name in m.adapters:
-            a = m.adapters[name]
-            a.lora_b = mx.random.normal(a.lora_b.shape) * std
+    return forward_logits(model, IDS)
 
 
 def listing(d):

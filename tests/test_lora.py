@@ -10,22 +10,13 @@ from mlx.utils import tree_flatten
 from mindprint_mlx.errors import MindprintError
 from mindprint_mlx.models import load, lora
 
+from _helpers import forward_logits, randomize
+
 IDS = mx.array([[5, 17, 33, 8, 91, 12, 40, 7, 3, 60]])
 
 
 def logits(model, ids=IDS):
-    out = model(ids)
-    mx.eval(out)
-    return np.array(out)
-
-
-def randomize(model, name, seed=0, std=0.3):
-    """Give adapter `name` a non-zero B so that it changes the output."""
-    mx.random.seed(seed)
-    for _, m in lora.lora_layers(model):
-        if name in m.adapters:
-            a = m.adapters[name]
-            a.lora_b = mx.random.normal(a.lora_b.shape) * std
+    return forward_logits(model, ids)
 
 
 def maxdiff(a, b):
