@@ -25,7 +25,6 @@ import contextlib
 from typing import Any, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .errors import MindprintError
 

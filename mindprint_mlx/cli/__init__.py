@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..errors import MindprintError
+from ..errors import Interrupted, MindprintError
 
 # Debian/Ubuntu's OpenBLAS: MLX's Linux CPU wheel bundles a reference BLAS that is ~35x
 # slower at matmul; preloading OpenBLAS made a LoRA training step 13x faster here.
@@ -54,8 +54,6 @@ class MindprintGroup(click.Group):
     """Prints a MindprintError as one line on stderr and exits 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):
-        from ..train.loop import Interrupted
-
         try:
             return super().invoke(ctx)
         except Interrupted as e:
@@ -90,19 +88,15 @@ def main() -> None:
 
 
 # Each module defines one click command or group in a variable named like the module
-# (`eval_`, `import_`). Listed here so the order of `mindprint --help` is stable; a module that is not
-# there yet is skipped, a broken one fails loudly.
+# (`eval_`, `import_`), imported here in this order.
 _COMMANDS = ("demo", "pipeline", "data", "sft", "reward", "ppo", "eval_", "generate", "export",
              "import_", "fuse", "plan", "plot")
 
 
 def _register() -> None:
     import importlib
-    import importlib.util
 
     for mod in _COMMANDS:
-        if importlib.util.find_spec(f"{__name__}.{mod}") is None:
-            continue
         m = importlib.import_module(f"{__name__}.{mod}")
         cli.add_command(getattr(m, mod))
 

@@ -229,19 +229,19 @@ def parts_text(made: dict) -> str:
 def where_text(made: dict) -> str:
     run = Path(made["run_dir"])
     lines = [f"Everything is in {run}/:",
-             f"  report.md            per-topic scores, PPO, adaptive decisions, pass rate",
-             f"  state.json, run.json what is done; config, versions, data hashes",
-             f"  reward_model/        the reward model (LoRA + head)",
-             f"  adapters/            per topic: sft_adapter/, ppo_adapter/ (mlx-lm format)",
-             f"  merged_adapters/     one adapter per unit",
-             f"  final_adapter/       the whole curriculum in one adapter"]
+             "  report.md            per-topic scores, PPO, adaptive decisions, pass rate",
+             "  state.json, run.json what is done; config, versions, data hashes",
+             "  reward_model/        the reward model (LoRA + head)",
+             "  adapters/            per topic: sft_adapter/, ppo_adapter/ (mlx-lm format)",
+             "  merged_adapters/     one adapter per unit",
+             "  final_adapter/       the whole curriculum in one adapter"]
     if any((run / "plots").glob("*.png")):
-        lines.append(f"  metrics/, plots/     JSONL + CSV metrics, PNG curves")
+        lines.append("  metrics/, plots/     JSONL + CSV metrics, PNG curves")
     else:
-        lines.append(f"  metrics/             JSONL + CSV metrics (PNG curves: pip install "
+        lines.append("  metrics/             JSONL + CSV metrics (PNG curves: pip install "
                      "\"mindprint-mlx[plot]\", then mindprint plot " + str(run) + ")")
     if made.get("peft_adapter"):
-        lines.append(f"  peft_adapter/        the final adapter for PEFT/transformers")
+        lines.append("  peft_adapter/        the final adapter for PEFT/transformers")
     lines.append(f"Try: mindprint generate -m {made['model']} -a {run}/final_adapter -p "
                  "\"What is a market cycle?\" --compare")
     return "\n".join(lines)

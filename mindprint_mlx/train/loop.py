@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from ..errors import MindprintError
+from ..errors import Interrupted, MindprintError  # noqa: F401 (Interrupted re-exported)
 from ..models import lora
 
 # The Ctrl-C request flag. It lives here (not in pipeline/) so that trainers can poll it
@@ -33,16 +32,6 @@ def request_stop() -> None:
 
 def clear_stop() -> None:
     _STOP.clear()
-
-
-class Interrupted(MindprintError):
-    """A trainer stopped between steps because a stop was requested; its checkpoint at
-    `step` is complete, so the same call with `resume=True` continues exactly."""
-
-    def __init__(self, what: str, step: int, checkpoint: str | Path | None):
-        self.what, self.step, self.checkpoint = what, step, checkpoint
-        where = f"; checkpoint in {checkpoint}" if checkpoint else ""
-        super().__init__(f"{what}: stopped at step {step} on request{where}; resume to continue")
 
 
 def stop_now() -> bool:
