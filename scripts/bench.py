@@ -119,6 +119,20 @@ class Bench:
         steady = float(np.median(tps[warm:])) if tps else float("nan")
         return steady, peak, base
 
+    def _mindprint_reward(self, quantize=None):
+        """One reward-model epoch (Bradley-Terry, batch/2 pairs = batch rows) for its peak."""
+        from mindprint_mlx.data.records import PreferenceRecord
+        from mindprint_mlx.train.reward import RewardConfig, train_reward_model
+        model, tok = self.load(quantize)
+        pairs = [PreferenceRecord(tuple(m), c, " ".join(reversed(c.split())))
+                 for m, c in self.records[:40]]
+        cfg = RewardConfig(lora_r=8, lora_alpha=16.0, epochs=1, batch_size=max(self.args.batch // 2, 1),
+                           max_len=256, lora_targets=TARGETS)
+        base = weight_bytes(model)
+        out = self.tmp / f"reward-{quantize}-{time.time_ns()}"
+        _, peak, _ = peak_of(lambda: train_reward_model(model, tok, pairs, cfg, out, progress=False))
+        return peak, base
+
     def _mlx_lm_sft(self):
         from mlx_lm import load as mlx_load
         from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
@@ -285,6 +299,12 @@ class Bench:
             out[label] = dict(base=base, peak=peak, tps=tps)
             self.add(f"SFT {label} base", f"weights {base / 2**20:,.1f} MiB, peak {peak / 2**20:,.1f} MiB",
                      f"{tps:,.0f} tok/s", f"peak/base {peak / base:.2f}")
+        for q in (None, 8, 4):
+            peak, base = self._mindprint_reward(quantize=q)
+            label = f"{q}-bit" if q else "fp32"
+            out[f"reward-{label}"] = dict(base=base, peak=peak)
+            self.add(f"reward model {label} base", f"weights {base / 2**20:,.1f} MiB, "
+                     f"peak {peak / 2**20:,.1f} MiB", "", f"peak/base {peak / base:.2f}")
         try:
             import mindprint_mlx.ppo.trainer  # noqa: F401
             _, peak, base = self._ppo(quantize=4)
