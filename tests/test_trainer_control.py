@@ -1,9 +1,7 @@
 """Trainer control: a stop request (the pipeline's first Ctrl-C) checkpoints after the
 current optimizer step and resumes identically; gradient checkpointing in the reward and
 PPO trainers changes nothing.
-
-(A compiled-vs-plain SFT check is not here: on the CPU backend mx.compile builds ~64 C++
-kernels on first use, ~55 s on a 2-core box with an empty /tmp/mlx cache.)"""
+(The compiled-vs-plain SFT check is in test_sft.py.)"""
 
 from __future__ import annotations
 
