@@ -101,6 +101,14 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
     return value
 
 
+def check_values(obj: Any, checks: Iterable[tuple[str, bool]]) -> None:
+    """For a dataclass's `validate()`: the first (key, ok) that is not ok is a ConfigError
+    naming the key and its value."""
+    for key, ok in checks:
+        if not ok:
+            raise ConfigError(f"key '{key}': invalid value {getattr(obj, key)!r}")
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>",
               prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping; unknown keys are errors."""

@@ -70,17 +70,14 @@ class RewardConfig:
     grad_checkpoint: bool = False  # recompute layer activations in backward (less memory)
 
     def validate(self) -> None:
-        from ..config import ConfigError
+        from ..config import check_values
 
-        checks = [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
-                  ("batch_size", self.batch_size >= 1), ("max_len", self.max_len >= 4),
-                  ("lr", self.lr > 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
-                  ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
-                  ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
-                  ("max_grad_norm", self.max_grad_norm > 0), ("log_every", self.log_every >= 1)]
-        for key, ok in checks:
-            if not ok:
-                raise ConfigError(f"key '{key}': invalid value {getattr(self, key)!r}")
+        check_values(self, [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
+                            ("batch_size", self.batch_size >= 1), ("max_len", self.max_len >= 4),
+                            ("lr", self.lr > 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
+                            ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
+                            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
+                            ("max_grad_norm", self.max_grad_norm > 0), ("log_every", self.log_every >= 1)])
 
 
 @dataclass

@@ -70,22 +70,19 @@ class SFTConfig:
     compile: bool | None = None  # mx.compile the step; None = on a GPU only (no gain measured on CPU)
 
     def validate(self) -> None:
-        from ..config import ConfigError
+        from ..config import check_values
 
-        checks = [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
-                  ("batch_size", self.batch_size >= 1),
-                  ("grad_accumulation", self.grad_accumulation >= 1),
-                  ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
-                  ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
-                  ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0),
-                  ("max_grad_norm", self.max_grad_norm >= 0),
-                  ("eval_fraction", 0.0 <= self.eval_fraction < 1.0),
-                  ("save_every", self.save_every >= 1), ("log_every", self.log_every >= 1),
-                  ("eval_every", self.eval_every >= 0), ("max_steps", self.max_steps >= 0),
-                  ("pad_to_multiple", self.pad_to_multiple >= 1)]
-        for key, ok in checks:
-            if not ok:
-                raise ConfigError(f"key '{key}': invalid value {getattr(self, key)!r}")
+        check_values(self, [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
+                            ("batch_size", self.batch_size >= 1),
+                            ("grad_accumulation", self.grad_accumulation >= 1),
+                            ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
+                            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
+                            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0),
+                            ("max_grad_norm", self.max_grad_norm >= 0),
+                            ("eval_fraction", 0.0 <= self.eval_fraction < 1.0),
+                            ("save_every", self.save_every >= 1), ("log_every", self.log_every >= 1),
+                            ("eval_every", self.eval_every >= 0), ("max_steps", self.max_steps >= 0),
+                            ("pad_to_multiple", self.pad_to_multiple >= 1)])
 
 
 @dataclass
