@@ -11,12 +11,16 @@ on its own (every part is the mean over the topic's quiz questions):
   1 - min(1, |density - target| / target); 1.0 when the topic has no markers to hit.
 - `overlap`: content overlap with the reference answer, token-level F1 (SQuAD style:
   lower-cased word tokens, multiset overlap).
+- `likelihood`: how well the model knows the reference answer, exp(mean per-token
+  log-probability of the reference answer and its EOS given the question): the geometric
+  mean of the token probabilities, in (0, 1]. A model that emits fragments cannot earn it,
+  and PPO does not optimise it.
 
 score = sum(w_i * part_i) / sum(w_i) over the parts that exist (without a reward model,
 `preference` is left out and the other weights are renormalised). Default weights:
-preference 0.5, markers 0.25, overlap 0.25 (`QuizWeights`).
+0.25 each (`QuizWeights`).
 
-Answers are generated greedily (temperature 0) so a score is reproducible.
+Answers are generated greedily (temperature 0), in batches, so a score is reproducible.
 """
 
 from __future__ import annotations
@@ -180,15 +184,64 @@ def generate(model: nn.Module, tokenizer, messages: Messages, max_tokens: int = 
     return "".join(parts)
 
 
+def eos_ids(tokenizer) -> list[int]:
+    """Every id that ends a turn (mlx-lm's wrapper knows the generation config's set)."""
+    ids = getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]
+    return sorted(set(int(i) for i in ids))
+
+
+def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max_tokens: int = 64,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy answers to chat `prompts`, `batch_size` at a time in one batched KV cache,
+    each cut at its first EOS (which is not part of the text)."""
+    from .ppo.rollout import generate_batch
+
+    out: list[str] = []
+    enc = [encode_prompt(tokenizer, p) for p in prompts]
+    for i in range(0, len(enc), batch_size):
+        g = generate_batch(model, enc[i:i + batch_size], max_tokens, eos_ids(tokenizer),
+                           pad_id(tokenizer), temperature=0.0)
+        toks, n, ended = g.response_tokens.tolist(), g.response_lengths.tolist(), g.ended.tolist()
+        for row, k, e in zip(toks, n, ended):
+            out.append(tokenizer.decode(row[:k - 1] if e else row[:k]))
+    return out
+
+
+def reference_likelihood(model: nn.Module, tokenizer, prompts: Sequence[Messages],
+                         references: Sequence[str], batch_size: int = 16,
+                         max_len: int = 1024) -> list[float]:
+    """exp(mean log p) of each reference answer's tokens and EOS given its prompt, under
+    the model's active adapters (teacher forcing, float32 log-softmax)."""
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        rows, starts = [], []
+        for p, r in zip(prompts[i:i + batch_size], references[i:i + batch_size]):
+            start = len(encode_prompt(tokenizer, p))
+            rows.append(encode_pair(tokenizer, p, r, max_len))
+            starts.append(min(start, len(rows[-1]) - 1))
+        tokens, lengths = pad_rows(rows, pad_id(tokenizer))
+        logits = model(tokens[:, :-1]).astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lp = mx.take_along_axis(lp, tokens[:, 1:, None], axis=-1).squeeze(-1)
+        pos = mx.arange(tokens.shape[1] - 1)[None, :] + 1       # position of the predicted token
+        mask = (pos >= mx.array(starts)[:, None]) & (pos < lengths[:, None])
+        mask = mask.astype(mx.float32)
+        mean = (lp * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)
+        mx.eval(mean)
+        out.extend(math.exp(float(m)) for m in mean.tolist())
+    return out
+
+
 # ---------------------------------------------------------------- quiz
 
 @dataclass
 class QuizWeights:
     """Weights of the quiz score's parts (any non-negative numbers; normalised)."""
 
-    preference: float = 0.5     # reward model: answer vs reference answer
+    preference: float = 0.25    # the judge (a reward model): answer vs reference answer
     markers: float = 0.25       # voice-marker density vs the topic's target
     overlap: float = 0.25       # token F1 with the reference answer
+    likelihood: float = 0.25    # exp(mean token log-prob) of the reference answer
 
     def validate(self) -> None:
         from .config import ConfigError
@@ -249,7 +302,7 @@ def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], marker
     if not items:
         raise MindprintError("quiz evaluation needs at least one question")
     if answers is None:
-        answers = [generate(model, tokenizer, it.messages, max_tokens=max_tokens) for it in items]
+        answers = greedy_answers(model, tokenizer, [it.messages for it in items], max_tokens=max_tokens)
     refs = [it.reference for it in items]
     if target_density is None:
         target_density = target_marker_density(refs, markers)
@@ -260,6 +313,11 @@ def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], marker
     per_item = [{"question": it.messages[-1]["content"], "reference": it.reference, "answer": a,
                  "overlap": f, "marker_density": d, "markers": m}
                 for it, a, f, d, m in zip(items, answers, f1, dens, mk)]
+    if weights.likelihood > 0:
+        lik = reference_likelihood(model, tokenizer, [it.messages for it in items], refs)
+        parts["likelihood"] = _mean(lik)
+        for d, x in zip(per_item, lik):
+            d["likelihood"] = x
     fn = as_reward_fn(reward)
     if fn is not None:
         prompts = [it.messages for it in items]
@@ -269,7 +327,7 @@ def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], marker
         parts["preference"] = _mean(pref)
         for d, ra, rr, p in zip(per_item, r_ans, r_ref, pref):
             d.update(reward_answer=ra, reward_reference=rr, preference=p)
-    parts = {k: parts[k] for k in ("preference", "markers", "overlap") if k in parts}
+    parts = {k: parts[k] for k in ("preference", "markers", "overlap", "likelihood") if k in parts}
     return QuizResult(score=combine_parts(parts, weights), parts=parts,
                       target_marker_density=target_density, marker_density=_mean(dens),
                       n=len(items), items=per_item)

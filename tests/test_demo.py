@@ -67,6 +67,6 @@ def test_fast_demo_learns_the_voice_and_ppo_raises_the_reward_with_bounded_kl(tm
         assert p["answer_before"] is not None and p["answer_after"] is not None
     text = parts_text(made)
     assert "Voice after SFT" in text and "PPO " in text and "KL to the SFT policy" in text
-    assert "| topic |" in made["summary"] and "Overall pass rate" in made["summary"]
+    assert "| topic |" in made["summary"] and "Pass rate of the final adapter" in made["summary"]
     assert (tmp_path / "demo" / "final_adapter" / "adapter_config.json").is_file()
     assert "final_adapter/" in where_text(made) and "not meant to be good" in HONEST

@@ -59,7 +59,7 @@ def test_quiz_parts_are_reported_and_combine_into_the_score(model_and_reward):
                            ("Why?", "Because it matters, with patience.")])
     markers = ["patience", "the book"]
     res = ev.evaluate_quiz(model, tok, items, markers=markers, reward=rm, max_tokens=8)
-    assert set(res.parts) == {"preference", "markers", "overlap"}
+    assert set(res.parts) == {"preference", "markers", "overlap", "likelihood"}
     assert all(0.0 <= v <= 1.0 for v in res.parts.values())
     assert 0.0 <= res.score <= 1.0
     assert res.score == pytest.approx(ev.combine_parts(res.parts, ev.QuizWeights()))
@@ -78,9 +78,34 @@ def test_quiz_of_the_reference_itself_scores_full_overlap_and_even_preference(mo
     model, tok, rm = model_and_reward
     items = ev.quiz_items([("Why?", "Because it matters, with patience.")])
     refs = [items[0].reference]
-    res = ev.evaluate_quiz(model, tok, items, markers=["patience"], reward=rm, answers=refs)
+    w = ev.QuizWeights(preference=0.5, markers=0.25, overlap=0.25, likelihood=0.0)
+    res = ev.evaluate_quiz(model, tok, items, markers=["patience"], reward=rm, answers=refs, weights=w)
     assert res.parts == pytest.approx({"preference": 0.5, "markers": 1.0, "overlap": 1.0})
     assert res.score == pytest.approx(0.75)
+
+
+def test_reference_likelihood_is_the_geometric_mean_token_probability(model_and_reward):
+    model, tok, _ = model_and_reward
+    prompt, ref = [{"role": "user", "content": "Why?"}], "Because it matters."
+    got = ev.reference_likelihood(model, tok, [prompt, prompt], [ref, ref + " Always."])
+    with lora.active_adapters(model, []):
+        assert ev.reference_likelihood(model, tok, [prompt], [ref]) == pytest.approx(got[:1], rel=1e-5)
+    # by hand: the completion tokens and the EOS, each predicted from everything before it
+    start = len(ev.encode_prompt(tok, prompt))
+    row = ev.encode_pair(tok, prompt, ref)
+    logits = model(mx.array([row[:-1]])).astype(mx.float32)[0]
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    toks = [lp[t - 1, row[t]].item() for t in range(start, len(row))]
+    assert got[0] == pytest.approx(math.exp(sum(toks) / len(toks)), rel=1e-5)
+    assert 0.0 < got[1] <= 1.0
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(model_and_reward):
+    model, tok, _ = model_and_reward
+    prompts = [[{"role": "user", "content": q}] for q in ("Hello!", "What does the teacher read?",
+                                                           "Tell me a long story about the river.")]
+    batched = ev.greedy_answers(model, tok, prompts, max_tokens=12)
+    assert batched == [ev.generate(model, tok, p, max_tokens=12) for p in prompts]
 
 
 def test_evaluate_generations_ranks_best_medium_worst(model_and_reward):

@@ -633,6 +633,36 @@ def _read_persona(path: Path, display: str, problems: list[Problem]) -> Persona:
     return Persona(**kw)
 
 
+def question_key(text: str) -> str:
+    """A question's identity for leak checks: lower case, single spaces, no end punctuation."""
+    return " ".join(text.lower().split()).rstrip(" ?!.:;")
+
+
+def quiz_repeats(records: Iterable[Any], quiz: Iterable[QuizRecord]) -> list[tuple[Any, QuizRecord]]:
+    """Training records (SFT, preference, distinction) whose last user turn repeats a quiz
+    question, with the quiz record it repeats: the quiz must be held out, so these are
+    dropped from training."""
+    questions = {}
+    for q in quiz:
+        questions.setdefault(question_key(q.question), q)
+    out = []
+    for r in records:
+        users = [m["content"] for m in r.prompt if m.get("role") == "user"]
+        if users and question_key(users[-1]) in questions:
+            out.append((r, questions[question_key(users[-1])]))
+    return out
+
+
+def _quiz_repeat_checks(ds: Dataset, problems: list[Problem]) -> None:
+    for kind in ("sft", "preference", "distinctions"):
+        for r, q in quiz_repeats(getattr(ds, kind), ds.quiz):
+            file, _, line = r.source.rpartition(":")
+            problems.append(Problem(file or r.source, int(line) if line.isdigit() else None,
+                                    f"prompt repeats the quiz question of {q.source}: the pipeline "
+                                    "drops it from training so the quiz stays held out",
+                                    severity="warning"))
+
+
 def _topic_checks(ds: Dataset, display: dict[str, str], problems: list[Problem],
                   quiz_present: bool) -> None:
     def first_lines(records) -> dict[tuple, str]:
@@ -705,6 +735,7 @@ def load_data_dir(path: str | os.PathLike, files: DataFiles | None = None,
         ds.paths.append(ppath)
         ds.persona = _read_persona(ppath, str(ppath), problems)
     _topic_checks(ds, display, problems, quiz_present=present["quiz"] and bool(ds.quiz))
+    _quiz_repeat_checks(ds, problems)
     order = {f: i for i, f in enumerate(dict.fromkeys(p.file for p in problems))}
     problems.sort(key=lambda p: (order[p.file], p.line or 0))
     errors = [p for p in problems if p.severity == "error"]

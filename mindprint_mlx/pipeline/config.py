@@ -34,10 +34,17 @@ class EvalSettings:
     max_questions: int = 16         # quiz questions used per topic (the first N)
     weights: QuizWeights = field(default_factory=QuizWeights)
     reward_samples: int = 2         # sampled answers per prompt for the before/after-PPO mean reward
+    judge: str = "split"            # quiz preference part: split (own reward model on the other half of the pairs) | reward | a reward-model dir
+    retention: bool = True          # re-quiz every earlier topic after each topic (the retention matrix)
 
     def validate(self) -> None:
         if self.max_tokens < 1 or self.max_questions < 1 or self.reward_samples < 1:
             raise ConfigError("eval.max_tokens, eval.max_questions and eval.reward_samples must be >= 1")
+        if not self.judge:
+            raise ConfigError("key 'eval.judge': split, reward or a reward-model directory")
+        if self.judge not in ("split", "reward") and not Path(self.judge).is_dir():
+            raise ConfigError(f"key 'eval.judge': {self.judge!r} is neither split, reward nor a "
+                              "reward-model directory")
         self.weights.validate()
 
 

@@ -29,7 +29,7 @@ DEMO_CONFIG: dict = {
                          "max_len": 96, "lr": 1e-3, "weight_decay": 0.01, "patience": 2,
                          "log_every": 2, "include_distinctions": True, "compile": False}},
     "sft": {"lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3, "max_len": 96, "save_every": 100,
-            "lora_targets": ALL_LINEAR, "compile": False},
+            "lora_targets": ALL_LINEAR, "compile": False, "replay_fraction": 0.75},
     "ppo": {"steps": 8, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
             "learning_rate": 2e-4, "max_new_tokens": 32, "init_kl_coef": 0.2,
             "adap_kl_ctrl": True, "target": 3.0, "horizon": 8.0, "missing_eos_penalty": 1.0,

@@ -38,6 +38,7 @@ from . import interrupt
 from .config import PipelineConfig, resolve_section, resolved_dict
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
 from .report import summary_table, write_metrics_csv, write_report
+from .retention import continual_metrics, replay_count
 from .state import RunState, check_resume, data_hashes, write_run_json
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,52 @@ def _quiz_items(topic, persona, max_questions: int) -> list[ev.QuizItem]:
 
 
 def _ppo_prompts(topic, persona) -> list[list[dict]]:
-    """PPO's prompts: the topic's SFT and preference prompts and its quiz questions (unique)."""
+    """PPO's prompts: the topic's SFT and preference prompts (unique). Never its quiz
+    questions: the quiz grades PPO's result, so it must stay held out."""
     out, seen = [], set()
-    prompts = [list(r.prompt) for r in topic.sft] + [list(r.prompt) for r in topic.preference] + \
-        [[{"role": "user", "content": q.question}] for q in topic.quiz]
+    prompts = [list(r.prompt) for r in topic.sft] + [list(r.prompt) for r in topic.preference]
     for p in prompts:
         key = repr(p)
         if key not in seen:
             seen.add(key)
             out.append([dict(m) for m in p])
     return out
+
+
+def drop_quiz_repeats(dataset, curriculum) -> dict[str, int]:
+    """Remove training records whose prompt repeats a quiz question (any topic's), from the
+    dataset (reward model) and every topic (SFT, PPO prompts); returns the counts dropped."""
+    from ..data.records import quiz_repeats
+
+    counts = {}
+    for kind in ("sft", "preference", "distinctions"):
+        bad = {id(r) for r, _ in quiz_repeats(getattr(dataset, kind), dataset.quiz)}
+        counts[kind] = len(bad)
+        setattr(dataset, kind, [r for r in getattr(dataset, kind) if id(r) not in bad])
+        for t in curriculum.topics:
+            setattr(t, kind, [r for r in getattr(t, kind) if id(r) not in bad])
+    return counts
+
+
+def split_pairs(pairs: list, seed: int) -> tuple[list, list]:
+    """Two disjoint halves of the preference pairs, each covering every topic (alternating
+    within a topic after a seeded shuffle): one trains the reward model PPO climbs, the
+    other the judge that grades the quiz."""
+    import random
+
+    by_topic: dict[tuple, list] = {}
+    for p in pairs:
+        by_topic.setdefault((p.unit, p.chapter, p.topic), []).append(p)
+    rng = random.Random(seed)
+    a, b = [], []
+    flip = 0
+    for k in by_topic:
+        group = list(by_topic[k])
+        rng.shuffle(group)
+        for i, p in enumerate(group):
+            (a if (i + flip) % 2 == 0 else b).append(p)
+        flip += len(group) % 2     # odd groups alternate which half gets the extra pair
+    return a, b
 
 
 def _target_density(topic, markers) -> float:
@@ -186,6 +223,10 @@ class _Run:
         cfg = self.cfg
         _check_composable(cfg)
         self.dataset, self.curriculum = load_curriculum(cfg)
+        self.dropped = drop_quiz_repeats(self.dataset, self.curriculum)
+        if any(self.dropped.values()):
+            self.echo("held-out quiz: dropped training records that repeat a quiz question: "
+                      + ", ".join(f"{n} {k}" for k, n in self.dropped.items() if n))
         self.plan = plan_topics(cfg, self.dataset, self.curriculum)
         self.hashes = data_hashes(cfg.data_dir)
         if dry_run:
@@ -211,6 +252,7 @@ class _Run:
             write_run_json(self.run_dir, self.resolved, cfg.seed, self.hashes, self.plan)
         self.state = RunState.load(self.run_dir)
         self.state.data["plan"] = self.plan
+        self.state.data["quiz_repeats_dropped"] = self.dropped
         self.state.data.pop("stopped", None)
         self.state.save()
         return None
@@ -226,43 +268,69 @@ class _Run:
         if interrupt.requested():
             raise Stopped
 
-    # -- reward model
+    # -- reward model and judge
     def reward_model(self) -> Any:
-        from ..train.reward import RewardModel, train_reward_model
+        """The reward model PPO climbs and the judge that grades the quiz's preference part.
 
-        cfg, st = self.cfg, self.state
+        eval.judge: `split` trains them on two disjoint halves of the pairs (the gate is
+        not graded by the reward PPO optimises); `reward` uses the reward model for both;
+        any other value is the directory of a reward model to judge with."""
+        from ..train.reward import RewardModel
+
+        cfg = self.cfg
+        pairs = list(self.dataset.preference) + list(self.dataset.distinctions)
+        judge = cfg.eval.judge
+        if judge == "split":
+            reward_pairs, judge_pairs = split_pairs(pairs, cfg.seed)
+        else:
+            reward_pairs, judge_pairs = pairs, []
         if cfg.reward.path:
             adapter_dir = Path(cfg.reward.path)
-            st.data["reward_model"] = {"done": True, "adapter_dir": str(adapter_dir), "reused": True}
-            st.save()
-        elif st.data.get("reward_model") and (self.run_dir / st.data["reward_model"]["adapter_dir"]).exists():
-            adapter_dir = self.run_dir / st.data["reward_model"]["adapter_dir"]
-            self.echo(f"reward model: done ({adapter_dir})")
+            self.state.data["reward_model"] = {"done": True, "adapter_dir": str(adapter_dir), "reused": True}
+            self.state.save()
         else:
-            # distinctions go in as such: RewardConfig.include_distinctions decides
-            pairs = list(self.dataset.preference) + list(self.dataset.distinctions)
-            if not pairs:
-                raise MindprintError(f"{cfg.data_dir}: no preference pairs or distinctions to train "
-                                     "the reward model on (or set reward.path)")
-            rcfg = resolve_section(cfg, "reward.train")
-            self.echo(f"reward model: training on {len(pairs)} pairs")
-            lora.set_active(self.model, [])
-            before = set(lora.adapter_names(self.model))
-            res = train_reward_model(self.model, self.tok, pairs, rcfg, self.run_dir / "reward_model",
-                                     resume=self.resume)
-            for n in [n for n in lora.adapter_names(self.model) if n not in before]:
-                lora.remove_adapter(self.model, n)   # reloaded below, frozen and disabled
-            adapter_dir = Path(res.adapter_dir)
-            mfiles = _copy_metrics(self.run_dir / "reward_model", self.metrics, "reward")
-            st.data["reward_model"] = {
-                "done": True, "adapter_dir": st.rel(adapter_dir), "metrics": mfiles,
-                "best_val_loss": res.best_val_loss, "best_val_accuracy": res.best_val_accuracy,
-                "stopped_early": res.stopped_early, "epochs": res.epochs}
-            st.save()
-            self.echo(f"reward model: validation accuracy {res.best_val_accuracy:.3f}")
+            adapter_dir = self._train_scorer("reward_model", "reward", reward_pairs)
+        judge_dir = self._train_scorer("judge_model", "judge", judge_pairs) if judge == "split" else None
         rm = RewardModel.load(self.model, self.tok, adapter_dir)
+        if judge_dir is not None:
+            self.judge = RewardModel.load(self.model, self.tok, judge_dir, name="judge")
+        elif judge == "reward":
+            self.judge = rm
+        else:
+            self.judge = RewardModel.load(self.model, self.tok, Path(judge), name="judge")
+            self.state.data["judge_model"] = {"done": True, "adapter_dir": str(judge), "reused": True}
         lora.set_active(self.model, [])
         return rm
+
+    def _train_scorer(self, key: str, label: str, pairs: list) -> Path:
+        """Train (or find done) a Bradley-Terry scorer into run_dir/{key}; its adapter dir."""
+        from ..train.reward import train_reward_model
+
+        cfg, st = self.cfg, self.state
+        rec = st.data.get(key)
+        if rec and (self.run_dir / rec["adapter_dir"]).exists():
+            self.echo(f"{label} model: done ({rec['adapter_dir']})")
+            return self.run_dir / rec["adapter_dir"]
+        if not pairs:
+            raise MindprintError(f"{cfg.data_dir}: no preference pairs or distinctions to train "
+                                 f"the {label} model on (or set reward.path / eval.judge)")
+        # distinctions go in as such: RewardConfig.include_distinctions decides
+        rcfg = resolve_section(cfg, "reward.train")
+        self.echo(f"{label} model: training on {len(pairs)} pairs")
+        lora.set_active(self.model, [])
+        before = set(lora.adapter_names(self.model))
+        res = train_reward_model(self.model, self.tok, pairs, rcfg, self.run_dir / key, resume=self.resume)
+        for n in [n for n in lora.adapter_names(self.model) if n not in before]:
+            lora.remove_adapter(self.model, n)   # reloaded by the caller, frozen and disabled
+        adapter_dir = Path(res.adapter_dir)
+        mfiles = _copy_metrics(self.run_dir / key, self.metrics, label)
+        st.data[key] = {
+            "done": True, "adapter_dir": st.rel(adapter_dir), "metrics": mfiles, "pairs": len(pairs),
+            "best_val_loss": res.best_val_loss, "best_val_accuracy": res.best_val_accuracy,
+            "stopped_early": res.stopped_early, "epochs": res.epochs}
+        st.save()
+        self.echo(f"{label} model: validation accuracy {res.best_val_accuracy:.3f}")
+        return adapter_dir
 
     # -- topics
     def fold(self, acc: str | None, unit_name: str, names: list[str]) -> str:
@@ -280,16 +348,73 @@ class _Run:
                 names.append(ph)
         return self.fold(acc, unit_name, names) if names else acc
 
+    def _trained(self, key: str) -> bool:
+        return self.state.phase(key, "final") is not None
+
     def topic_done(self, key: str) -> bool:
         return self.state.phase(key, "final") is not None or self.state.phase(key, "skip") is not None
 
     def quiz(self, topic, active: list[str]) -> ev.QuizResult:
-        items = _quiz_items(topic, self.dataset.persona, self.cfg.eval.max_questions)
+        return self.quiz_many([topic], active)[topic.key]
+
+    def quiz_many(self, topics: list, active: list[str]) -> dict[str, ev.QuizResult]:
+        """The quiz of each topic with the `active` adapters; greedy answers in one batch."""
         markers = list(getattr(self.dataset.persona, "voice_markers", []) or [])
+        items = {t.key: _quiz_items(t, self.dataset.persona, self.cfg.eval.max_questions) for t in topics}
+        flat = [it.messages for t in topics for it in items[t.key]]
+        out = {}
         with lora.active_adapters(self.model, active):
-            return ev.evaluate_quiz(self.model, self.tok, items, markers=markers,
-                                    target_density=_target_density(topic, markers), reward=self.rm,
-                                    weights=self.cfg.eval.weights, max_tokens=self.cfg.eval.max_tokens)
+            answers = ev.greedy_answers(self.model, self.tok, flat, max_tokens=self.cfg.eval.max_tokens)
+            i = 0
+            for t in topics:
+                n = len(items[t.key])
+                out[t.key] = ev.evaluate_quiz(
+                    self.model, self.tok, items[t.key], markers=markers,
+                    target_density=_target_density(t, markers), reward=self.judge,
+                    weights=self.cfg.eval.weights, max_tokens=self.cfg.eval.max_tokens,
+                    answers=answers[i:i + n])
+                i += n
+        return out
+
+    def retention_row(self, after: str, active: list[str]) -> None:
+        """Quiz every topic trained so far with everything up to `after` (one matrix row)."""
+        ret = self.state.data.setdefault("retention", {"rows": {}, "order": []})
+        if not self.cfg.eval.retention or after in ret["rows"]:
+            return
+        res = self.quiz_many(list(self.trained), active)
+        ret["rows"][after] = {k: q.score for k, q in res.items()}
+        ret["order"] = [t.key for t in self.trained]
+        ret["metrics"] = continual_metrics(ret["rows"], ret["order"])
+        self.state.save()
+        earlier = [k for k in ret["order"] if k != after]
+        if earlier:
+            m = ret["metrics"]
+            self.echo(f"[{after}] retention: earlier topics now "
+                      + ", ".join(f"{ret['rows'][after][k]:.2f}" for k in earlier)
+                      + f" (average {m['average']:.3f}, backward transfer {m['backward_transfer']:+.3f})")
+
+    def final_eval(self, final_dir: Path) -> None:
+        """Grade what the user takes home: the final adapter, loaded back from disk, on every
+        trained topic's quiz. Its pass rate is the run's headline."""
+        from ..models.adapters import load_adapter
+
+        st = self.state
+        if st.data.get("final_eval"):
+            return
+        load_adapter(self.model, final_dir, name="final_check")
+        res = self.quiz_many(list(self.trained), ["final_check"])
+        lora.remove_adapter(self.model, "final_check")
+        plans = {p["key"]: p for p in self.plan}
+        st.data["final_eval"] = {k: {"score": q.score, "parts": q.parts, "items": q.items,
+                                     "passed": q.score >= plans[k]["plan"]["pass_threshold"]}
+                                 for k, q in res.items()}
+        ret = st.data.setdefault("retention", {"rows": {}, "order": []})
+        ret["final"] = {k: q.score for k, q in res.items()}
+        ret["metrics"] = continual_metrics(ret["rows"], ret["order"], final=ret["final"])
+        st.save()
+        n = sum(v["passed"] for v in st.data["final_eval"].values())
+        self.echo(f"final adapter: {n}/{len(res)} topics pass their quiz "
+                  f"(average {ret['metrics']['average']:.3f})")
 
     def policy_reward(self, prompts: list, active: list[str], pcfg: Any) -> float:
         """Mean reward of sampled answers to all `prompts` (fixed sampling keys, so the
@@ -305,7 +430,7 @@ class _Run:
         with lora.active_adapters(self.model, active):
             for k in range(n):
                 for i in range(0, len(enc), 16):
-                    g = generate_batch(self.model, enc[i:i + 16], T, [self.tok.eos_token_id],
+                    g = generate_batch(self.model, enc[i:i + 16], T, ev.eos_ids(self.tok),
                                        ev.pad_id(self.tok), temp, top_p,
                                        mx.random.key(self.cfg.seed * 1000 + 7919 + k * 101 + i))
                     s = self.rm.score_tokens(g.tokens, g.lengths)
@@ -341,17 +466,22 @@ class _Run:
             from ..train.sft import train_sft
 
             scfg = _topic_sft_config(cfg, plan)
-            self.echo(f"[{key}] SFT on {len(topic.sft)} examples")
+            pool = [r for t in self.trained for r in t.sft]
+            n_replay = replay_count(len(topic.sft), scfg.replay_fraction, len(pool))
+            self.echo(f"[{key}] SFT on {len(topic.sft)} examples"
+                      + (f" + {n_replay} an epoch replayed from {len(pool)} of {len(self.trained)} "
+                         "earlier topics" if n_replay else ""))
             before = set(lora.adapter_names(self.model))
             res = train_sft(self.model, self.tok, list(topic.sft), scfg, work / "sft",
-                            adapter_name="sft", resume=self.resume)
+                            adapter_name="sft", resume=self.resume, replay_records=pool,
+                            replay_per_epoch=n_replay)
             _adopt_adapter(self.model, before, "sft", getattr(res, "adapter_dir", None))
             save_adapter(self.model, "sft", adir / "sft_adapter", metadata={**meta, "phase": "sft"})
             mfiles = _copy_metrics(work / "sft", self.metrics, f"sft-{slug}")
             st.finish_phase(key, "sft", {
                 "adapter": st.rel(adir / "sft_adapter"), "artefacts": [st.rel(adir / "sft_adapter")],
                 "train_loss": getattr(res, "train_loss", None), "eval_loss": getattr(res, "eval_loss", None),
-                "steps": getattr(res, "steps", None), "metrics": mfiles,
+                "steps": getattr(res, "steps", None), "metrics": mfiles, "replay_per_epoch": n_replay,
                 "config": to_dict(scfg) if dataclasses.is_dataclass(scfg) else scfg})
             shutil.rmtree(work / "sft", ignore_errors=True)
         self.check_stop()
@@ -463,12 +593,14 @@ class _Run:
             if t.unit not in units:
                 units.append(t.unit)
         prior: list[str] = []
+        self.trained = []      # topics trained so far, in curriculum order (replay, retention)
         index = 0
         for ui, unit in enumerate(units):
             uname = f"u{ui}"
             topics = [t for t in self.curriculum.topics if t.unit == unit]
             merged_dir = self.run_dir / "merged_adapters" / f"{safe_name(unit, 'unit')}_merged"
             if st.unit_done(unit):
+                self.trained += [t for t in topics if self._trained(t.key)]
                 if st.data["units"][unit].get("merged"):
                     load_adapter(self.model, self.run_dir / st.data["units"][unit]["merged"], name=uname)
                     prior.append(uname)
@@ -479,11 +611,15 @@ class _Run:
                 index += 1
                 if self.topic_done(t.key):
                     acc = self.load_done_topic(t.key, acc, uname)
-                    continue
-                frozen = prior + ([acc] if acc else [])
-                names = self.run_topic(index, t, plans[t.key], frozen)
-                if names:
-                    acc = self.fold(acc, uname, names)
+                else:
+                    frozen = prior + ([acc] if acc else [])
+                    names = self.run_topic(index, t, plans[t.key], frozen)
+                    if names:
+                        acc = self.fold(acc, uname, names)
+                if self._trained(t.key):
+                    if t not in self.trained:
+                        self.trained.append(t)
+                    self.retention_row(t.key, prior + [acc])
                 self.check_stop()
             # merge + verify
             rec = st.unit(unit)
@@ -516,10 +652,12 @@ class _Run:
         if prior:
             final_dir = self.run_dir / "final_adapter"
             lora.combine_adapters(self.model, list(prior), "final")
-            save_adapter(self.model, "final", final_dir, metadata={
-                "units": units, "composition": "all units' merged adapters, in order"})
-            st.data["final_adapter"] = st.rel(final_dir)
-            st.save()
+            if not st.data.get("final_adapter"):
+                save_adapter(self.model, "final", final_dir, metadata={
+                    "units": units, "composition": "all units' merged adapters, in order"})
+                st.data["final_adapter"] = st.rel(final_dir)
+                st.save()
+            self.final_eval(final_dir)
         return "finished"
 
 

@@ -55,9 +55,14 @@ def _batch_cache(model: nn.Module, left_padding: list[int]) -> list:
 
 def _sample(logits: mx.array, temperature: float, top_p: float, noise: mx.array) -> tuple[mx.array, mx.array]:
     """Sample one token per row from softmax(logits / T), optionally from the top-p nucleus,
-    by the Gumbel-max trick with the given (rows, V) Gumbel noise.
+    by the Gumbel-max trick with the given (rows, V) Gumbel noise; temperature 0 is greedy.
 
     Returns (tokens (B,), log p(token) under the full tempered distribution (B,))."""
+    if temperature <= 0:     # greedy (evaluation): the argmax, its log p at T = 1
+        logprobs = logits.astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        tokens = mx.argmax(logprobs, axis=-1)
+        return tokens, mx.take_along_axis(logprobs, tokens[:, None], axis=-1).squeeze(-1)
     logprobs = logits.astype(mx.float32) / temperature
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     sample_from = logprobs
@@ -83,8 +88,8 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MindprintError("generate_batch needs non-empty prompts")
-    if temperature <= 0:
-        raise MindprintError(f"temperature must be > 0 for PPO rollouts, got {temperature}")
+    if temperature < 0:
+        raise MindprintError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if max_new_tokens < 1:
         raise MindprintError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     key = mx.random.key(0) if key is None else key
@@ -103,6 +108,8 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     def step(inputs: mx.array, i: int, rows: mx.array | None):
         h = hidden_states(model, inputs, cache=cache)
         logits = lm_logits(model, h[:, -1:, :])[:, -1, :]
+        if temperature <= 0:
+            return _sample(logits, 0.0, 1.0, None)
         noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
         return _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
 

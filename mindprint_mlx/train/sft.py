@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
@@ -68,11 +69,13 @@ class SFTConfig:
     max_steps: int = 0  # cap on optimizer steps (the schedule spans the cap); 0 = epochs decide
     pad_to_multiple: int = 8  # round batch length up (fewer shapes for the compiled step)
     compile: bool | None = None  # mx.compile the step; None = on a GPU only (no gain measured on CPU)
+    replay_fraction: float = 0.75  # pipeline: share of a topic's SFT rows replayed from earlier topics (keeps them); the standalone trainer has no earlier topics
 
     def validate(self) -> None:
         from ..config import check_values
 
-        check_values(self, [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
+        check_values(self, [("replay_fraction", 0.0 <= self.replay_fraction < 1.0),
+                            ("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
                             ("batch_size", self.batch_size >= 1),
                             ("grad_accumulation", self.grad_accumulation >= 1),
                             ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
@@ -153,8 +156,13 @@ def eval_loss(model: nn.Module, rows: Sequence[tuple[list[int], int]], batch_siz
 def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfig,
               out_dir: str | Path, adapter_name: str = "sft", eval_records: Sequence[Any] | None = None,
               resume: bool = False, metrics_path: str | Path | None = None, progress: bool = True,
-              on_step: Callable[[int, dict], None] | None = None) -> SFTResult:
+              on_step: Callable[[int, dict], None] | None = None,
+              replay_records: Sequence[Any] = (), replay_per_epoch: int = 0) -> SFTResult:
     """Train LoRA adapter `adapter_name` on `records`; returns where the adapter went.
+
+    Replay (the pipeline's guard against forgetting earlier topics): every epoch also takes
+    `replay_per_epoch` rows drawn afresh from `replay_records` (seeded by seed and epoch),
+    so over the epochs the whole pool is revisited, not one fixed subset.
 
     Writes `out_dir/adapter/` (mlx-lm adapter dir), `out_dir/checkpoint/` (resume state)
     and metric lines (`out_dir/metrics.jsonl` unless `metrics_path`). Other adapters in
@@ -173,13 +181,19 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
     train_rows, n_cut = encode_records(tokenizer, sft_pairs(records), cfg.max_len, "SFT rows")
+    n_main = len(train_rows)
+    if replay_records and replay_per_epoch > 0:
+        rrows, r_cut = encode_records(tokenizer, sft_pairs(replay_records), cfg.max_len, "replay rows")
+        train_rows, n_cut = train_rows + rrows, n_cut + r_cut
+    replay = (n_main, min(replay_per_epoch, len(train_rows) - n_main))
     eval_rows = encode_records(tokenizer, sft_pairs(eval_records), cfg.max_len,
                                "eval rows")[0] if eval_records else []
     if not train_rows:
         raise MindprintError("SFT needs at least one record")
     run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items() if k not in (
         "model", "data_dir", "out_dir", "compile", "log_every", "save_every", "eval_every",
-        "eval_fraction", "grad_checkpoint")}, "rows": train_rows, "adapter": adapter_name})
+        "eval_fraction", "grad_checkpoint")}, "rows": train_rows, "adapter": adapter_name,
+        **({"replay": list(replay)} if replay[1] else {})})
 
     mx.random.seed(cfg.seed)
     lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_r,
@@ -190,7 +204,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
         with training_only(model, adapter_name), gradient_checkpointing(model, cfg.grad_checkpoint):
             result = _train(model, adapter_name, cfg, out, adapter_dir, ckpt_dir, metrics,
                             train_rows, eval_rows, pad_id(tokenizer), run_fp, n_cut, resume,
-                            progress, on_step)
+                            progress, on_step, replay)
         ok = True
         return result
     finally:
@@ -200,9 +214,11 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
 
 
 def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, eval_rows, pid,
-           run_fp, n_cut, resume, progress, on_step) -> SFTResult:
+           run_fp, n_cut, resume, progress, on_step, replay=(None, 0)) -> SFTResult:
     lengths = [len(t) for t, _ in train_rows]
-    micro_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    n_main, n_replay = replay
+    n_main = len(train_rows) if n_main is None or not n_replay else n_main
+    micro_per_epoch = -(-(n_main + n_replay) // cfg.batch_size)
     total_micro = micro_per_epoch * cfg.epochs
     total_steps = -(-total_micro // cfg.grad_accumulation)
     if cfg.max_steps:
@@ -281,7 +297,7 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
         while state["micro"] < total_micro:
             epoch, b = divmod(state["micro"], micro_per_epoch)
             if epoch != order_epoch:
-                order = batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+                order = epoch_order(lengths, n_main, n_replay, cfg.batch_size, cfg.seed + epoch)
                 order_epoch = epoch
             group = order[b]
             rows, n_prompt = _local_rows(train_rows, group, rank, world_size)
@@ -367,6 +383,18 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
         atomic_write_json(out / "sft_result.json", {k: v for k, v in result.__dict__.items()
                                                     if k != "history"})
     return result
+
+
+def epoch_order(lengths: Sequence[int], n_main: int, n_replay: int, batch_size: int,
+                seed: int) -> list[list[int]]:
+    """One epoch's batches: every one of the first `n_main` rows plus `n_replay` of the
+    rows after them, drawn for this epoch's seed; a pure function of its arguments."""
+    idx = list(range(n_main))
+    if n_replay:
+        pool = np.arange(n_main, len(lengths))
+        idx += sorted(np.random.default_rng([seed, 1]).choice(pool, n_replay, replace=False).tolist())
+    groups = batch_order([lengths[i] for i in idx], batch_size, seed=seed)
+    return [[idx[i] for i in g] for g in groups]
 
 
 def _local_rows(train_rows, group: Sequence[int], rank: int, size: int) -> tuple[list, list]:

@@ -1,0 +1,51 @@
+"""Does the adapter a run ships still answer what every topic taught?
+
+Greedy answers of an adapter (default: the run's final_adapter) to every SFT training prompt,
+token F1 against the taught completion, per topic. An outside check of retention: it reads
+only the run's config and the adapter directory, as a user would.
+
+    python scripts/taught_f1.py RUN_DIR [--adapter DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--adapter", type=Path, default=None, help="adapter dir (default RUN_DIR/final_adapter)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+
+    from mindprint_mlx import evaluate as ev
+    from mindprint_mlx.data import build_curriculum, load_data_dir
+    from mindprint_mlx.models import load, lora
+    from mindprint_mlx.models.adapters import load_adapter
+
+    cfg = json.loads((a.run_dir / "run.json").read_text())["config"]
+    model, tok = load(cfg["model"])
+    load_adapter(model, a.adapter or a.run_dir / "final_adapter", name="shipped")
+    cur = build_curriculum(load_data_dir(cfg["data_dir"]), units=cfg.get("units") or None,
+                           topics=cfg.get("topics") or None)
+    out = {}
+    with lora.active_adapters(model, ["shipped"]):
+        for t in cur.topics:
+            answers = ev.greedy_answers(model, tok, [list(r.prompt) for r in t.sft], a.max_tokens)
+            f1 = [ev.token_f1(x, r.completion) for x, r in zip(answers, t.sft)]
+            out[t.key] = sum(f1) / len(f1)
+            print(f"{out[t.key]:.3f}  {t.key}")
+    mean = sum(out.values()) / len(out)
+    print(f"mean {mean:.3f}, worst {min(out.values()):.3f} over {len(out)} topics")
+    if a.json:
+        a.json.write_text(json.dumps({"topics": out, "mean": mean, "worst": min(out.values())}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
