@@ -544,7 +544,8 @@ class PPOTrainer:
 def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: RewardFn,
               cfg: PPOConfig, out_dir: str | Path, frozen_adapters: Sequence[str] = (),
               resume: bool = False, value_head: ScalarHead | None = None,
-              metrics_path: str | Path | None = None) -> PPOResult:
+              metrics_path: str | Path | None = None,
+              on_step: Callable[[int, dict], None] | None = None) -> PPOResult:
     """Train the `cfg.adapter_name` LoRA adapter (plus a value head) with PPO.
 
     prompts: chat messages (list of {"role", "content"}), plain strings (one user turn) or
@@ -552,6 +553,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     prompt + response rows, e.g. RewardModel.score_tokens. Writes out_dir/checkpoint/
     (resumable), out_dir/metrics.jsonl and the final adapter (with the value head) to
     out_dir/ppo_adapter. Afterwards the model keeps the PPO adapter, frozen and inactive.
+    `on_step(step, stats)` runs after every PPO step (e.g. an evaluation on held-out prompts).
 
     Data parallel (under `mlx.launch`): every rank passes the same prompts and takes its
     share of each step's prompts, samples with its own seed (`distributed.rank_seed`),
@@ -597,6 +599,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
             trainer.history.append(record)
             if main:
                 append_jsonl(metrics, record)
+            if on_step is not None:
+                on_step(trainer.step, record)
             if stats["objective/kl"] < -1:
                 bar.write(f"warning: step {trainer.step}: mean KL {stats['objective/kl']:.3f} < -1")
             bar.update(1, score=stats["objective/scores"], kl=stats["objective/kl"],

@@ -1,0 +1,269 @@
+"""Gold-judge alignment benchmark: does RLHF on a learned reward raise a score it never saw?
+
+The experiment RLHF papers run when the true preference is known (a "gold" function):
+1. SFT one adapter on the demo curriculum's SFT data (the demo base model);
+2. sample two answers per training prompt from the SFT policy, label each pair with the
+   gold function, train a reward model on those labels alone;
+3. PPO on the training prompts against that reward model;
+4. grade greedy answers to held-out prompts (in no training file) with the gold function,
+   for the base, SFT and SFT+PPO, over several seeds, with a bootstrap interval of PPO - SFT;
+   the reward model's agreement with gold on held-out pairs; and the proxy (reward model)
+   vs gold curve over PPO steps, where over-optimisation shows as gold falling while the
+   proxy still climbs.
+
+    python scripts/bench_alignment.py [--gold FILE.py:FUNC] [--seeds N] [--json OUT]
+
+FUNC(prompt: str, response: str) -> float in [0, 1]. Default: the persona's voice in real
+words (mindprint_mlx/demo/gold.py:voice_in_real_words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_GOLD = "mindprint_mlx/demo/gold.py:voice_in_real_words"
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _reexec_with_openblas() -> None:
+    blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+    if sys.platform == "linux" and os.path.exists(blas) and blas not in os.environ.get("LD_PRELOAD", ""):
+        env = dict(os.environ, LD_PRELOAD=blas + (":" + os.environ["LD_PRELOAD"] if os.environ.get("LD_PRELOAD") else ""))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def load_gold(spec: str) -> Callable[[str, str], float]:
+    """FILE.py:FUNC -> the function (the file is imported by path)."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise SystemExit(f"--gold {spec!r}: expected FILE.py:FUNC")
+    file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
+    if not file.is_file():
+        raise SystemExit(f"--gold: {file} not found")
+    pkg = ROOT / "mindprint_mlx"
+    if file.resolve().is_relative_to(pkg):          # a module of the package: import it as such
+        mod = importlib.import_module(".".join(file.resolve().relative_to(ROOT).with_suffix("").parts))
+    else:
+        mod_spec = importlib.util.spec_from_file_location(f"_gold_{file.stem}", file)
+        mod = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(mod)
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise SystemExit(f"--gold: {file} has no function {name!r}")
+    return fn
+
+
+def heldout_prompts() -> list[str]:
+    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+
+    path = DEMO_CURRICULUM_DIR.parent / "heldout_prompts.jsonl"
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.append(row.get("prompt") or row.get("question"))
+    return out
+
+
+def user_text(messages) -> str:
+    return [m["content"] for m in messages if m["role"] == "user"][-1]
+
+
+def bootstrap_ci(diffs: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of `diffs` (seeds x prompts), resampling seeds and, within
+    each, prompts with replacement."""
+    rng = np.random.default_rng(seed)
+    S, P = diffs.shape
+    means = np.empty(reps)
+    for r in range(reps):
+        s = rng.integers(0, S, S)
+        p = rng.integers(0, P, (S, P))
+        means[r] = diffs[s[:, None], p].mean()
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
+    import mlx.core as mx
+
+    from mindprint_mlx import evaluate as ev
+    from mindprint_mlx.data import PreferenceRecord, load_data_dir
+    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+    from mindprint_mlx.models import load, lora
+    from mindprint_mlx.ppo import PPOConfig, generate_batch, train_ppo
+    from mindprint_mlx.train.reward import RewardConfig, RewardModel, train_reward_model
+    from mindprint_mlx.train.sft import SFTConfig, train_sft
+    from mindprint_mlx.config import from_dict
+
+    t0 = time.time()
+    mx.random.seed(seed)
+    model, tok = load(model_dir)
+    ds = load_data_dir(DEMO_CURRICULUM_DIR)
+    held = [[{"role": "user", "content": p}] for p in heldout_prompts()]
+    seen, train = set(), []
+    for r in list(ds.sft) + list(ds.preference):
+        k = user_text(r.prompt)
+        if k not in seen:
+            seen.add(k)
+            train.append([dict(m) for m in r.prompt])
+
+    def graded(active: list[str]) -> tuple[list[str], list[float]]:
+        with lora.active_adapters(model, active):
+            ans = ev.greedy_answers(model, tok, held, max_tokens=a.max_tokens)
+        return ans, [float(gold(user_text(p), x)) for p, x in zip(held, ans)]
+
+    out: dict = {"seed": seed}
+    base_ans, out["base_gold"] = graded([])
+    # 1. SFT on every topic at once (the benchmark measures the refinement, not the curriculum)
+    scfg = SFTConfig(lora_r=16, lora_alpha=32.0, lr=1e-3, epochs=a.sft_epochs, batch_size=4,
+                     max_len=128, lora_targets=ALL_LINEAR, seed=seed, save_every=10**6,
+                     eval_fraction=0.0, compile=False)
+    train_sft(model, tok, list(ds.sft), scfg, work / "sft", adapter_name="sft", progress=a.progress)
+    sft_ans, out["sft_gold"] = graded(["sft"])
+    echo(f"seed {seed}: base gold {np.mean(out['base_gold']):.3f}, SFT gold {np.mean(out['sft_gold']):.3f}")
+
+    # 2. pairs sampled from the SFT policy, labelled by gold; a reward model on the labels
+    def sample_pairs(prompts, key_seed: int) -> list[tuple[list, str, str, float, float]]:
+        enc = [ev.encode_prompt(tok, p) for p in prompts]
+        texts = []
+        with lora.active_adapters(model, ["sft"]):
+            for k in range(2):
+                row = []
+                for i in range(0, len(enc), 16):
+                    g = generate_batch(model, enc[i:i + 16], a.max_tokens, ev.eos_ids(tok), ev.pad_id(tok),
+                                       temperature=1.0, key=mx.random.key(key_seed * 7919 + k * 131 + i))
+                    toks, n, ended = g.response_tokens.tolist(), g.response_lengths.tolist(), g.ended.tolist()
+                    row += [tok.decode(t[:m - 1] if e else t[:m]) for t, m, e in zip(toks, n, ended)]
+                texts.append(row)
+        out_pairs = []
+        for p, x, y in zip(prompts, texts[0], texts[1]):
+            gx, gy = float(gold(user_text(p), x)), float(gold(user_text(p), y))
+            if abs(gx - gy) > 1e-9:
+                out_pairs.append((p, x, y, gx, gy) if gx > gy else (p, y, x, gy, gx))
+        return out_pairs
+
+    pairs = []
+    for rep in range(a.pair_rounds):
+        pairs += sample_pairs(train, seed * 1000 + rep)
+    test_pairs = sample_pairs(held, seed * 1000 + 999)
+    records = [PreferenceRecord(prompt=tuple(p), chosen=c, rejected=r) for p, c, r, _, _ in pairs]
+    rcfg = RewardConfig(lora_r=8, lora_alpha=16.0, epochs=a.rm_epochs, batch_size=8, max_len=160,
+                        lr=1e-3, patience=2, seed=seed, compile=False)
+    res = train_reward_model(model, tok, records, rcfg, work / "reward", progress=a.progress)
+    rm = RewardModel.load(model, tok, res.adapter_dir)
+    sc = ev.reward_scores(rm.score_tokens, tok, [p for p, *_ in test_pairs], [c for _, c, *_ in test_pairs])
+    sr = ev.reward_scores(rm.score_tokens, tok, [p for p, *_ in test_pairs], [r for _, _, r, *_ in test_pairs])
+    out["rm_pairs"], out["rm_test_pairs"] = len(records), len(test_pairs)
+    out["rm_gold_agreement"] = float(np.mean([x > y for x, y in zip(sc, sr)])) if test_pairs else None
+    echo(f"seed {seed}: reward model on {len(records)} gold-labelled pairs; agreement with gold on "
+         f"{len(test_pairs)} held-out pairs {out['rm_gold_agreement']:.3f}")
+
+    # 3. PPO against the learned reward, with the proxy-vs-gold curve on held-out prompts
+    curve = []
+
+    def on_step(step: int, stats: dict) -> None:
+        if step % a.eval_every == 0 or step == pcfg.steps:
+            with lora.active_adapters(model, ["sft", pcfg.adapter_name]):
+                ans = ev.greedy_answers(model, tok, held, max_tokens=a.max_tokens)
+            proxy = ev.reward_scores(rm.score_tokens, tok, held, ans)
+            curve.append({"step": step, "proxy": float(np.mean(proxy)),
+                          "gold": float(np.mean([gold(user_text(p), x) for p, x in zip(held, ans)])),
+                          "kl": stats.get("objective/kl"), "train_score": stats.get("objective/scores")})
+
+    ppo = {"steps": a.ppo_steps, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
+           "learning_rate": 1e-4, "max_new_tokens": a.max_tokens, "init_kl_coef": 0.05,
+           "adap_kl_ctrl": True, "target": 6.0, "horizon": 10000.0, "missing_eos_penalty": 1.0,
+           "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ALL_LINEAR, "seed": seed,
+           "save_every": 0, "progress": a.progress}
+    for kv in a.ppo:
+        k, _, v = kv.partition("=")
+        ppo[k] = json.loads(v) if v[:1] in "0123456789-[{tfn\"" else v
+    pcfg = from_dict(PPOConfig, ppo, "--ppo")
+    base_curve_ans = sft_ans
+    curve.append({"step": 0, "proxy": float(np.mean(ev.reward_scores(rm.score_tokens, tok, held, base_curve_ans))),
+                  "gold": float(np.mean(out["sft_gold"])), "kl": 0.0, "train_score": None})
+    lora.set_active(model, ["sft"])
+    train_ppo(model, tok, train, rm.score_tokens, pcfg, work / "ppo", frozen_adapters=["sft"],
+              on_step=on_step)
+    ppo_ans, out["ppo_gold"] = graded(["sft", pcfg.adapter_name])
+    out["curve"] = curve
+    out["examples"] = [{"prompt": user_text(held[i]), "base": base_ans[i], "sft": sft_ans[i],
+                        "ppo": ppo_ans[i]} for i in range(min(3, len(held)))]
+    out["seconds"] = time.time() - t0
+    echo(f"seed {seed}: PPO gold {np.mean(out['ppo_gold']):.3f} (proxy "
+         f"{curve[0]['proxy']:+.3f} -> {curve[-1]['proxy']:+.3f}); {out['seconds']:.0f} s")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Gold-judge alignment benchmark (base / SFT / SFT+PPO).")
+    ap.add_argument("--gold", default=DEFAULT_GOLD, help="FILE.py:FUNC, FUNC(prompt, response) -> [0, 1]")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--model", default="demo", help="model dir (default: the demo base model)")
+    ap.add_argument("--sft-epochs", type=int, default=12)
+    ap.add_argument("--rm-epochs", type=int, default=6)
+    ap.add_argument("--pair-rounds", type=int, default=2, help="rounds of 2 samples per training prompt")
+    ap.add_argument("--ppo-steps", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=10, help="PPO steps between curve points")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--ppo", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a PPOConfig key (repeatable)")
+    ap.add_argument("--progress", action="store_true", help="show the trainers' progress bars")
+    a = ap.parse_args(argv)
+    _reexec_with_openblas()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gold = load_gold(a.gold)
+
+    from mindprint_mlx.data import curriculum_texts
+    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+    from mindprint_mlx.models.tiny import ensure_demo_model
+
+    def echo(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
+    model_dir = str(ensure_demo_model(texts=curriculum_texts(DEMO_CURRICULUM_DIR))) if a.model == "demo" else a.model
+    t0 = time.time()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-alignment-") as tmp:
+        for s in range(a.seeds):
+            runs.append(run_seed(s, a, gold, model_dir, Path(tmp) / f"seed{s}", echo))
+    base = np.array([r["base_gold"] for r in runs])
+    sft = np.array([r["sft_gold"] for r in runs])
+    ppo = np.array([r["ppo_gold"] for r in runs])
+    lo, hi = bootstrap_ci(ppo - sft)
+    agree = [r["rm_gold_agreement"] for r in runs if r["rm_gold_agreement"] is not None]
+    result = {"gold": a.gold, "model": model_dir, "seeds": a.seeds, "heldout_prompts": int(base.shape[1]),
+              "base": float(base.mean()), "sft": float(sft.mean()), "ppo": float(ppo.mean()),
+              "ppo_minus_sft": float((ppo - sft).mean()), "ppo_ci": [lo, hi],
+              "rm_gold_agreement": float(np.mean(agree)) if agree else None,
+              "per_seed": [{k: (float(np.mean(v)) if k.endswith("_gold") else v) for k, v in r.items()
+                            if k != "examples"} for r in runs],
+              "examples": runs[0]["examples"], "seconds": time.time() - t0}
+    print(f"gold: {a.gold}; {a.seeds} seeds x {base.shape[1]} held-out prompts; {result['seconds']:.0f} s")
+    print(f"{'':10} {'gold (mean)':>12}")
+    for k in ("base", "sft", "ppo"):
+        print(f"{k:10} {result[k]:12.3f}")
+    print(f"ppo - sft  {result['ppo_minus_sft']:+.3f}  95% bootstrap interval [{lo:+.3f}, {hi:+.3f}]")
+    print(f"reward model agreement with gold on held-out pairs: {result['rm_gold_agreement']:.3f}")
+    print("proxy vs gold over PPO steps (seed 0): " + ", ".join(
+        f"step {c['step']}: proxy {c['proxy']:+.2f} gold {c['gold']:.3f}" for c in runs[0]["curve"]))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
