@@ -376,7 +376,8 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, rank: int | None =
         log.warning("%s", qnote)
         notes.append(qnote)
     if "value" in heads and value_head:
-        check_finite(dict(tree_flatten(heads["value"].parameters())), adapter_dir / native.HEADS)
+        check_finite({f"value.{k}": v for k, v in tree_flatten(heads["value"].parameters())},
+                     adapter_dir / native.HEADS)
     out = Path(out_dir)
     res = ExportResult(out, r, lora_alpha, len(modules), base_name, mtype, errors, [], notes)
     with atomic_dir(out) as tmp:
@@ -423,7 +424,8 @@ def export_reward(reward_dir: str | Path, out_dir: str | Path, head: str = "rewa
      errors) = _prepare(reward_dir, rank, base_model, model)
     tensors, hf_modules = _peft_tensors(modules, nm, _dtype_of(reward_dir))
     summary = heads[head].summary
-    check_finite(dict(tree_flatten(heads[head].parameters())), reward_dir / native.HEADS)
+    check_finite({f"{head}.{k}": v for k, v in tree_flatten(heads[head].parameters())},
+                 reward_dir / native.HEADS)
     bias = heads[head].bias_value
     notes = []
     if bias != 0.0:
@@ -561,10 +563,13 @@ def shape_problem(state: dict, base_shapes: dict, nm: NameMap, n_layers: int | N
             return f"module '{nm.to_hf(p)}' is not a linear layer of the base"
         o, i = shape
         a, b = state[f"{p}.lora_a"], state[f"{p}.lora_b"]   # (in, r), (r, out)
-        if a.shape[0] != i or b.shape[1] != o:
-            return (f"'{nm.to_hf(p)}' has lora_A {tuple(a.T.shape)} and lora_B "
-                    f"{tuple(b.T.shape)}, the base weight is {o}x{i} (lora_A needs (r, {i}), "
-                    f"lora_B ({o}, r))")
+        hf = nm.to_hf(p)
+        if a.shape[0] != i:
+            return (f"tensor '{PEFT_PREFIX}{hf}.lora_A.weight' has shape {tuple(a.T.shape)}, the "
+                    f"base's '{hf}' is {o}x{i}: lora_A needs (r, {i})")
+        if b.shape[1] != o:
+            return (f"tensor '{PEFT_PREFIX}{hf}.lora_B.weight' has shape {tuple(b.T.shape)}, the "
+                    f"base's '{hf}' is {o}x{i}: lora_B needs ({o}, r)")
     return None
 
 

@@ -152,6 +152,15 @@ def _note_once(path: Path, fixes: dict) -> None:
         log.warning("%s", note)
 
 
+def _name_bad_weight_file(path: Path) -> None:
+    """After a failed load: raise the error of the first weight file that cannot be read
+    (so the message names it); return when every file reads (the problem is elsewhere)."""
+    from ..io import load_safetensors
+
+    for f in sorted(path.glob("model*.safetensors")):
+        load_safetensors(f)
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
@@ -197,6 +206,7 @@ def load(path_or_hub_id: str | os.PathLike, quantize: int | None = None,
         model, config = load_model(path, lazy=lazy, model_config=fixes or None,
                                    trust_remote_code=trust_remote_code)
     except (ValueError, RuntimeError, OSError) as e:  # missing tensors, corrupt or cut files
+        _name_bad_weight_file(path)
         raise MindprintError(f"{path}: cannot load the weights: {_first_line(e)}") from None
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
