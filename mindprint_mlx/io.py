@@ -168,6 +168,21 @@ def atomic_save_safetensors(path: str | os.PathLike, arrays: Mapping[str, Any],
     return path
 
 
+def _normal_modes(root: Path) -> None:
+    """Give every file and directory under `root` the mode open()/mkdir() would under the
+    umask (mlx's writer uses 0644 whatever the umask; mkstemp/mkdtemp use 0600/0700)."""
+    fmode, dmode = file_mode(), dir_mode()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+        for n in dirnames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name, then swap it into place.
@@ -194,6 +209,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if name and Path(name).is_relative_to(tmp):   # name the final file, not tmp's
                 where = path / Path(name).relative_to(tmp)
             raise _write_error(where, e) from None
+        _normal_modes(tmp)
         replace_dir(tmp, path)
     finally:
         if tmp.exists():
