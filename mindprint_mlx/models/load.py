@@ -158,7 +158,10 @@ def _name_bad_weight_file(path: Path) -> None:
     from ..io import load_safetensors
 
     for f in sorted(path.glob("model*.safetensors")):
-        load_safetensors(f)
+        try:
+            load_safetensors(f)
+        except MindprintError as e:
+            raise MindprintError(f"{path}: cannot load the weights: {e}") from None
 
 
 def _first_line(e: BaseException) -> str:
