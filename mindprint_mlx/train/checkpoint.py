@@ -55,9 +55,12 @@ def read_checkpoint_state(ckpt_dir: str | Path) -> dict | None:
     if not all((d / f).is_file() for f in (WEIGHTS, OPTIMIZER, RNG, STATE)):
         return None
     try:
-        return json.loads((d / STATE).read_text())
+        state = json.loads((d / STATE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MindprintError(f"{d / STATE}: unreadable checkpoint record ({e})") from None
+    if not isinstance(state, dict):
+        raise MindprintError(f"{d / STATE}: expected a JSON object, got {type(state).__name__}")
+    return state
 
 
 def _set_path(tree: Any, path: str, value: mx.array) -> None:
