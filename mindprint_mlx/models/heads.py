@@ -26,13 +26,17 @@ class ScalarHead(nn.Module):
 
     def __init__(self, hidden_size: int, zero_init: bool = True, bias: bool = True):
         super().__init__()
-        self.summary = nn.Linear(hidden_size, 1, bias=bias)
+        # Built with a bias either way, so that a seed draws the same initial weight with
+        # or without one (nn.Linear's init draws both); a bias-free head then drops it.
+        self.summary = nn.Linear(hidden_size, 1)
         if zero_init:
             self.summary.weight = mx.zeros_like(self.summary.weight)
         else:
             self.summary.weight = mx.random.normal(self.summary.weight.shape) / math.sqrt(hidden_size + 1)
         if bias:
             self.summary.bias = mx.zeros_like(self.summary.bias)
+        else:
+            del self.summary["bias"]
 
     @property
     def bias_value(self) -> float:
