@@ -179,12 +179,49 @@ def deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the
+    last one silently)."""
+
+
+class DuplicateYAMLKey(yaml.YAMLError):
+    def __init__(self, key, line: int):
+        self.key, self.line = key, line
+        super().__init__(f"duplicate key {key!r}")
+
+
+def _strict_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:   # before merging: a key may override a merged (<<) one
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:   # an unhashable key: let the constructor report it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise DuplicateYAMLKey(key, key_node.start_mark.line + 1)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def yaml_load_strict(text: str):
+    """yaml.safe_load, but a repeated key in any mapping raises DuplicateYAMLKey."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load_strict(path.read_text(encoding="utf-8"))
+    except DuplicateYAMLKey as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key {e.key!r} (the first one would be "
+                          "silently ignored)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

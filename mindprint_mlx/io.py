@@ -21,6 +21,41 @@ from typing import Any, Iterator, Mapping
 from .errors import MindprintError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)   # elsewhere: the usual set-and-restore
+    os.umask(old)
+    return old
+
+
+def file_mode(umask: int | None = None) -> int:
+    """What open() would give a new file: 0o666 less the umask (0o644 under umask 022)."""
+    return 0o666 & ~(current_umask() if umask is None else umask)
+
+
+def dir_mode(umask: int | None = None) -> int:
+    """What mkdir() would give a new directory: 0o777 less the umask (0o755 under 022)."""
+    return 0o777 & ~(current_umask() if umask is None else umask)
+
+
+def _write_error(path: Path, e: BaseException) -> MindprintError:
+    """One line naming the file being written (a full disk, a read-only directory)."""
+    if isinstance(e, OSError):
+        why = e.strerror or str(e)
+    else:   # mlx raises RuntimeError("[write] Unable to write N bytes to file.")
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        why = lines[0] if lines else type(e).__name__
+    hint = " (is the disk full?)" if not isinstance(e, OSError) or e.errno in (28, 27, 122) else ""
+    return MindprintError(f"cannot write {path}: {why}{hint}")
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -34,15 +69,22 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())   # mkstemp makes it 0600
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _write_error(path, e) from None
         _fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -69,9 +111,12 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 def _json_default(x: Any) -> Any:
@@ -101,19 +146,41 @@ def atomic_save_safetensors(path: str | os.PathLike, arrays: Mapping[str, Any],
     import mlx.core as mx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {}))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())   # mkstemp makes it 0600
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            raise _write_error(path, e) from None
         _fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return path
+
+
+def _normal_modes(root: Path) -> None:
+    """Give every file and directory under `root` the mode open()/mkdir() would under the
+    umask (mlx's writer uses 0644 whatever the umask; mkstemp/mkdtemp use 0600/0700)."""
+    fmode, dmode = file_mode(), dir_mode()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+        for n in dirnames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
 
 
 @contextlib.contextmanager
@@ -124,10 +191,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     place, so at every moment `path` is either the complete old or complete new tree.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, dir_mode())   # mkdtemp makes it 0700
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as e:
+            # a file written straight into tmp (mx.save_safetensors, shutil.copyfile) failed
+            if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+                raise
+            name = getattr(e, "filename", None)
+            where = path
+            if name and Path(name).is_relative_to(tmp):   # name the final file, not tmp's
+                where = path / Path(name).relative_to(tmp)
+            raise _write_error(where, e) from None
+        _normal_modes(tmp)
         replace_dir(tmp, path)
     finally:
         if tmp.exists():
@@ -185,3 +267,49 @@ def sha256_files(paths: list[Path]) -> str:
         h.update(p.name.encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def topic_slug(rel_dir: str, key: str) -> str:
+    """A topic's metric/plot file stem: its path with '__' for '/', plus a short hash of
+    the topic key, so `a/b__c/t` and `a__b/c/t` (the same slug) get different files."""
+    return f"{safe_name(rel_dir.replace('/', '__'))}-{sha256_bytes(key.encode('utf-8'))[:8]}"
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object holds the same key twice (json.loads would keep only the last)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(f"duplicate key {key!r}")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(k)
+        out[k] = v
+    return out
+
+
+def json_loads_strict(text: str | bytes) -> Any:
+    """json.loads that raises DuplicateKeyError on a repeated key in any object."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """mx.load of a .safetensors file; a missing, empty, truncated or corrupt file (bad
+    header length, bad offsets) is a MindprintError naming the file."""
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MindprintError(f"{path}: file not found")
+    try:
+        return mx.load(str(path))
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        why = lines[0] if lines else type(e).__name__
+        if path.stat().st_size < 8:
+            why = f"{path.stat().st_size} bytes, not a safetensors file"
+        raise MindprintError(f"{path}: cannot read safetensors ({why})") from None

@@ -127,6 +127,9 @@ BROKEN = [
     ("quiz_data.jsonl", '{"question": "q", "answer": "a"}', "reference_answer"),
     ("critical_distinctions.jsonl", '{"prompt": "p", "correct": "c"}', "incorrect"),
     ("critical_distinctions.jsonl", '{"prompt": [], "correct": "c", "incorrect": "i"}', "empty list"),
+    # json.loads keeps the last of two equal keys: a duplicate is an error naming the key
+    ("sft_data.jsonl", '{"prompt": "q", "completion": "a", "completion": "b"}', "duplicate key 'completion'"),
+    ("sft_data.jsonl", '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}', "duplicate key 'role'"),
 ]
 
 

@@ -193,10 +193,8 @@ def test_two_ranks_train_sft_and_reward_like_one_process(tiny_llama, tmp_path, r
     ha = mx.load(str(single / "reward/adapter/heads.safetensors"))
     hb = mx.load(str(ring_run / "reward/adapter/heads.safetensors"))
     assert _max_diff(ha, hb, ["reward.summary.weight"]) < 1e-5
-    # The head's bias gets an exactly zero gradient from the Bradley-Terry loss (a shift of
-    # every score changes nothing); float noise of ~1e-10 then becomes an Adam step of up
-    # to lr per step, so only that bound holds for it.
-    assert _max_diff(ha, hb, ["reward.summary.bias"]) <= 2 * 3e-4 + 1e-7
+    # The reward head has no bias (Bradley-Terry cannot train one), so none can drift.
+    assert "reward.summary.bias" not in ha and "reward.summary.bias" not in hb
 
     # Rank 0 alone wrote the trainers' files: metrics lines once, no stray temp files.
     for phase in ("sft", "reward"):

@@ -190,6 +190,16 @@ def test_interrupted_and_killed_run_resumes_to_the_same_result(setup):
     assert "sft_epochs=1" in report and "PPO: 3 steps" in report
     assert any((run_dir / "metrics").glob("ppo-*.jsonl")) and any((run_dir / "metrics").glob("*.csv"))
     assert any((run_dir / "plots").glob("*.png"))
+    from mindprint_mlx.io import topic_slug
+    for t in TOPICS:   # metric and plot names carry a hash of the topic key (no collisions)
+        slug = topic_slug(f"{UNIT}/{CHAPTER}/{t}", f"{UNIT}/{CHAPTER}/{t}")
+        assert (run_dir / "metrics" / f"sft-{slug}.jsonl").is_file()
+        assert (run_dir / "plots" / f"sft-{slug}.png").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    if umask == 0o022:   # under the usual umask every output is 0644 / 0755
+        for p in [run_dir, *run_dir.rglob("*")]:
+            assert oct(p.stat().st_mode & 0o777) == oct(0o755 if p.is_dir() else 0o644), p
     assert not list(run_dir.rglob(".*.tmp"))            # no half-written file left behind
 
     # The merged unit adapter is exactly both topics' sft + ppo adapters stacked.

@@ -27,21 +27,39 @@ def check_hub_flags(repo_id, private, dry_run) -> None:
         check_repo_id(repo_id)
 
 
-def write_card_and_push(out: Path, kind: str, meta: dict, base_model, adapter_dir, report,
-                        repo_id, private, dry_run, details=None) -> None:
+def card_builder(kind: str, meta: dict, adapter_dir, report, repo_id, details=None,
+                 base_model=None):
+    """A function of the export/fuse result that returns the README.md text. The exporters
+    call it before their output directory is swapped into place, so a card that cannot be
+    built (an unreadable report) leaves nothing half-written. The card states what was
+    exported: the result's rank and alpha (after --rank), its base and notes."""
     from ..export.card import find_report, model_card
-    from ..export.hub import push_to_hub
-    from ..io import atomic_write_text
 
     report = report or find_report(adapter_dir)
-    card = model_card(kind, meta, base_model=base_model, repo_id=repo_id, report=report,
-                      details=details)
-    atomic_write_text(Path(out) / "README.md", card)
+
+    def build(res) -> str:
+        m = dict(meta)
+        extra = dict(details or {})
+        if getattr(res, "rank", None) is not None:
+            m["r"], m["lora_alpha"] = res.rank, res.lora_alpha
+            extra.update(_svd_details(res))
+        notes = list(getattr(res, "notes", []) or [])
+        if getattr(res, "config_added", None):
+            notes.append("config.json carries a top-level " + ", ".join(sorted(res.config_added))
+                         + " (from rope_parameters) for plain mlx-lm")
+        if notes:
+            extra["notes"] = "; ".join(notes)
+        return model_card(kind, m, base_model=getattr(res, "base_model", None) or base_model,
+                          repo_id=repo_id, report=report, details=extra)
+    return build
+
+
+def push(out: Path, repo_id, private, dry_run) -> None:
     if repo_id:
+        from ..export.hub import push_to_hub
         url = push_to_hub(out, repo_id, private=private, dry_run=dry_run, echo=click.echo)
         if url:
             click.echo(f"uploaded to {url}")
-
 
 
 @click.group("export")
@@ -61,15 +79,20 @@ _rank = click.option("--rank", "-r", type=click.IntRange(1), default=None,
                      help="Compress to this rank by SVD of each module's update (error printed).")
 
 
-def _report_svd(res) -> dict:
+def _svd_details(res) -> dict:
     if not res.svd_errors:
         return {}
+    return {"SVD compression": f"rank {res.rank}, max relative error {res.max_svd_error:.3e}"}
+
+
+def _report_svd(res) -> None:
+    if not res.svd_errors:
+        return
     errs = list(res.svd_errors.values())
     click.echo(f"SVD to rank {res.rank}: relative error max {max(errs):.3e}, "
                f"mean {sum(errs) / len(errs):.3e} over {len(errs)} modules")
     for path, e in sorted(res.svd_errors.items(), key=lambda kv: -kv[1])[:5]:
         click.echo(f"  {path}: {e:.3e}")
-    return {"SVD compression": f"rank {res.rank}, max relative error {max(errs):.3e}"}
 
 
 @export.command("peft")
@@ -86,19 +109,19 @@ def peft(adapter_dir, out, rank, base_model, model, no_value_head, report, repo_
     from ..models.adapters import adapter_metadata
 
     check_hub_flags(repo_id, private, dry_run)
+    card = card_builder("peft", adapter_metadata(adapter_dir), adapter_dir, report, repo_id)
     res = export_peft(adapter_dir, out, rank=rank, base_model=base_model, model=model,
-                      value_head=not no_value_head)
+                      value_head=not no_value_head, card=card)
     click.echo(f"PEFT adapter: {out} (rank {res.rank}, lora_alpha {res.lora_alpha:g}, "
                f"{res.modules} modules, base {res.base_model})")
-    details = _report_svd(res)
+    _report_svd(res)
     for n in res.notes:
         click.echo(f"note: {n}")
-    write_card_and_push(out, "peft", adapter_metadata(adapter_dir), res.base_model, adapter_dir,
-                        report, repo_id, private, dry_run, details)
+    push(Path(out), repo_id, private, dry_run)
 
 
 @export.command("reward")
-@click.argument("reward_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("reward_dir", type=click.Path(exists=True, file_okay=False))  # adapter or reward_model/
 @_out
 @click.option("--head", default="reward", show_default=True, help="Which saved head is the score.")
 @click.option("--drop-bias", is_flag=True,
@@ -111,16 +134,17 @@ def peft(adapter_dir, out, rank, base_model, model, no_value_head, report, repo_
 def reward(reward_dir, out, head, drop_bias, rank, base_model, model, report, repo_id, private,
            dry_run):
     """REWARD_DIR (adapter + head) -> PEFT SEQ_CLS adapter with the head as `score`."""
-    from ..export.peft import export_reward
+    from ..export.peft import export_reward, reward_adapter_dir
     from ..models.adapters import adapter_metadata
 
     check_hub_flags(repo_id, private, dry_run)
+    adapter_dir = reward_adapter_dir(reward_dir)
+    card = card_builder("reward", adapter_metadata(adapter_dir), adapter_dir, report, repo_id)
     res = export_reward(reward_dir, out, head=head, drop_bias=drop_bias, rank=rank,
-                        base_model=base_model, model=model)
-    click.echo(f"PEFT SEQ_CLS reward model: {out} (rank {res.rank}, {res.modules} modules, "
-               f"base {res.base_model})")
-    details = _report_svd(res)
+                        base_model=base_model, model=model, card=card)
+    click.echo(f"PEFT SEQ_CLS reward model: {out} (rank {res.rank}, lora_alpha "
+               f"{res.lora_alpha:g}, {res.modules} modules, base {res.base_model})")
+    _report_svd(res)
     for n in res.notes:
         click.echo(f"note: {n}")
-    write_card_and_push(out, "reward", adapter_metadata(reward_dir), res.base_model, reward_dir,
-                        report, repo_id, private, dry_run, {**details, **({"notes": "; ".join(res.notes)} if res.notes else {})})
+    push(Path(out), repo_id, private, dry_run)

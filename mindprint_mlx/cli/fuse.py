@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .export import check_hub_flags, hub_options, write_card_and_push
+from pathlib import Path
+
+from .export import card_builder, check_hub_flags, hub_options, push
 
 
 @click.command("fuse")
@@ -22,8 +24,13 @@ def fuse(model, adapter, out, dequantize, report, repo_id, private, dry_run):
     from ..models.adapters import adapter_metadata
 
     check_hub_flags(repo_id, private, dry_run)
-    res = fuse_model(model, adapter, out, dequantize=dequantize)
+    # the card is built inside fuse, before the checkpoint is swapped into place
+    card = card_builder("fused", adapter_metadata(adapter), adapter, report, repo_id,
+                        base_model=model)
+    res = fuse_model(model, adapter, out, dequantize=dequantize, card=card)
     click.echo(f"fused checkpoint: {out} ({len(res.fused_weights)} weights updated"
                f"{', dequantized' if res.dequantized else ''})")
-    write_card_and_push(out, "fused", adapter_metadata(adapter), model, adapter, report,
-                        repo_id, private, dry_run)
+    if res.config_added:
+        click.echo(f"note: config.json gets top-level {res.config_added} from rope_parameters, "
+                   "so plain mlx_lm.load reads the same rope settings as transformers")
+    push(Path(out), repo_id, private, dry_run)

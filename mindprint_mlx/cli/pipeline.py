@@ -58,11 +58,12 @@ def status(run_dir, as_json):
     """Show how far the run in RUN_DIR got."""
     from ..errors import MindprintError
     from ..pipeline.report import summary_table
+    from ..pipeline.state import read_state_file
 
     f = Path(run_dir) / "state.json"
     if not f.is_file():
         raise MindprintError(f"{run_dir}: no state.json (not a run directory)")
-    state = json.loads(f.read_text())
+    state = read_state_file(f)
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return

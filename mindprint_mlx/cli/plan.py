@@ -40,9 +40,13 @@ def _find(section: dict, names: tuple[str, ...], depth: int = 2):
 def _read_yaml(path: Path) -> dict:
     import yaml
 
+    from ..config import DuplicateYAMLKey, yaml_load_strict
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml_load_strict(path.read_text(encoding="utf-8")) or {}
+    except DuplicateYAMLKey as e:
+        raise MindprintError(f"{path}:{e.line}: duplicate key {e.key!r}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise MindprintError(f"{path}: cannot read YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise MindprintError(f"{path}: expected a mapping at the top level")

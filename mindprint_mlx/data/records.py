@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from ..errors import MindprintError
+from ..io import DuplicateKeyError, json_loads_strict
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +520,11 @@ def _load_jsonl(kind: str, path: Path, display: str, problems: list[Problem]) ->
     records, seen = [], {}
     for lineno, text in lines:
         try:
-            value = json.loads(text)
+            value = json_loads_strict(text)
+        except DuplicateKeyError as e:
+            problems.append(Problem(display, lineno, f"invalid JSON: duplicate key {e.key!r} "
+                                                     "(json would silently keep the last one)"))
+            continue
         except json.JSONDecodeError as e:
             hint = ""
             if text.strip() in ("[", "{") or text.rstrip().endswith((",", "[", "{")):
@@ -583,7 +588,12 @@ def _read_persona(path: Path, display: str, problems: list[Problem]) -> Persona:
                                                "description, system_prompt, voice_markers"))
         return Persona()
     try:
-        obj = json.loads(text)
+        obj = json_loads_strict(text)
+    except DuplicateKeyError as e:
+        idx = text.find(f'"{e.key}"', text.find(f'"{e.key}"') + 1)
+        problems.append(Problem(display, text.count("\n", 0, idx) + 1 if idx >= 0 else None,
+                                f"invalid JSON: duplicate key {e.key!r}"))
+        return Persona()
     except json.JSONDecodeError as e:
         problems.append(Problem(display, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})"))
         return Persona()

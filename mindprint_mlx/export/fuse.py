@@ -19,9 +19,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MindprintError
-from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
-from ..models.load import read_model_config, resolve_model_path
-from .peft import check_output_dir, read_native_adapter
+from ..io import (atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text,
+                  load_safetensors)
+from ..models.load import _config_fixes, read_model_config, resolve_model_path
+from .peft import Card, _card_text, check_output_dir, non_finite, read_native_adapter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,24 @@ class FuseResult:
     fused_weights: list[str]
     dequantized: bool
     files: list[str] = field(default_factory=list)
+    # top-level keys added to config.json for plain mlx-lm (rope_theta from rope_parameters)
+    config_added: dict = field(default_factory=dict)
+
+
+def fused_config(config: dict) -> tuple[dict, dict]:
+    """(config.json to write, keys added): transformers 5 writes rope settings only under
+    `rope_parameters`, and plain `mlx_lm.load` reads only a top-level `rope_theta` (else
+    it silently uses its own default); the fused checkpoint carries both."""
+    added = _config_fixes(config, None)
+    return {**config, **added}, added
+
+
+def _check_fused_finite(tensors: dict, keys: list[str], where: Path) -> None:
+    hit = non_finite({k: tensors[k] for k in keys})
+    if hit:
+        k, bad, n = hit
+        raise MindprintError(f"{where}: fused weight '{k}' has {bad}/{n} non-finite values "
+                             "(NaN or inf, an overflow in the base dtype?); nothing written")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -55,9 +74,12 @@ def _copy_aux(src: Path, dst: Path) -> None:
 
 
 def fuse(model: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-         dequantize: bool = False, card: str | None = None,
+         dequantize: bool = False, card: Card = None,
          max_shard_bytes: int = MAX_SHARD_BYTES) -> FuseResult:
-    """Write base `model` + the adapter in `adapter_dir` as one checkpoint in `out_dir`."""
+    """Write base `model` + the adapter in `adapter_dir` as one checkpoint in `out_dir`.
+
+    card: README.md text, or a function of the FuseResult returning it; it is built before
+    the output directory is swapped in, so a failing card writes nothing."""
     base = resolve_model_path(model)
     check_output_dir(out_dir, base, adapter_dir)
     config = read_model_config(base)
@@ -76,9 +98,11 @@ def fuse(model: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                              "full-precision base")
     deltas = {f"{path}.weight": m for path, m in modules.items()}
     fused: list[str] = []
+    cfg_out, added = fused_config(config)
+    res = FuseResult(out, fused, False, [], added)
     with atomic_dir(out) as tmp:
         for f in _weight_files(base):
-            tensors = mx.load(str(f))
+            tensors = load_safetensors(f)
             hit = [k for k in deltas if k in tensors]
             for k in hit:
                 w = tensors[k]
@@ -88,6 +112,7 @@ def fuse(model: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                                          f"adapter's update {d.shape} (wrong base model?)")
                 tensors[k] = (w.astype(mx.float32) + mx.array(d.astype(np.float32))).astype(w.dtype)
                 fused.append(k)
+            _check_fused_finite(tensors, hit, f)
             atomic_save_safetensors(tmp / f.name, tensors, metadata={"format": "pt"})
             del tensors
         missing = sorted(set(deltas) - set(fused))
@@ -96,12 +121,17 @@ def fuse(model: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                                  "checkpoint; the adapter does not belong to this base")
         for idx in base.glob("model*.safetensors.index.json"):
             shutil.copyfile(idx, tmp / idx.name)
-        shutil.copyfile(base / "config.json", tmp / "config.json")
+        if added:
+            atomic_write_json(tmp / "config.json", cfg_out)
+        else:
+            shutil.copyfile(base / "config.json", tmp / "config.json")
         _copy_aux(base, tmp)
-        if card:
-            atomic_write_text(tmp / "README.md", card)
-        files = sorted(p.name for p in tmp.iterdir())
-    return FuseResult(out, sorted(fused), False, files)
+        res.fused_weights = sorted(fused)
+        text = _card_text(card, res)
+        if text:
+            atomic_write_text(tmp / "README.md", text)
+        res.files = sorted(p.name for p in tmp.iterdir())
+    return res
 
 
 def _fuse_quantized(model, base: Path, config: dict, adapter_dir, out: Path, card,
@@ -122,6 +152,9 @@ def _fuse_quantized(model, base: Path, config: dict, adapter_dir, out: Path, car
     cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     dtype = str(next(iter(weights.values())).dtype).replace("mlx.core.", "")
     cfg["torch_dtype"] = dtype
+    cfg, added = fused_config(cfg)
+    _check_fused_finite(weights, [k for k in fused if k in weights], Path(adapter_dir))
+    res = FuseResult(out, sorted(fused), True, [], added)
     with atomic_dir(out) as tmp:
         shards, cur, size = [], {}, 0
         for k in sorted(weights):
@@ -144,7 +177,8 @@ def _fuse_quantized(model, base: Path, config: dict, adapter_dir, out: Path, car
                 "weight_map": weight_map})
         atomic_write_json(tmp / "config.json", cfg)
         _copy_aux(base, tmp)
-        if card:
-            atomic_write_text(tmp / "README.md", card)
-        files = sorted(p.name for p in tmp.iterdir())
-    return FuseResult(out, sorted(fused), True, files)
+        text = _card_text(card, res)
+        if text:
+            atomic_write_text(tmp / "README.md", text)
+        res.files = sorted(p.name for p in tmp.iterdir())
+    return res

@@ -19,13 +19,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
-from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from ..io import (atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text,
+                  load_safetensors)
 from ..models import adapters as native
 from .names import NameMap, name_map
 
@@ -72,13 +74,7 @@ class ExportResult:
 # ---------------------------------------------------------------- base model lookup
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MindprintError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MindprintError(f"{path}: expected a JSON object")
-    return data
+    return native.read_json_object(path)
 
 
 def find_base_config(*candidates: str | None) -> tuple[dict | None, str | None]:
@@ -134,6 +130,27 @@ def check_output_dir(out: str | Path, *sources: str | Path | None) -> Path:
 
 # ---------------------------------------------------------------- reading native adapters
 
+def non_finite(tensors: dict) -> tuple[str, int, int] | None:
+    """(name, non-finite count, size) of the first tensor (by name) holding NaN or inf."""
+    for k in sorted(tensors):
+        v = tensors[k]
+        if not mx.issubdtype(v.dtype, mx.floating):
+            continue
+        bad = int(mx.sum(~mx.isfinite(v)).item())
+        if bad:
+            return k, bad, int(v.size)
+    return None
+
+
+def check_finite(tensors: dict, source: str | Path) -> None:
+    """Refuse tensors holding NaN/inf, naming the first such tensor."""
+    hit = non_finite(tensors)
+    if hit:
+        k, bad, n = hit
+        raise MindprintError(f"{source}: tensor '{k}' has {bad}/{n} non-finite values (NaN or "
+                             "inf); refusing to export or fuse it (use an earlier checkpoint)")
+
+
 def read_native_adapter(adapter_dir: str | Path) -> tuple[dict[str, ModuleLoRA], dict, dict]:
     """({mlx module path: ModuleLoRA}, adapter_config.json, mindprint.json) of an mlx-lm
     LoRA adapter directory; anything that is not a plain LoRA pair is an error."""
@@ -150,7 +167,8 @@ def read_native_adapter(adapter_dir: str | Path) -> tuple[dict[str, ModuleLoRA],
         rank = int(params["rank"])
     except (KeyError, TypeError, ValueError) as e:
         raise MindprintError(f"{d / native.ADAPTER_CONFIG}: bad lora_parameters ({e!r})") from None
-    weights = mx.load(str(d / native.ADAPTER_WEIGHTS))
+    weights = load_safetensors(d / native.ADAPTER_WEIGHTS)
+    check_finite(weights, d / native.ADAPTER_WEIGHTS)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for k, v in weights.items():
         path, leaf = k.rsplit(".", 1) if "." in k else ("", k)
@@ -298,20 +316,43 @@ def _prepare(adapter_dir, rank, base_model, model):
 
 
 def _dtype_of(adapter_dir: Path):
-    w = mx.load(str(Path(adapter_dir) / native.ADAPTER_WEIGHTS))
+    w = load_safetensors(Path(adapter_dir) / native.ADAPTER_WEIGHTS)
     return next(iter(w.values())).dtype
+
+
+Card = Union[str, Callable[["ExportResult"], str], None]
+
+
+def _card_text(card: Card, res) -> str | None:
+    """The README.md text: built before anything is swapped into place, so a failing card
+    leaves the output directory as it was."""
+    return card(res) if callable(card) else card
+
+
+def quantized_base_note(base_name: str | None) -> str | None:
+    """A note when `base_name` is an MLX-quantized model directory (or cached hub id):
+    transformers cannot load MLX's packed weights, so PEFT users need another base."""
+    if not base_name:
+        return None
+    config, _ = find_base_config(base_name)
+    if config and config.get("quantization"):
+        return (f"base_model_name_or_path '{base_name}' is an MLX-quantized model "
+                f"({config['quantization']}); transformers cannot load that directory: pass "
+                "--base-model with the full-precision base (hub id or path) it was quantized from")
+    return None
 
 
 def export_peft(adapter_dir: str | Path, out_dir: str | Path, rank: int | None = None,
                 base_model: str | None = None, model: str | None = None,
-                value_head: bool = True, card: str | None = None) -> ExportResult:
+                value_head: bool = True, card: Card = None) -> ExportResult:
     """Write the mlx-lm adapter in `adapter_dir` as a PEFT LoRA (`CAUSAL_LM`) adapter.
 
     rank: compress to this rank by SVD (errors in the result); base_model: the id written
     as `base_model_name_or_path` (default: the one the adapter was trained on); model: a
     local base directory to read the architecture from when the adapter's metadata lacks
     it. A value head saved beside the adapter goes to `model.safetensors` as TRL's
-    `v_head.summary.weight/bias`. card: README.md text to write beside the files.
+    `v_head.summary.weight/bias`. card: README.md text to write beside the files, or a
+    function of the ExportResult that returns it (called before the output is swapped in).
     """
     adapter_dir = Path(adapter_dir)
     check_output_dir(out_dir, adapter_dir, model)
@@ -330,38 +371,50 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, rank: int | None =
     if below:
         notes.append(f"this adapter was trained on top of {sorted(set(below))}; alone it is only "
                      "the last step: export the merged unit or final_adapter for the whole effect")
+    qnote = quantized_base_note(base_name)
+    if qnote:
+        log.warning("%s", qnote)
+        notes.append(qnote)
+    if "value" in heads and value_head:
+        check_finite({f"value.{k}": v for k, v in tree_flatten(heads["value"].parameters())},
+                     adapter_dir / native.HEADS)
     out = Path(out_dir)
+    res = ExportResult(out, r, lora_alpha, len(modules), base_name, mtype, errors, [], notes)
     with atomic_dir(out) as tmp:
         atomic_save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, pcfg)
         if value_head and "value" in heads:
-            h = heads["value"].summary
+            vh = heads["value"]
             atomic_save_safetensors(tmp / VALUE_HEAD_FILE, {
-                "v_head.summary.weight": h.weight.astype(mx.float32),
-                "v_head.summary.bias": h.bias.astype(mx.float32)}, metadata={"format": "pt"})
+                "v_head.summary.weight": vh.summary.weight.astype(mx.float32),
+                "v_head.summary.bias": mx.array([vh.bias_value], dtype=mx.float32)},
+                metadata={"format": "pt"})
             notes.append("value head written as TRL's v_head.summary (model.safetensors)")
         if "reward" in heads:
             notes.append("reward head not included: use `mindprint export reward` for a "
                          "SEQ_CLS adapter")
-        if card:
-            atomic_write_text(tmp / "README.md", card)
-        files = sorted(p.name for p in tmp.iterdir())
-    return ExportResult(out, r, lora_alpha, len(modules), base_name, mtype, errors, files, notes)
+        text = _card_text(card, res)
+        if text:
+            atomic_write_text(tmp / "README.md", text)
+        res.files = sorted(p.name for p in tmp.iterdir())
+    return res
 
 
 def export_reward(reward_dir: str | Path, out_dir: str | Path, head: str = "reward",
                   drop_bias: bool = False, rank: int | None = None,
                   base_model: str | None = None, model: str | None = None,
-                  card: str | None = None) -> ExportResult:
+                  card: Card = None) -> ExportResult:
     """Write a reward model (adapter + scalar head `head`) as a PEFT `SEQ_CLS` adapter.
 
     The head becomes transformers' `score` layer (`num_labels=1`), saved through PEFT's
     `modules_to_save`. That layer has no bias: a head bias above 1e-4 in magnitude is an
     error unless `drop_bias`, which exports scores shifted by -bias (Bradley-Terry preferences, which
     depend on score differences only, are unchanged); the bias is recorded in
-    `mindprint_reward.json`.
+    `mindprint_reward.json`. `reward_dir` is the adapter directory or the training output
+    (the pipeline's `reward_model/`) that holds it in `adapter/`. mindprint trains the head
+    without a bias, so there is nothing to drop.
     """
-    reward_dir = Path(reward_dir)
+    reward_dir = reward_adapter_dir(reward_dir)
     check_output_dir(out_dir, reward_dir, model)
     heads = native.load_heads(reward_dir)
     if head not in heads:
@@ -371,11 +424,14 @@ def export_reward(reward_dir: str | Path, out_dir: str | Path, head: str = "rewa
      errors) = _prepare(reward_dir, rank, base_model, model)
     tensors, hf_modules = _peft_tensors(modules, nm, _dtype_of(reward_dir))
     summary = heads[head].summary
-    bias = float(summary.bias.astype(mx.float32).reshape(-1)[0].item())
+    check_finite({f"{head}.{k}": v for k, v in tree_flatten(heads[head].parameters())},
+                 reward_dir / native.HEADS)
+    bias = heads[head].bias_value
     notes = []
     if bias != 0.0:
-        # Bradley-Terry's gradient w.r.t. the bias is zero, so a trained head's bias stays at
-        # rounding noise; below the parity tolerance it is dropped (and noted) without asking.
+        # Bradley-Terry's gradient w.r.t. the bias is zero, but weight decay and rounding move
+        # it (heads trained before mindprint dropped the bias); below the parity tolerance it
+        # is dropped (and noted) without asking.
         if not drop_bias and abs(bias) > BIAS_TOLERANCE:
             raise MindprintError(
                 f"{reward_dir / native.HEADS}: head '{head}' has bias {bias:.6g}, and "
@@ -398,20 +454,124 @@ def export_reward(reward_dir: str | Path, out_dir: str | Path, head: str = "rewa
         notes.append(f"the base config's pad_token_id is {pad} (eos {sorted(e for e in eos if e is not None)}): "
                      "set model.config.pad_token_id to an id that is not EOS and pad with it, "
                      "or transformers reads the score before the EOS")
+    qnote = quantized_base_note(base_name)
+    if qnote:
+        log.warning("%s", qnote)
+        notes.append(qnote)
     out = Path(out_dir)
+    res = ExportResult(out, r, lora_alpha, len(modules), base_name, mtype, errors, [], notes)
     with atomic_dir(out) as tmp:
         atomic_save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, pcfg)
         atomic_write_json(tmp / "mindprint_reward.json", {
             "head": head, "num_labels": 1, "head_bias": bias, "bias_dropped": bias != 0.0,
             "pad_token_id": pad, "base_model": base_name})
-        if card:
-            atomic_write_text(tmp / "README.md", card)
-        files = sorted(p.name for p in tmp.iterdir())
-    return ExportResult(out, r, lora_alpha, len(modules), base_name, mtype, errors, files, notes)
+        text = _card_text(card, res)
+        if text:
+            atomic_write_text(tmp / "README.md", text)
+        res.files = sorted(p.name for p in tmp.iterdir())
+    return res
+
+
+def reward_adapter_dir(reward_dir: str | Path) -> Path:
+    """The adapter directory of a reward model: `reward_dir` itself, or its `adapter/`
+    (what train_reward_model and the pipeline's `reward_model/` hold)."""
+    d = Path(reward_dir)
+    if not (d / native.ADAPTER_CONFIG).is_file() and (d / "adapter" / native.ADAPTER_CONFIG).is_file():
+        return d / "adapter"
+    return d
 
 
 # ---------------------------------------------------------------- import
+
+def named_adapter_subfolders(d: Path) -> list[str]:
+    """Subfolders of `d` that hold a PEFT adapter (PEFT's save_pretrained puts an adapter
+    named other than 'default' in `d/<name>/`)."""
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir()
+                  if p.is_dir() and (p / PEFT_CONFIG).is_file())
+
+
+def _local_model_dir(where: str | None) -> Path | None:
+    if not where:
+        return None
+    p = Path(where).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(str(where), "config.json")
+    except Exception:
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def _safetensors_header(f: Path) -> dict:
+    """The JSON header of a .safetensors file (names, dtypes, shapes); {} if unreadable."""
+    import struct
+    try:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > min(100 << 20, f.stat().st_size - 8):
+                return {}
+            header = json.loads(fh.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def base_linear_shapes(config: dict, where: str | None) -> dict[str, tuple[int, int]]:
+    """{weight name: (out, in)} of the 2-D weights in the base's safetensors files, read
+    from the headers only; MLX-quantized (packed) widths are unpacked. {} when the base
+    weights are not on disk."""
+    d = _local_model_dir(where)
+    if d is None:
+        return {}
+    bits = (config.get("quantization") or {}).get("bits") if isinstance(
+        config.get("quantization"), dict) else None
+    out = {}
+    for f in sorted(d.glob("model*.safetensors")):
+        header = _safetensors_header(f)
+        for k, v in header.items():
+            shape = v.get("shape") if isinstance(v, dict) else None
+            if not k.endswith(".weight") or not isinstance(shape, list) or len(shape) != 2:
+                continue
+            o, i = shape
+            if bits and v.get("dtype") == "U32":
+                i = i * 32 // bits
+            out[k[:-len(".weight")]] = (int(o), int(i))
+    return out
+
+
+def shape_problem(state: dict, base_shapes: dict, nm: NameMap, n_layers: int | None) -> str | None:
+    """What is wrong with imported mlx-lm LoRA tensors for this base (None: they fit):
+    a layer the base lacks, or factor shapes that do not match the base's (out, in)."""
+    paths = sorted({k.rsplit(".", 1)[0] for k in state})
+    for p in paths:
+        i, _ = nm.split_mlx(p)
+        if n_layers is not None and i >= n_layers:
+            return f"module '{p}': layer {i}, the base has {n_layers} layers"
+    if not base_shapes:
+        return None
+    found = [p for p in paths if p in base_shapes or nm.to_hf(p) in base_shapes]
+    if not found:
+        return None   # the checkpoint names its weights differently (e.g. multimodal)
+    for p in paths:
+        shape = base_shapes.get(p) or base_shapes.get(nm.to_hf(p))
+        if shape is None:
+            return f"module '{nm.to_hf(p)}' is not a linear layer of the base"
+        o, i = shape
+        a, b = state[f"{p}.lora_a"], state[f"{p}.lora_b"]   # (in, r), (r, out)
+        hf = nm.to_hf(p)
+        if a.shape[0] != i:
+            return (f"tensor '{PEFT_PREFIX}{hf}.lora_A.weight' has shape {tuple(a.T.shape)}, the "
+                    f"base's '{hf}' is {o}x{i}: lora_A needs (r, {i})")
+        if b.shape[1] != o:
+            return (f"tensor '{PEFT_PREFIX}{hf}.lora_B.weight' has shape {tuple(b.T.shape)}, the "
+                    f"base's '{hf}' is {o}x{i}: lora_B needs ({o}, r)")
+    return None
+
 
 _UNSUPPORTED_FLAGS = (
     ("use_dora", "DoRA (use_dora: true)"),
@@ -453,6 +613,12 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
     check_output_dir(out_dir, d, model)
     cfg_file, w_file = d / PEFT_CONFIG, d / PEFT_WEIGHTS
     if not cfg_file.is_file() or not w_file.is_file():
+        named = named_adapter_subfolders(d)
+        if not cfg_file.is_file() and named:
+            raise MindprintError(
+                f"{d} holds no adapter itself, but named PEFT adapter(s) in subfolder(s) "
+                f"{', '.join(repr(n) for n in named)} (PEFT saves a non-default adapter name "
+                f"under its own folder): import {d / named[0]}")
         raise MindprintError(f"{d} is not a PEFT adapter directory (needs {PEFT_CONFIG} and "
                              f"{PEFT_WEIGHTS}; pickled adapter_model.bin is not read)")
     pcfg = _read_json(cfg_file)
@@ -472,14 +638,17 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
     mtype = config.get("model_type")
     nm = name_map(mtype)
     n_layers = _num_layers(config)
-    try:
-        r = int(pcfg["r"])
-        alpha = float(pcfg.get("lora_alpha", 8))
-    except (KeyError, TypeError, ValueError) as e:
-        raise MindprintError(f"{cfg_file}: bad r / lora_alpha ({e!r})") from None
+    r, alpha = pcfg.get("r"), pcfg.get("lora_alpha", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise MindprintError(f"{cfg_file}: 'r' must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise MindprintError(f"{cfg_file}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    alpha = float(alpha)
     scale = alpha / (math.sqrt(r) if pcfg.get("use_rslora") else r)
 
-    weights = mx.load(str(w_file))
+    weights = load_safetensors(w_file)
+    check_finite(weights, w_file)
+    base_shapes = base_linear_shapes(config, where)
     state: dict[str, mx.array] = {}
     head_weight = None
     for k, v in weights.items():
@@ -500,12 +669,16 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
         module, which = m.group(1), m.group(2)
         mlx_path = nm.to_mlx(module)
         t = v.astype(mx.float32)
+        if t.ndim != 2:
+            raise MindprintError(f"{w_file}: '{k}' has shape {tuple(t.shape)}; a LoRA factor is 2-D")
         if which == "A":
             if t.shape[0] != r:
                 raise MindprintError(f"{w_file}: '{k}' has rank {t.shape[0]}, config r is {r} "
                                      "(per-module ranks are not supported)")
             state[f"{mlx_path}.lora_a"] = t.T
         else:
+            if t.shape[1] != r:
+                raise MindprintError(f"{w_file}: '{k}' has rank {t.shape[1]}, config r is {r}")
             state[f"{mlx_path}.lora_b"] = t.T
     paths = {k.rsplit(".", 1)[0] for k in state}
     for p in paths:
@@ -514,6 +687,9 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
                 raise MindprintError(f"{w_file}: module '{p}' lacks its {leaf} factor")
     if not paths:
         raise MindprintError(f"{w_file}: holds no LoRA tensors")
+    problem = shape_problem(state, base_shapes, nm, n_layers)
+    if problem:
+        raise MindprintError(f"{w_file}: {problem} (is '{where}' this adapter's base model?)")
     layers, targets = set(), set()
     for p in paths:
         i, rest = nm.split_mlx(p)
@@ -526,14 +702,24 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
     heads = None
     if head_weight is not None:
         from ..models.heads import ScalarHead
-        h = ScalarHead(int(head_weight.shape[-1]))
-        if head_weight.shape[0] != 1:
-            raise MindprintError(f"{w_file}: score head has {head_weight.shape[0]} labels; a "
+        if head_weight.ndim != 2 or head_weight.shape[0] != 1:
+            raise MindprintError(f"{w_file}: score head has shape {tuple(head_weight.shape)}; a "
                                  "reward head needs num_labels 1")
-        h.summary.weight = head_weight.astype(mx.float32)
+        hidden = _text_config(config).get("hidden_size")
+        if isinstance(hidden, int) and head_weight.shape[1] != hidden:
+            raise MindprintError(f"{w_file}: score head is {head_weight.shape[1]} wide, the base's "
+                                 f"hidden_size is {hidden} (wrong base model?)")
         info_file = d / "mindprint_reward.json"
+        bias = 0.0
         if info_file.is_file():   # our own export: put back the bias it had to drop
-            h.summary.bias = mx.array([float(_read_json(info_file).get("head_bias") or 0.0)])
+            raw = _read_json(info_file).get("head_bias") or 0.0
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+                raise MindprintError(f"{info_file}: 'head_bias' must be a finite number, got {raw!r}")
+            bias = float(raw)
+        h = ScalarHead(int(head_weight.shape[-1]), bias=bias != 0.0)
+        h.summary.weight = head_weight.astype(mx.float32)
+        if bias != 0.0:
+            h.summary.bias = mx.array([bias])
         heads = {"reward": h}
     elif head_modules:
         raise MindprintError(f"{w_file}: SEQ_CLS adapter without a score.weight tensor")

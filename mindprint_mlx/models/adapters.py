@@ -20,7 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
-from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json
+from ..io import (DuplicateKeyError, atomic_dir, atomic_save_safetensors, atomic_write_json,
+                  json_loads_strict, load_safetensors)
 from . import lora
 from .heads import ScalarHead
 
@@ -89,25 +90,51 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, dict]:
     if not cfg_file.is_file() or not (d / ADAPTER_WEIGHTS).is_file():
         raise MindprintError(f"{d} is not an mlx-lm adapter directory "
                              f"(needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MindprintError(f"{cfg_file}: not valid JSON ({e})") from None
-    meta = {}
-    if (d / METADATA).is_file():
-        try:
-            meta = json.loads((d / METADATA).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MindprintError(f"{d / METADATA}: not valid JSON ({e})") from None
+    cfg = read_json_object(cfg_file)
+    if not isinstance(cfg.get("lora_parameters", {}), dict):
+        raise MindprintError(f"{cfg_file}: 'lora_parameters' must be a JSON object, got "
+                             f"{type(cfg['lora_parameters']).__name__}")
+    rank = cfg.get("lora_parameters", {}).get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise MindprintError(f"{cfg_file}: lora_parameters.rank must be a positive integer, "
+                             f"got {rank!r}")
+    meta = read_json_object(d / METADATA) if (d / METADATA).is_file() else {}
+    _check_metadata_types(meta, d / METADATA)
     return cfg, meta
 
 
-def _load_safetensors(f: Path) -> dict[str, mx.array]:
+# mindprint.json keys that code reads with a fixed type
+_META_TYPES = {"frozen_below": list, "stack": list, "layers": list, "targets": list,
+               "heads": dict, "base_model": str, "base_model_path": str,
+               "base_model_type": str, "adapter_name": str, "base_quantization": dict}
+
+
+def _check_metadata_types(meta: dict, where: Path) -> None:
+    for key, typ in _META_TYPES.items():
+        v = meta.get(key)
+        if v is not None and not isinstance(v, typ):
+            raise MindprintError(f"{where}: '{key}' must be a JSON "
+                                 f"{ {list: 'array', dict: 'object', str: 'string'}[typ]}, "
+                                 f"got {type(v).__name__}")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold one object: unreadable, invalid, duplicate-keyed or
+    non-object JSON is a MindprintError naming the file."""
     try:
-        return mx.load(str(f))
-    except (ValueError, RuntimeError, OSError) as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise MindprintError(f"{f}: cannot read ({lines[0] if lines else type(e).__name__})") from None
+        data = json_loads_strict(Path(path).read_text(encoding="utf-8"))
+    except DuplicateKeyError as e:
+        raise MindprintError(f"{path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MindprintError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, RecursionError, ValueError) as e:
+        raise MindprintError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise MindprintError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_load_safetensors = load_safetensors
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = None,
@@ -187,10 +214,19 @@ def load_heads(adapter_dir: str | Path) -> dict[str, ScalarHead]:
     flat = _load_safetensors(f)
     heads: dict[str, ScalarHead] = {}
     for hname in sorted({k.split(".", 1)[0] for k in flat}):
-        w = flat[f"{hname}.summary.weight"]
-        head = ScalarHead(int(w.shape[-1]))
-        head.load_weights([(k.split(".", 1)[1], v) for k, v in flat.items()
-                           if k.startswith(hname + ".")])
+        own = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(hname + ".")}
+        w, b = own.get("summary.weight"), own.get("summary.bias")
+        extra = sorted(set(own) - {"summary.weight", "summary.bias"})
+        if w is None:
+            raise MindprintError(f"{f}: head '{hname}' has no '{hname}.summary.weight' tensor")
+        if extra:
+            raise MindprintError(f"{f}: head '{hname}' has unexpected tensor '{hname}.{extra[0]}'")
+        if w.ndim != 2 or w.shape[0] != 1 or (b is not None and tuple(b.shape) != (1,)):
+            raise MindprintError(f"{f}: head '{hname}' has weight {tuple(w.shape)}"
+                                 + (f" and bias {tuple(b.shape)}" if b is not None else "")
+                                 + ", not (1, hidden) and (1,)")
+        head = ScalarHead(int(w.shape[-1]), bias=b is not None)
+        head.load_weights(list(own.items()))
         heads[hname] = head
     return heads
 

@@ -18,16 +18,32 @@ from ..errors import MindprintError
 
 class ScalarHead(nn.Module):
     """hidden (..., H) -> scalar (...). Zero-initialised (OpenAI's value head) or
-    normal with std 1/sqrt(H + 1) (the reward head of lm-human-preferences)."""
+    normal with std 1/sqrt(H + 1) (the reward head of lm-human-preferences).
 
-    def __init__(self, hidden_size: int, zero_init: bool = True):
+    bias=False: no bias at all. The reward head has none: a Bradley-Terry loss depends
+    on score differences only, so it cannot train a bias (and transformers' `score`
+    layer has no place for one)."""
+
+    def __init__(self, hidden_size: int, zero_init: bool = True, bias: bool = True):
         super().__init__()
+        # Built with a bias either way, so that a seed draws the same initial weight with
+        # or without one (nn.Linear's init draws both); a bias-free head then drops it.
         self.summary = nn.Linear(hidden_size, 1)
         if zero_init:
             self.summary.weight = mx.zeros_like(self.summary.weight)
         else:
             self.summary.weight = mx.random.normal(self.summary.weight.shape) / math.sqrt(hidden_size + 1)
-        self.summary.bias = mx.zeros_like(self.summary.bias)
+        if bias:
+            self.summary.bias = mx.zeros_like(self.summary.bias)
+        else:
+            del self.summary["bias"]
+
+    @property
+    def bias_value(self) -> float:
+        """The head's bias as a float (0.0 for a head without one)."""
+        if "bias" not in self.summary:
+            return 0.0
+        return float(self.summary.bias.astype(mx.float32).reshape(-1)[0].item())
 
     def __call__(self, hidden: mx.array) -> mx.array:
         return self.summary(hidden.astype(mx.float32)).squeeze(-1)

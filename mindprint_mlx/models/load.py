@@ -111,8 +111,8 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _config_fixes(config: dict, path: Path) -> dict:
-    """Keys mlx-lm needs that a transformers-5 checkpoint may only have nested."""
+def _config_fixes(config: dict, path: Path | None = None) -> dict:
+    """Keys mlx-lm needs that a transformers-5 checkpoint may only have nested (pure)."""
     fixes: dict[str, Any] = {}
     rp = config.get("rope_parameters")
     if "rope_theta" not in config and isinstance(rp, dict):
@@ -123,12 +123,45 @@ def _config_fixes(config: dict, path: Path) -> dict:
             theta = rp["full_attention"].get("rope_theta")
         if theta is not None:
             fixes["rope_theta"] = theta
-            log.warning("%s: rope_theta taken from rope_parameters (%s)", path, theta)
         local = rp.get("sliding_attention")
         if isinstance(local, dict) and "rope_local_base_freq" not in config \
                 and local.get("rope_theta") is not None:
             fixes["rope_local_base_freq"] = local["rope_theta"]
     return fixes
+
+
+_NOTED: set[str] = set()
+
+
+def rope_note(path: Path | str, fixes: dict) -> str | None:
+    """What plain mlx-lm needs for a base whose config has only `rope_parameters`
+    (transformers 5 checkpoints): the text of a one-time note, or None."""
+    if "rope_theta" not in fixes:
+        return None
+    cfg = {k: fixes[k] for k in ("rope_theta", "rope_local_base_freq") if k in fixes}
+    return (f"{path}: config.json has rope_theta only under rope_parameters ({fixes['rope_theta']}); "
+            "mindprint uses it, but plain mlx-lm reads only a top-level rope_theta and otherwise "
+            f"silently uses its default: load this base with mlx_lm.load(..., model_config={cfg!r})")
+
+
+def _note_once(path: Path, fixes: dict) -> None:
+    note = rope_note(path, fixes)
+    key = str(Path(path).resolve())
+    if note and key not in _NOTED:
+        _NOTED.add(key)
+        log.warning("%s", note)
+
+
+def _name_bad_weight_file(path: Path) -> None:
+    """After a failed load: raise the error of the first weight file that cannot be read
+    (so the message names it); return when every file reads (the problem is elsewhere)."""
+    from ..io import load_safetensors
+
+    for f in sorted(path.glob("model*.safetensors")):
+        try:
+            load_safetensors(f)
+        except MindprintError as e:
+            raise MindprintError(f"{path}: cannot load the weights: {e}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -171,10 +204,12 @@ def load(path_or_hub_id: str | os.PathLike, quantize: int | None = None,
         raise MindprintError(f"{path}: no model*.safetensors weights (mindprint loads weights "
                              "only from safetensors, never pickled .bin files)")
     fixes = _config_fixes(config, path)
+    _note_once(path, fixes)
     try:
         model, config = load_model(path, lazy=lazy, model_config=fixes or None,
                                    trust_remote_code=trust_remote_code)
     except (ValueError, RuntimeError, OSError) as e:  # missing tensors, corrupt or cut files
+        _name_bad_weight_file(path)
         raise MindprintError(f"{path}: cannot load the weights: {_first_line(e)}") from None
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

@@ -31,7 +31,7 @@ import mlx.core as mx
 from .. import evaluate as ev
 from ..config import to_dict
 from ..errors import MindprintError
-from ..io import append_jsonl, atomic_write_text, safe_name
+from ..io import append_jsonl, atomic_write_text, safe_name, topic_slug
 from ..models import lora
 from ..train.loop import Interrupted
 from . import interrupt
@@ -449,7 +449,7 @@ class _Run:
         st, key, cfg = self.state, topic.key, self.cfg
         adir = self.run_dir / "adapters" / Path(*[safe_name(p, "topic path") for p in Path(topic.rel_dir).parts])
         work = self.work / topic.rel_dir
-        slug = safe_name(topic.rel_dir.replace("/", "__"))
+        slug = topic_slug(topic.rel_dir, key)   # hashed: a/b__c and a__b/c differ
         meta = {"unit": topic.unit, "chapter": topic.chapter, "topic": topic.name,
                 "frozen_below": frozen}
         if not plan["plan"]["trainable"]:

@@ -32,6 +32,35 @@ class ResumeError(MindprintError):
     pass
 
 
+# state.json keys and the JSON type the code reads them as
+_STATE_TYPES = {"topics": dict, "units": dict, "reward_model": (dict, type(None))}
+
+
+def read_state_file(f: Path) -> dict:
+    """state.json as a dict, checked: invalid JSON, a non-object, or a top-level key of the
+    wrong type (`topics` a list, ...) is a ResumeError naming the file and key."""
+    try:
+        data = json.loads(Path(f).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ResumeError(f"{f}: not valid JSON ({e}); it is written atomically, so this "
+                          "file was edited by hand") from None
+    except OSError as e:
+        raise ResumeError(f"{f}: cannot read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise ResumeError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    for key, typ in _STATE_TYPES.items():
+        if key in data and not isinstance(data[key], typ):
+            raise ResumeError(f"{f}: '{key}' has the wrong type ({type(data[key]).__name__})")
+    for name, rec in (data.get("topics") or {}).items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("phases", {}), dict):
+            raise ResumeError(f"{f}: topics['{name}'] has the wrong type (expected an object "
+                              "with 'phases')")
+        for ph, r in rec.get("phases", {}).items():
+            if not isinstance(r, dict) or not isinstance(r.get("artefacts", []), list):
+                raise ResumeError(f"{f}: topics['{name}'].phases['{ph}'] has the wrong type")
+    return data
+
+
 def data_hashes(data_dir: str | Path) -> dict[str, str]:
     """sha256 of every file under the data directory, by relative path."""
     d = Path(data_dir)
@@ -98,11 +127,7 @@ class RunState:
         f = Path(run_dir) / STATE
         if not f.is_file():
             return cls(run_dir)
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ResumeError(f"{f}: not valid JSON ({e}); it is written atomically, so this "
-                              "file was edited by hand") from None
+        data = read_state_file(f)
         if data.get("version") != STATE_VERSION:
             raise ResumeError(f"{f}: state version {data.get('version')!r}, this mindprint "
                               f"writes {STATE_VERSION}")
@@ -158,6 +183,9 @@ def check_resume(run_dir: Path, resolved: dict, hashes: dict) -> None:
         old = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResumeError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(old, dict) or not isinstance(old.get("config", {}), dict) \
+            or not isinstance(old.get("data_hashes", {}), dict):
+        raise ResumeError(f"{f}: expected a JSON object with 'config' and 'data_hashes' objects")
     changes = config_changes(old.get("config", {}), resolved)
     dchanges = data_changes(old.get("data_hashes", {}), hashes)
     if changes or dchanges:

@@ -19,7 +19,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
-from ..io import atomic_dir
+from ..io import atomic_dir, load_safetensors
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -55,9 +55,12 @@ def read_checkpoint_state(ckpt_dir: str | Path) -> dict | None:
     if not all((d / f).is_file() for f in (WEIGHTS, OPTIMIZER, RNG, STATE)):
         return None
     try:
-        return json.loads((d / STATE).read_text())
+        state = json.loads((d / STATE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MindprintError(f"{d / STATE}: unreadable checkpoint record ({e})") from None
+    if not isinstance(state, dict):
+        raise MindprintError(f"{d / STATE}: expected a JSON object, got {type(state).__name__}")
+    return state
 
 
 def _set_path(tree: Any, path: str, value: mx.array) -> None:
@@ -81,7 +84,7 @@ def restore_checkpoint(ckpt_dir: str | Path, module: nn.Module, optimizer: optim
     state = read_checkpoint_state(d)
     if state is None:
         raise MindprintError(f"{d}: no complete checkpoint to resume from")
-    weights = mx.load(str(d / WEIGHTS))
+    weights = load_safetensors(d / WEIGHTS)
     expected = dict(tree_flatten(module.trainable_parameters()))
     if set(weights) != set(expected):
         missing = sorted(set(expected) - set(weights))[:3]
@@ -95,7 +98,7 @@ def restore_checkpoint(ckpt_dir: str | Path, module: nn.Module, optimizer: optim
                                  f"expects {tuple(expected[k].shape)}")
     module.load_weights(list(weights.items()), strict=False)
     optimizer.init(module.trainable_parameters())
-    saved = mx.load(str(d / OPTIMIZER))
+    saved = load_safetensors(d / OPTIMIZER)
     current = dict(tree_flatten(optimizer.state))
     if set(saved) != set(current):
         raise MindprintError(f"{d / OPTIMIZER} does not match this optimizer's state "
@@ -103,7 +106,7 @@ def restore_checkpoint(ckpt_dir: str | Path, module: nn.Module, optimizer: optim
     for k, v in saved.items():
         _set_path(optimizer.state, k, v)
     # mx.random.state cannot be assigned; a key (hi, lo) is exactly what seed(hi << 32 | lo) sets.
-    hi, lo = (int(x) for x in mx.load(str(d / RNG))["key0"].tolist())
+    hi, lo = (int(x) for x in load_safetensors(d / RNG)["key0"].tolist())
     mx.random.seed((hi << 32) | lo)
     mx.eval(module.parameters(), optimizer.state)
     return state

@@ -295,7 +295,7 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_r,
                     alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=False)
-    head = ScalarHead(hidden_size(model), zero_init=False)
+    head = ScalarHead(hidden_size(model), zero_init=False, bias=False)  # BT cannot train a bias
     net = _RewardNet(model, head)
     schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
     opt = adamw(schedule, cfg.weight_decay)
