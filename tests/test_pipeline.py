@@ -250,3 +250,44 @@ def test_a_run_stopped_between_sft_and_ppo_resumes_to_the_same_bits(setup, tmp_p
         key = f"{UNIT}/{CHAPTER}/{t}"
         assert res.state["topics"][key]["phases"]["final"]["score"] == \
             whole.state["topics"][key]["phases"]["final"]["score"]
+
+
+def test_guards_stop_the_run_before_harm(setup):
+    """LoRA settings that do not fit the model fail before anything trains; a reward model at
+    chance stops the run before PPO (reward.continue_at_chance, free to change on resume,
+    goes on); a learning rate of 1000 is reported as diverged, not finished."""
+    from mindprint_mlx.guards import DivergedError
+
+    cfg_file, _, run_dir = setup
+    with pytest.raises(MindprintError, match=r"sft\.lora_targets: LoRA target 'o_prj' matches no"):
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.lora_targets=[o_prj]",
+                                                     "ppo.lora_targets=[o_prj]"]), echo=lambda s: None)
+    with pytest.raises(MindprintError, match=r"sft\.num_layers=9, but the model has 2 decoder layers"):
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.num_layers=9", "ppo.num_layers=9"]),
+                     echo=lambda s: None)
+    assert not (run_dir / "reward_model").exists()           # nothing trained
+
+    at_chance = ["reward.continue_at_chance=false"]
+    res = run_pipeline(load_pipeline_config(cfg_file, at_chance), echo=lambda s: None)
+    assert res.status.startswith("stopped: the reward model's validation accuracy is 0.0 (chance: 0.5)")
+    assert not res.state["topics"].get(f"{UNIT}/{CHAPTER}/{TOPICS[0]}", {}).get("phases")
+    from mindprint_mlx.pipeline import interrupt
+
+    def stop_at_the_first_quiz(line: str) -> None:
+        lines.append(line)
+        if "] quiz " in line:
+            interrupt.request()
+    lines: list[str] = []
+    res = run_pipeline(load_pipeline_config(cfg_file, ["reward.continue_at_chance=true"]),
+                       resume=True, echo=stop_at_the_first_quiz)
+    assert res.status == "interrupted" and "reward model: done" in "\n".join(lines)
+    assert f"[{UNIT}/{CHAPTER}/{TOPICS[0]}] SFT on" in "\n".join(lines)   # past the gate
+
+    other = str(run_dir) + "-lr1000"
+    with pytest.raises(DivergedError, match=r"sft: training diverged \(the trainable weights' norm "
+                       r"grew from .* at step 1 .*no checkpoint had been written yet"):
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.lr=1000", f"run_dir={other}"]),
+                     echo=lambda s: None)
+    st = _state(Path(other))
+    assert st["stopped"].startswith("failed: DivergedError") and not st["finished"]
+    assert not list(Path(other).glob("adapters/**/*.safetensors"))

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mindprint_mlx import guards
