@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -50,6 +51,8 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
                 return _coerce(value, a, source, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:     # Optional[X]: X's own message (e.g. "not a finite number")
+            raise ConfigError(errors[0])
         raise ConfigError(f"{_where(source, key)}: {value!r} is not a valid "
                           f"{' or '.join(_type_name(a) for a in args)}")
     if origin is typing.Literal:
@@ -91,9 +94,12 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{_where(source, key)}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{_where(source, key)}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{_where(source, key)}: {value!r} is not a finite number")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{_where(source, key)}: expected a string, got {value!r}")
@@ -101,9 +107,18 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
     return value
 
 
+def check_finite_fields(obj: Any) -> None:
+    """Every float field of dataclass `obj` is finite (NaN and inf are never a setting)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"key '{f.name}': {v!r} is not a finite number")
+
+
 def check_values(obj: Any, checks: Iterable[tuple[str, bool]]) -> None:
-    """For a dataclass's `validate()`: the first (key, ok) that is not ok is a ConfigError
-    naming the key and its value."""
+    """For a dataclass's `validate()`: a float field that is NaN or inf, or else the first
+    (key, ok) that is not ok, is a ConfigError naming the key and its value."""
+    check_finite_fields(obj)
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"key '{key}': invalid value {getattr(obj, key)!r}")

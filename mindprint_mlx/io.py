@@ -148,7 +148,7 @@ def atomic_save_safetensors(path: str | os.PathLike, arrays: Mapping[str, Any],
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.safetensors", dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     os.close(fd)
@@ -216,11 +216,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _old_name(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.old")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` over `dst`. The old `dst` is first renamed to `.dst.old` and
+    removed only after `src` is in place; a kill between the two renames leaves `dst`
+    missing and `.dst.old` complete, which `repair_tree` (run on resume) renames back."""
     src, dst = Path(src), Path(dst)
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
+        old = _old_name(dst)
         if old.exists():
             shutil.rmtree(old)
         os.replace(dst, old)
@@ -228,6 +235,58 @@ def replace_dir(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def is_orphan(name: str) -> bool:
+    """A temporary name this module writes (`.x.abc123.tmp`, `.x.abc123.tmp.safetensors`)
+    or an old directory moved aside by `replace_dir` (`.x.old`)."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".tmp.safetensors")
+                                     or name.endswith(".old"))
+
+
+def repair_tree(root: str | os.PathLike) -> list[str]:
+    """After a killed run, under `root`: put back each `.x.old` whose `x` is missing (a kill
+    inside `replace_dir`), then remove the temporary files and directories a killed writer
+    left. Only for a directory no live process writes to (hold the run lock). Returns
+    what was done, one line per path (relative to `root`)."""
+    root = Path(root)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    found = sorted((p for p in root.rglob(".*") if is_orphan(p.name)),
+                   key=lambda p: len(p.parts))
+    for p in found:
+        if not os.path.lexists(p):
+            continue                        # inside an orphan already removed
+        if p.name.endswith(".old") and p.is_dir():
+            dst = p.with_name(p.name[1:-len(".old")])
+            if not dst.exists():
+                os.replace(p, dst)
+                done.append(f"restored {dst.relative_to(root)} (a replace was cut short)")
+                continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(f"removed {p.relative_to(root)}")
+    if found:
+        _fsync_dir(root)
+    return done
+
+
+def trim_jsonl(path: str | os.PathLike, last_step: int | None) -> None:
+    """On resume, keep a metrics file's lines up to `last_step` (the checkpoint's step), so
+    the replayed steps are not logged twice; None (a fresh start) removes the file."""
+    path = Path(path)
+    if last_step is None:
+        path.unlink(missing_ok=True)
+        return
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), (int, float))
+            or r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n"
+                                    for r in kept))
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

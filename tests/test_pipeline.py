@@ -49,8 +49,9 @@ def _small_data(dst: Path) -> Path:
 def _config(model: Path, data: Path, run_dir: Path) -> dict:
     return {
         "model": str(model), "data_dir": str(data), "run_dir": str(run_dir), "seed": 0,
+        # (1 epoch on 16 pairs: at chance; the run goes on to PPO all the same)
         "reward": {"train": {"lora_r": 2, "lora_alpha": 4.0, "epochs": 1, "batch_size": 8,
-                             "max_len": 96, "compile": False}},
+                             "max_len": 96, "compile": False}, "continue_at_chance": True},
         "sft": {"lora_r": 2, "lora_alpha": 4.0, "max_len": 96, "compile": False},
         "ppo": {"steps": 3, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
                 "max_new_tokens": 8, "save_every": 1, "progress": False, "learning_rate": 1e-3},
@@ -228,3 +229,88 @@ def test_interrupted_and_killed_run_resumes_to_the_same_result(setup):
     # And a finished run_dir is not silently overwritten.
     with pytest.raises(MindprintError, match="--resume"):
         run_pipeline(load_pipeline_config(cfg_file))
+
+
+def _files(d: Path, pattern: str) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.glob(pattern)) if p.is_file()}
+
+
+def test_a_run_stopped_between_sft_and_ppo_resumes_to_the_same_bits(setup, tmp_path):
+    """PPO's LoRA and value head come from ppo.seed, not from the global random state that
+    the phases before it (run or skipped on resume) leave behind."""
+    from mindprint_mlx.pipeline import interrupt
+
+    cfg_file, _, run_dir = setup
+    whole = run_pipeline(load_pipeline_config(cfg_file, [f"run_dir={tmp_path / 'whole'}"]),
+                         echo=lambda s: None)
+    assert whole.status == "finished"
+
+    def stop_after_the_first_quiz(line: str) -> None:
+        if line.startswith(f"[{UNIT}/{CHAPTER}/{TOPICS[0]}] quiz "):
+            interrupt.request()         # what the first Ctrl-C does: stop after this phase
+    cut = run_pipeline(load_pipeline_config(cfg_file), echo=stop_after_the_first_quiz)
+    assert cut.status == "interrupted"
+    phases = cut.state["topics"][f"{UNIT}/{CHAPTER}/{TOPICS[0]}"]["phases"]
+    assert "sft" in phases and "quiz" in phases and "ppo" not in phases
+    # ... and as if killed inside a directory replace (destination moved aside, the new one
+    # still under its temporary name) and while writing a file: --resume repairs both.
+    rm_adapter = run_dir / "reward_model" / "adapter"
+    os.replace(rm_adapter, rm_adapter.with_name(".adapter.old"))
+    (rm_adapter.with_name(".adapter.k3j.tmp")).mkdir()
+    (run_dir / ".state.json.x9.tmp").write_text("{")
+    lines: list[str] = []
+    res = run_pipeline(load_pipeline_config(cfg_file), resume=True, echo=lines.append)
+    assert res.status == "finished"
+    assert "resume: restored reward_model/adapter (a replace was cut short)" in lines
+    assert "resume: removed .state.json.x9.tmp" in lines
+    assert any(line.startswith("reward model: done") for line in lines)   # not retrained
+    assert not list(run_dir.rglob(".*.tmp")) and not list(run_dir.rglob(".*.old"))
+    for pattern in ("adapters/**/*.safetensors", "merged_adapters/**/*.safetensors",
+                    "final_adapter/*.safetensors"):
+        want, got = _files(whole.run_dir, pattern), _files(run_dir, pattern)
+        assert want and want == got, pattern
+    for t in TOPICS:
+        key = f"{UNIT}/{CHAPTER}/{t}"
+        assert res.state["topics"][key]["phases"]["final"]["score"] == \
+            whole.state["topics"][key]["phases"]["final"]["score"]
+
+
+def test_guards_stop_the_run_before_harm(setup):
+    """LoRA settings that do not fit the model fail before anything trains; a reward model at
+    chance stops the run before PPO (reward.continue_at_chance, free to change on resume,
+    goes on); a learning rate of 1000 is reported as diverged, not finished."""
+    from mindprint_mlx.guards import DivergedError
+
+    cfg_file, _, run_dir = setup
+    with pytest.raises(MindprintError, match=r"sft\.lora_targets: LoRA target 'o_prj' matches no"):
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.lora_targets=[o_prj]",
+                                                     "ppo.lora_targets=[o_prj]"]), echo=lambda s: None)
+    with pytest.raises(MindprintError, match=r"sft\.num_layers=9, but the model has 2 decoder layers"):
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.num_layers=9", "ppo.num_layers=9"]),
+                     echo=lambda s: None)
+    assert not (run_dir / "reward_model").exists()           # nothing trained
+
+    at_chance = ["reward.continue_at_chance=false"]
+    res = run_pipeline(load_pipeline_config(cfg_file, at_chance), echo=lambda s: None)
+    assert res.status.startswith("stopped: the reward model's validation accuracy is 0.0 (chance: 0.5)")
+    assert not res.state["topics"].get(f"{UNIT}/{CHAPTER}/{TOPICS[0]}", {}).get("phases")
+    from mindprint_mlx.pipeline import interrupt
+
+    def stop_at_the_first_quiz(line: str) -> None:
+        lines.append(line)
+        if "] quiz " in line:
+            interrupt.request()
+    lines: list[str] = []
+    res = run_pipeline(load_pipeline_config(cfg_file, ["reward.continue_at_chance=true"]),
+                       resume=True, echo=stop_at_the_first_quiz)
+    assert res.status == "interrupted" and "reward model: done" in "\n".join(lines)
+    assert f"[{UNIT}/{CHAPTER}/{TOPICS[0]}] SFT on" in "\n".join(lines)   # past the gate
+
+    other = str(run_dir) + "-lr1000"
+    with pytest.raises(DivergedError, match=r"sft: training diverged \(the trainable weights' norm "
+                       r"grew from .* at step 1 .*no checkpoint had been written yet"):
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.lr=1000", f"run_dir={other}"]),
+                     echo=lambda s: None)
+    st = _state(Path(other))
+    assert st["stopped"].startswith("failed: DivergedError") and not st["finished"]
+    assert not list(Path(other).glob("adapters/**/*.safetensors"))

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
+from ..guards import check_finite_tensors
 from ..io import (DuplicateKeyError, atomic_dir, atomic_save_safetensors, atomic_write_json,
                   json_loads_strict, load_safetensors)
 from . import lora
@@ -76,6 +77,9 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, metadata: dic
     state = lora.adapter_state(model, name)
     mx.eval(state)
     out = Path(out_dir)
+    check_finite_tensors({**state, **{f"heads.{h}.{k}": v for h, head in (heads or {}).items()
+                                      for k, v in tree_flatten(head.parameters())}},
+                         f"adapter '{name}' (for {out})")
     with atomic_dir(out) as tmp:
         write_adapter_dir(tmp, state, settings, n_layers, meta, heads)
     return out

@@ -331,6 +331,10 @@ def combine_adapters(model: nn.Module, names: Sequence[str], new_name: str,
     names = _check_names(model, names)
     if new_name in adapter_names(model) and new_name not in names:
         raise MindprintError(f"model already has an adapter named '{new_name}'")
+    from ..guards import check_finite_tensors
+
+    for n in names:   # a NaN adapter folded in would poison every later topic and unit
+        check_finite_tensors(adapter_state(model, n), f"adapter '{n}'")
     for _, m in lora_layers(model):
         present = [m.adapters[n] for n in names if n in m.adapters]
         if not present:

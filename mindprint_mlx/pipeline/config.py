@@ -24,6 +24,7 @@ class RewardSettings:
 
     path: Optional[str] = None      # an existing reward model directory to reuse (no training)
     train: dict[str, Any] = field(default_factory=dict)   # RewardConfig keys (train.reward)
+    continue_at_chance: bool = False  # go on to PPO with a reward model at chance validation accuracy
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .config import PipelineConfig, resolve_section, resolved_dict
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
 from .report import summary_table, write_metrics_csv, write_report
 from .retention import continual_metrics, replay_count
-from .state import RunState, check_resume, data_hashes, write_run_json
+from .state import RunState, check_resume, data_hashes, has_progress, write_run_json
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class _Run:
             self.echo("\ndry run: nothing trained, nothing written.")
             return PipelineResult(self.run_dir, {}, "dry run", self.plan, est)
         state_file = self.run_dir / "state.json"
-        if state_file.exists() and not self.resume:
+        if state_file.exists() and not self.resume and has_progress(self.run_dir):
             raise MindprintError(f"{self.run_dir} already holds a run (state.json); pass --resume to "
                                  "continue it, or choose another run_dir")
         if self.resume and state_file.exists():
@@ -581,11 +581,39 @@ class _Run:
                         "parts": q.parts, "regression": drop > self.cfg.verify.tolerance})
         return out
 
+    def check_lora(self) -> None:
+        """Every section's LoRA layers exist in this model: fail before anything trains."""
+        from ..guards import check_lora_fits
+
+        sections = ["sft"] + (["ppo"] if self.cfg.run_ppo else []) + \
+            ([] if self.cfg.reward.path else ["reward.train"])
+        for name in sections:
+            sec = resolve_section(self.cfg, name, strict=False)
+            check_lora_fits(self.model, name, _get(sec, "lora_targets"), _get(sec, "num_layers"))
+
+    def reward_at_chance(self) -> str | None:
+        """A stop reason when the trained reward model is no better than chance (PPO on it
+        would optimise noise), unless reward.continue_at_chance."""
+        from ..guards import reward_at_chance
+
+        rec = self.state.data.get("reward_model") or {}
+        if not self.cfg.run_ppo or rec.get("reused") or self.cfg.reward.continue_at_chance \
+                or not reward_at_chance(rec.get("best_val_accuracy")):
+            return None
+        return (f"the reward model's validation accuracy is {rec.get('best_val_accuracy')} (chance: "
+                "0.5), so PPO would optimise noise; add preference pairs or train it longer, or "
+                "set reward.continue_at_chance=true to go on anyway")
+
     def run(self) -> str:
         from ..models.adapters import load_adapter, save_adapter
 
         st = self.state
+        self.check_lora()
         self.rm = self.reward_model()
+        chance = self.reward_at_chance()
+        if chance:
+            self.echo("STOPPED: " + chance)
+            return "stopped: " + chance
         self.check_stop()
         plans = {p["key"]: p for p in self.plan}
         units: list[str] = []
@@ -663,8 +691,27 @@ class _Run:
 
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, dry_run: bool = False,
                  echo: Callable[[str], None] | None = None) -> PipelineResult:
-    """Run (or continue, or only plan) the curriculum of `cfg`; see the module docstring."""
+    """Run (or continue, or only plan) the curriculum of `cfg`; see the module docstring.
+
+    A run holds the run directory's lock (`runlock`) for its life; resuming first repairs
+    what a killed run left (`io.repair_tree`)."""
+    from ..guards import check_model_ref
+    from ..io import repair_tree
+    from ..runlock import acquire
+
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    check_model_ref(cfg.model)      # before run_dir is touched: a typo leaves nothing behind
+    if dry_run:
+        return _run_pipeline(cfg, resume, dry_run, echo)
+    with acquire(cfg.run_dir, note=echo):
+        if resume:
+            for line in repair_tree(cfg.run_dir):
+                echo(f"resume: {line}")
+        return _run_pipeline(cfg, resume, dry_run, echo)
+
+
+def _run_pipeline(cfg: PipelineConfig, resume: bool, dry_run: bool,
+                  echo: Callable[[str], None]) -> PipelineResult:
     from .. import distributed as dist
 
     if not dry_run and dist.size() > 1:

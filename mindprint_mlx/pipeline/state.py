@@ -24,8 +24,13 @@ STATE = "state.json"
 RUN = "run.json"
 STATE_VERSION = 1
 
-# Keys whose change does not alter what a run computes (may differ on resume).
-RESUME_FREE_KEYS = ("run_dir", "estimate")
+# Keys whose change does not alter what a run computes (may differ on resume), with what
+# is under them.
+RESUME_FREE_KEYS = ("run_dir", "estimate", "reward.continue_at_chance")
+
+
+def _resume_free(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
 
 
 class ResumeError(MindprintError):
@@ -93,8 +98,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every differing leaf (order-stable)."""
-    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
-    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+    a = {k: v for k, v in _flatten(old).items() if not _resume_free(k)}
+    b = {k: v for k, v in _flatten(new).items() if not _resume_free(k)}
     out = []
     for k in sorted(set(a) | set(b)):
         if a.get(k, "<unset>") != b.get(k, "<unset>"):
@@ -166,6 +171,19 @@ class RunState:
 
     def rel(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+
+
+def has_progress(run_dir: Path) -> bool:
+    """Whether state.json records finished work (a run that failed before its first phase,
+    e.g. on a model that would not load, holds nothing worth protecting)."""
+    try:
+        data = json.loads((Path(run_dir) / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return True           # unreadable: not ours to overwrite
+    if not isinstance(data, dict):
+        return True
+    return bool(data.get("reward_model") or data.get("units") or data.get("final_adapter")
+                or any((t or {}).get("phases") for t in (data.get("topics") or {}).values()))
 
 
 def write_run_json(run_dir: Path, resolved: dict, seed: int, hashes: dict, plan: list[dict]) -> None:

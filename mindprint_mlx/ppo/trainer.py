@@ -25,6 +25,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .. import distributed as dist
 from ..config import ConfigError, to_dict
 from ..errors import MindprintError
+from ..guards import (DivergedError, NonFiniteError, check_finite_tensors, divergence,
+                      first_nonfinite, seeded, tree_norm)
 from ..io import append_jsonl, atomic_dir, atomic_save_safetensors, atomic_write_json, \
     atomic_write_text, read_jsonl
 from ..models import lora
@@ -95,6 +97,9 @@ class PPOConfig:
             if not ok:
                 raise ConfigError(f"key '{key}': {what}, got {getattr(self, key)!r}")
 
+        from ..config import check_finite_fields
+
+        check_finite_fields(self)
         need(self.steps >= 1, "steps", "must be >= 1")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -242,6 +247,18 @@ def _step_key(seed: int, step: int) -> mx.array:
     return mx.random.key(int(np.random.default_rng([seed, step, 29]).integers(0, 2 ** 62)))
 
 
+def _init_seed(seed: int) -> int:
+    """The seed of the PPO adapter's initialisation: from `seed`, but not `seed` itself, so
+    that an SFT adapter initialised from the same seed does not get the same A matrices."""
+    return int(np.random.default_rng([seed, 43]).integers(0, 2 ** 62))
+
+
+def _stop_if_nonfinite(step: int, values: dict) -> None:
+    bad = first_nonfinite(values)
+    if bad:
+        raise NonFiniteError(f"ppo: the {bad[0]} became {bad[1]} at step {step + 1}")
+
+
 @dataclass
 class _Batch:
     tokens: mx.array
@@ -283,10 +300,14 @@ class PPOTrainer:
         if cfg.num_layers > n_layers:
             raise MindprintError(f"num_layers={cfg.num_layers} but the model has {n_layers} layers")
         layers = range(n_layers - cfg.num_layers, n_layers) if cfg.num_layers else None
-        lora.apply_lora(model, cfg.adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
-                        alpha=cfg.lora_alpha, layers=layers, trainable=True, enabled=False)
+        # Initialised from cfg.seed alone (not from whatever the global random state holds
+        # after the phases before), so a run resumed between SFT and PPO starts PPO identically.
+        with seeded(_init_seed(cfg.seed)):
+            lora.apply_lora(model, cfg.adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
+                            alpha=cfg.lora_alpha, layers=layers, trainable=True, enabled=False)
+            self.value_head = value_head if value_head is not None else ScalarHead(hidden_size(model))
         model.eval()                      # dropout off in every role (PPO_DETAILS item 7)
-        self.value_head = value_head if value_head is not None else ScalarHead(hidden_size(model))
+        self.norm_start = self.adapter_norm()   # (the same on resume: the init is seeded)
         self.policy = PolicyWithValue(model, self.value_head)
         _check_trainable(self.policy, cfg.adapter_name)
         self.optimizer = optim.Adam(learning_rate=cfg.learning_rate)
@@ -379,12 +400,17 @@ class PPOTrainer:
             vals = dist.global_mean(mx.stack([stats[k].astype(mx.float32) for k in keys]))
             stats = dict(zip(keys, vals.tolist()))
         stats = {k: float(v) for k, v in stats.items()}
+        if cfg.max_grad_norm is None:
+            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        else:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        stats["policy/grad_norm"] = float(norm)
+        # Before the update: a non-finite loss or gradient never reaches the weights.
+        _stop_if_nonfinite(self.step, {"loss": stats.get("loss/total"),
+                                       "gradient norm": stats["policy/grad_norm"]})
         if stats["policy/ratio_mean"] > cfg.ratio_threshold:
             # Skip the optimizer step too, or Adam's momentum still moves the weights.
             return stats, False
-        if cfg.max_grad_norm is not None:
-            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            stats["policy/grad_norm"] = float(norm)
         self.optimizer.update(self.policy, grads)
         mx.eval(self.policy.trainable_parameters(), self.optimizer.state)
         return stats, True
@@ -426,6 +452,8 @@ class PPOTrainer:
         mask = gen.response_mask
         beta = self.kl_ctl.value
         scores = self._process_scores(ro["scores"], gen.ended)
+        _stop_if_nonfinite(self.step, {"reward score": mx.abs(ro["scores"]).max().item(),
+                                       "processed score": mx.abs(scores).max().item()})
         rewards, kl = kl_penalized_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, beta,
                                            cfg.kl_estimator)
         non_score_reward = -beta * kl
@@ -442,6 +470,7 @@ class PPOTrainer:
 
         mean_kl = kl.sum(axis=1).mean()            # batch mean of each sequence's summed KL
         mean_kl = float(dist.global_mean(mean_kl) if dist.size() > 1 else mean_kl)  # (all ranks')
+        _stop_if_nonfinite(self.step, {"KL": mean_kl})
         self.kl_ctl.update(mean_kl, cfg.batch_size)  # once per batch, after the update
         resp_len = np.array(gen.response_lengths)
         n_tokens = int(resp_len.sum())
@@ -489,7 +518,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def adapter_norm(self) -> float:
+        return tree_norm(lora.adapter_state(self.model, self.cfg.adapter_name))
+
     def save_checkpoint(self, ckpt_dir: Path) -> None:
+        check_finite_tensors(dict(tree_flatten(self.optimizer.state)), f"{ckpt_dir}: the optimizer state")
         state = {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(),
                  "score_moments": self.score_moments.state_dict(), "seed": self.cfg.seed,
                  "rng": "derived from (seed, step)", "history": self.history,
@@ -539,6 +572,14 @@ class PPOTrainer:
         self.score_moments.load_state_dict(st["score_moments"])
         self.step, self.history = int(st["step"]), list(st["history"])
         mx.eval(self.policy.parameters(), self.optimizer.state)
+
+
+def _last_good(ckpt: Path) -> str:
+    try:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no PPO checkpoint had been written yet"
+    return f"the last good checkpoint (step {step}) is kept in {ckpt}"
 
 
 def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: RewardFn,
@@ -594,7 +635,14 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
         while trainer.step < cfg.steps:
             idx = _prompt_indices(len(encoded), trainer.step, cfg.batch_size, cfg.seed)
             idx = idx[rank::world_size]              # this rank's share (all of it on one process)
-            stats = trainer.train_step([encoded[i] for i in idx])
+            try:
+                stats = trainer.train_step([encoded[i] for i in idx])
+                why = divergence(None, None, trainer.norm_start, trainer.adapter_norm())
+                if why:
+                    raise DivergedError(f"ppo: diverged at step {trainer.step}: {why}")
+            except (NonFiniteError, DivergedError) as e:
+                raise type(e)(f"{e}; {_last_good(ckpt)} (lower ppo.learning_rate or check the "
+                              "reward model)") from None
             record = {"step": trainer.step, **stats}
             trainer.history.append(record)
             if main:

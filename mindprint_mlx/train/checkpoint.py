@@ -19,6 +19,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
+from ..guards import check_finite_tensors
 from ..io import atomic_dir, load_safetensors
 
 WEIGHTS = "trainable.safetensors"
@@ -41,6 +42,8 @@ def save_checkpoint(ckpt_dir: str | Path, module: nn.Module, optimizer: optim.Op
     rng = {f"key{i}": k for i, k in enumerate(mx.random.state)}
     mx.eval(weights, opt, rng)
     out = Path(ckpt_dir)
+    check_finite_tensors({**weights, **{f"optimizer.{k}": v for k, v in opt.items()}},
+                         f"checkpoint {out}")
     with atomic_dir(out) as tmp:
         mx.save_safetensors(str(tmp / WEIGHTS), weights)
         mx.save_safetensors(str(tmp / OPTIMIZER), opt)
@@ -61,6 +64,18 @@ def read_checkpoint_state(ckpt_dir: str | Path) -> dict | None:
     if not isinstance(state, dict):
         raise MindprintError(f"{d / STATE}: expected a JSON object, got {type(state).__name__}")
     return state
+
+
+def last_good(ckpt_dir: str | Path) -> str:
+    """For an error message: the checkpoint a run can go back to (never a non-finite one:
+    `save_checkpoint` refuses those), or that there is none yet."""
+    try:
+        kept = read_checkpoint_state(ckpt_dir)
+    except MindprintError:
+        kept = None
+    if not kept:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {kept.get('step')}) is kept in {ckpt_dir}"
 
 
 def _set_path(tree: Any, path: str, value: mx.array) -> None:

@@ -24,14 +24,15 @@ import numpy as np
 from .. import distributed as dist
 from ..config import to_dict
 from ..errors import MindprintError
-from ..io import append_jsonl, atomic_write_json
+from ..guards import DivergedError, divergence, step_problem, tree_norm
+from ..io import append_jsonl, atomic_write_json, trim_jsonl
 from ..models import lora
 from ..models.adapters import load_adapter, load_heads, read_adapter_config, save_adapter
 from ..models.heads import ScalarHead, hidden_size, hidden_states
 from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_pair, pad_id
-from .checkpoint import fingerprint, read_state_on_main, restore_everywhere, save_checkpoint
-from .loop import (Interrupted, adamw, gradient_checkpointing, is_finite, lora_layer_indices,
+from .checkpoint import fingerprint, last_good, read_state_on_main, restore_everywhere, save_checkpoint
+from .loop import (Interrupted, adamw, gradient_checkpointing, lora_layer_indices,
                    stop_now, training_only, use_compile)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
@@ -72,7 +73,10 @@ class RewardConfig:
     def validate(self) -> None:
         from ..config import check_values
 
-        check_values(self, [("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
+        check_values(self, [("lora_r", self.lora_r >= 1),
+                            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0),
+                            ("num_layers", self.num_layers >= 0),
+                            ("lora_targets", bool(self.lora_targets)), ("epochs", self.epochs >= 1),
                             ("batch_size", self.batch_size >= 1), ("max_len", self.max_len >= 4),
                             ("lr", self.lr > 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
                             ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
@@ -321,7 +325,8 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
     # checkpoints mid-epoch; epoch-end checkpoints have batch 0).
     state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_val_accuracy": 0.0,
              "bad_epochs": 0, "stopped_early": False, "done": False, "history": [],
-             "batch": 0, "acc": [0.0, 0.0, 0.0, 0.0, 0, 0.0]}
+             "batch": 0, "acc": [0.0, 0.0, 0.0, 0.0, 0, 0.0],
+             "norm_start": tree_norm(net.trainable_parameters())}   # for the divergence check
     saved = read_state_on_main(ckpt_dir, resume)
     if saved is not None:
         if saved.get("run_fingerprint") != run_fp:
@@ -333,6 +338,8 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
         opt.init(net.trainable_parameters())
         if not resume and ckpt_dir.exists():
             log.info("reward: starting fresh (resume=False); %s will be overwritten", ckpt_dir)
+    if main:   # each step once: drop the lines of steps after the checkpoint (replayed now)
+        trim_jsonl(metrics, state["step"] if saved is not None else None)
 
     def loss_fn(net, tokens, lengths, weights=None):
         if weights is None:
@@ -405,11 +412,13 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
                 mx.eval(loss, acc, gnorm)
                 lv, av = loss.item(), acc.item()
                 state["step"] += 1
-                if not (is_finite(lv) and is_finite(gnorm.item())):
-                    raise MindprintError(
-                        f"reward: loss became {lv} (grad norm {gnorm.item()}) at step "
-                        f"{state['step']} (epoch {epoch + 1}, batch {b + 1}); the last good "
-                        f"checkpoint is kept in {ckpt_dir} (lower lr or check the data)")
+                state.setdefault("loss_start", lv)
+                problem = step_problem(lv, gnorm.item(), net.trainable_parameters(),
+                                       None, state.get("norm_start"))
+                if problem:
+                    raise problem[0](
+                        f"reward: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch "
+                        f"{b + 1}; loss {lv:.4g}); {last_good(ckpt_dir)}; lower lr or check the data")
                 ep_loss += lv * len(group)
                 ep_acc += av * len(group)
                 win_loss += lv
@@ -433,6 +442,10 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
                     bar.write(f"reward: stopped at step {state['step']}; checkpoint in {ckpt_dir}")
                     raise Interrupted("reward", state["step"], ckpt_dir)
             state["batch"], state["acc"] = 0, [0.0, 0.0, 0.0, 0.0, 0, 0.0]
+            why = divergence(state["loss_start"], ep_loss / len(train_rows), None, None)
+            if why:   # per epoch: single batches of a few pairs are too noisy to judge
+                raise DivergedError(f"reward: training diverged in epoch {epoch + 1} ({why}); "
+                                    f"{last_good(ckpt_dir)}; lower lr or check the data")
             val_loss, val_acc = evaluate()
             rec = {"epoch": epoch + 1, "step": state["step"],
                    "reward/epoch_train_loss": ep_loss / len(train_rows),

@@ -25,14 +25,15 @@ from mlx.utils import tree_map
 from .. import distributed as dist
 from ..config import to_dict
 from ..errors import MindprintError
-from ..io import append_jsonl, atomic_write_json
+from ..guards import step_problem, tree_norm
+from ..io import append_jsonl, atomic_write_json, trim_jsonl
 from ..models import lora
 from ..models.adapters import save_adapter
 from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_records, pad_batch, pad_id
-from .checkpoint import (fingerprint, read_checkpoint_state, read_state_on_main, restore_everywhere,
+from .checkpoint import (fingerprint, last_good, read_state_on_main, restore_everywhere,
                          save_checkpoint)
-from .loop import (Interrupted, adamw, gradient_checkpointing, is_finite, lora_layer_indices,
+from .loop import (Interrupted, adamw, gradient_checkpointing, lora_layer_indices,
                    stop_now, training_only, use_compile)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
@@ -75,7 +76,10 @@ class SFTConfig:
         from ..config import check_values
 
         check_values(self, [("replay_fraction", 0.0 <= self.replay_fraction < 1.0),
-                            ("lora_r", self.lora_r >= 1), ("epochs", self.epochs >= 1),
+                            ("lora_r", self.lora_r >= 1),
+                            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0),
+                            ("num_layers", self.num_layers >= 0),
+                            ("lora_targets", bool(self.lora_targets)), ("epochs", self.epochs >= 1),
                             ("batch_size", self.batch_size >= 1),
                             ("grad_accumulation", self.grad_accumulation >= 1),
                             ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
@@ -230,7 +234,8 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
     rank, world_size, _ = dist.world()
     main = rank == 0
 
-    state = {"step": 0, "micro": 0, "eval_loss_start": None}
+    state = {"step": 0, "micro": 0, "eval_loss_start": None,
+             "norm_start": tree_norm(model.trainable_parameters())}   # for the divergence check
     saved = read_state_on_main(ckpt_dir, resume)
     if saved is not None:
         if saved.get("run_fingerprint") != run_fp:
@@ -243,6 +248,8 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
         if resume:
             log.info("sft: no checkpoint in %s; starting from the beginning", ckpt_dir)
         opt.init(model.trainable_parameters())
+    if main:   # each step once: drop the lines of steps after the checkpoint (replayed now)
+        trim_jsonl(metrics, state["step"] if saved is not None else None)
 
     loss_and_grad = nn.value_and_grad(model, completion_loss)
     clip = cfg.max_grad_norm
@@ -317,13 +324,14 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
             gn = gnorm.item()
             grad, in_window, acc_loss = None, 0, []
             state["step"] += 1
-            if not (is_finite(step_loss) and is_finite(gn)):
-                kept = read_checkpoint_state(ckpt_dir)
-                where = (f"the last good checkpoint (step {kept['step']}) is kept in {ckpt_dir}"
-                         if kept else "no checkpoint had been written yet")
-                raise MindprintError(
-                    f"sft: loss became {step_loss} (grad norm {gn}) at step {state['step']} "
-                    f"(epoch {epoch + 1}, batch {b + 1}); {where}; lower lr or check the data")
+            state.setdefault("loss_start", step_loss)
+            problem = step_problem(step_loss, gn, model.trainable_parameters(), state["loss_start"],
+                                   state.get("norm_start"))
+            if problem:
+                raise problem[0](
+                    f"sft: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch {b + 1}; "
+                    f"loss {step_loss:.4g}, grad norm {gn:.4g}); {last_good(ckpt_dir)}; lower lr "
+                    "or check the data")
             lr = float(schedule(state["step"] - 1).item())
             win_loss += step_loss
             win_n += 1
