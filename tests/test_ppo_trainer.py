@@ -128,8 +128,14 @@ def test_only_the_ppo_adapter_and_value_head_train(tiny_llama):
     assert n_lora == 2 * 4 * 2                     # (A, B) x 4 targets x 2 layers
     with pytest.raises(MindprintError, match="already has an adapter named 'ppo'"):
         PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), PPOConfig(progress=False))
+    # "sft" is active: left out of frozen_adapters it would be in the policy but not the reference
+    with pytest.raises(MindprintError, match="adapter 'sft' is active in the model but not in "
+                                             "frozen_adapters"):
+        PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)),
+                   PPOConfig(progress=False, adapter_name="last"))
     tr2 = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)),
-                     PPOConfig(progress=False, adapter_name="last", num_layers=1))
+                     PPOConfig(progress=False, adapter_name="last", num_layers=1),
+                     frozen_adapters=["sft"])
     assert lora.adapter_settings(model, "last")["layers"] == [1]
     with pytest.raises(MindprintError, match="nope"):
         PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)),

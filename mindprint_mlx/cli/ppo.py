@@ -23,7 +23,7 @@ class PPORunConfig:
     out_dir: str = "runs/ppo"
     quantize: int | None = None           # 4 or 8: quantize the base on load (QLoRA)
     max_prompts: int | None = None
-    value_head_init: str = "zero"         # zero | reward (start the value head from the reward head)
+    value_head_init: str = "zero"         # zero | reward: the same as ppo.value_head_init (either turns it on)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self) -> None:
@@ -98,7 +98,6 @@ def run_ppo(cfg: PPORunConfig, resume: bool = False):
     from ..config import save_config
     from ..models import load, lora
     from ..models.adapters import load_adapter
-    from ..models.heads import ScalarHead
     from ..ppo import base_weight_bytes, train_ppo
     from ..train.reward import RewardModel
 
@@ -109,10 +108,8 @@ def run_ppo(cfg: PPORunConfig, resume: bool = False):
                                    trainable=False))
     reward = RewardModel.load(model, tok, cfg.reward_model)
     lora.set_active(model, frozen)
-    value_head = None
     if cfg.value_head_init == "reward":
-        value_head = ScalarHead(reward.head.summary.weight.shape[-1])
-        value_head.update(reward.head.parameters())
+        cfg.ppo.value_head_init = "reward"
     prompts = load_prompts(cfg.prompts)[: cfg.max_prompts]
     out = Path(cfg.out_dir)
     save_config(cfg, out / "ppo_config.yaml")
@@ -120,7 +117,7 @@ def run_ppo(cfg: PPORunConfig, resume: bool = False):
 
     with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
         result = train_ppo(model, tok, prompts, reward.score_tokens, cfg.ppo, out,
-                           frozen_adapters=frozen, resume=resume, value_head=value_head)
+                           frozen_adapters=frozen, resume=resume, reward_head=reward.head)
     return result, base_weight_bytes(model)
 
 

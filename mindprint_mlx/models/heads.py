@@ -72,7 +72,11 @@ def lm_logits(model: nn.Module, hidden: mx.array) -> mx.array:
         logits = model.lm_head(hidden)
     else:
         logits = model.model.embed_tokens.as_linear(hidden)
-    cap = getattr(getattr(model, "args", None), "final_logit_softcapping", None)
+    args = getattr(model, "args", None)
+    scaling = getattr(args, "logits_scaling", None)   # granite: logits / logits_scaling
+    if scaling and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(args, "final_logit_softcapping", None)
     if cap:
         logits = mx.tanh(logits / cap) * cap
     return logits
@@ -85,7 +89,8 @@ def check_trunk_split(model: nn.Module) -> None:
     split = lm_logits(model, hidden_states(model, tokens))
     if full.shape != split.shape or not mx.allclose(full, split, atol=1e-4, rtol=1e-4).item():
         raise MindprintError(f"{type(model).__module__}: the trunk/output split does not reproduce "
-                             "the model's logits; value and reward heads are not supported here")
+                             "the model's logits (lm_logits(hidden_states) != model(tokens)); PPO and "
+                             "the value and reward heads do not support this architecture")
 
 
 def last_token_index(mask: mx.array) -> mx.array:

@@ -10,7 +10,7 @@ column "topic i", the quiz score of topic i with every adapter trained up to top
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 
 def replay_count(n_topic: int, fraction: float, n_available: int) -> int:

@@ -31,12 +31,13 @@ from ..io import append_jsonl, atomic_dir, atomic_save_safetensors, atomic_write
     atomic_write_text, read_jsonl
 from ..models import lora
 from ..models.adapters import load_heads, save_adapter, set_adapter_weights, ADAPTER_WEIGHTS
-from ..models.heads import ScalarHead, hidden_size
+from ..models.heads import ScalarHead, check_trunk_split, hidden_size
 from ..progress import Progress
-from ..train.loop import Interrupted, gradient_checkpointing, stop_now
+from ..train.loop import Interrupted, gradient_checkpointing, optimizer_for, stop_now
 from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
+from .reward_norm import RewardNorm, check_declared_adapters, sample_reward_norm, value_head_from_reward
 from .rollout import Generation, batched_response_forward, generate_batch, response_forward
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class PPOConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch
     ppo_epochs: int = 4                   # passes over the rollout batch, reshuffled each time
     max_grad_norm: float | None = 1.0     # global gradient-norm clip (None: off)
+    adam_bias_correction: bool = True     # bias-corrected Adam, as torch.optim.Adam (TRL's lr assumes it)
+    adam_epsilon: float = 1e-8            # Adam's epsilon (torch's default)
     seed: int = 0
     # KL penalty
     adap_kl_ctrl: bool = True             # adaptive (Ziegler) or fixed beta
@@ -80,6 +83,13 @@ class PPOConfig:
     missing_eos_penalty: float | None = None   # subtracted from the score of responses without EOS
     score_norm: Literal["none", "scale", "running"] = "none"   # running std / running mean+std
     score_clip: float | None = None
+    # OpenAI's reward normalisation (lm-human-preferences): at the start, sample the frozen SFT
+    # policy on the prompts, score, and map every score through gain * score + bias so that
+    # those samples have mean 0 and std 1 (applied before score_norm, clip and EOS penalty)
+    reward_norm: Literal["none", "sft_samples"] = "none"
+    reward_norm_samples: int = 64         # SFT-policy samples the gain and bias are fitted on
+    value_head_init: Literal["zero", "reward"] = "zero"   # reward: start the value head from the
+                                          # reward model's head (gain and bias folded in)
     forward_batch_size: int | None = None # rows per teacher-forced pass in rollouts (None: all)
     # the trainable adapter and the value head
     adapter_name: str = "ppo"
@@ -127,6 +137,10 @@ class PPOConfig:
         need(self.score_norm in ("none", "scale", "running"), "score_norm",
              "must be none, scale or running")
         need(self.score_clip is None or self.score_clip > 0, "score_clip", "must be > 0 or null")
+        need(self.adam_epsilon >= 0, "adam_epsilon", "must be >= 0")
+        need(self.reward_norm in ("none", "sft_samples"), "reward_norm", "must be none or sft_samples")
+        need(self.reward_norm_samples >= 2, "reward_norm_samples", "must be >= 2")
+        need(self.value_head_init in ("zero", "reward"), "value_head_init", "must be zero or reward")
         need(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
              "must be >= 1 or null")
         need(bool(self.adapter_name) and "." not in self.adapter_name, "adapter_name",
@@ -152,6 +166,8 @@ class PPOResult:
     mean_score_first: float
     mean_score_last: float
     history: list[dict]
+    reward_gain: float = 1.0              # reward normalisation (1 and 0 when off)
+    reward_bias: float = 0.0
 
 
 class RunningMoments:
@@ -168,7 +184,9 @@ class RunningMoments:
         m2 = self.var * self.count + xs.var() * n + delta ** 2 * self.count * n / total
         self.mean += delta * n / total
         self.var = m2 / total
-        self.std = math.sqrt(self.var * total / max(total - 1, 1e-12))
+        # Fewer than two scores have no spread: the unbiased std of one sample is 0/0 (with
+        # count's 1e-24 start it came out ~3e-6, so 2.5 became 889,112). Keep std at 1.
+        self.std = math.sqrt(self.var * total / (total - 1)) if total >= 2 else 1.0
         self.count = total
 
     def state_dict(self) -> dict:
@@ -292,6 +310,8 @@ class PPOTrainer:
                                  "merge or remove it first, or set adapter_name")
         if cfg.adapter_name in frozen_adapters:
             raise MindprintError(f"adapter '{cfg.adapter_name}' cannot be both frozen and trained")
+        check_declared_adapters(model, frozen_adapters)
+        check_trunk_split(model)          # PPO samples and scores with lm_logits(trunk)
         for a in known:                   # every other adapter (sft, reward, ...) is frozen in PPO
             lora.set_trainable(model, a, False)
         self.reference_adapters = list(frozen_adapters)
@@ -310,10 +330,11 @@ class PPOTrainer:
         self.norm_start = self.adapter_norm()   # (the same on resume: the init is seeded)
         self.policy = PolicyWithValue(model, self.value_head)
         _check_trainable(self.policy, cfg.adapter_name)
-        self.optimizer = optim.Adam(learning_rate=cfg.learning_rate)
+        self.optimizer = optimizer_for(cfg, cfg.learning_rate)
         self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon)
                        if cfg.adap_kl_ctrl else FixedKLController(cfg.init_kl_coef))
         self.score_moments = RunningMoments()
+        self.reward_norm: RewardNorm | None = None     # set by init_reward_norm (train_ppo does)
         self.step = 0
         self.history: list[dict] = []
         self.base_bytes = base_weight_bytes(model)
@@ -350,13 +371,32 @@ class PPOTrainer:
                      "scores": scores, "time/generation": t1 - t0, "time/forward": t2 - t1,
                      "time/scoring": t3 - t2}
 
+    def init_reward_norm(self, prompts: Sequence[Sequence[int]]) -> RewardNorm:
+        """Fit reward normalisation on SFT-policy samples of these tokenized prompts
+        (cfg.reward_norm); `train_ppo` calls it once, before the first step."""
+        self.reward_norm = sample_reward_norm(self, prompts, self.cfg.reward_norm_samples)
+        return self.reward_norm
+
+    def init_value_head_from_reward(self, reward_head: ScalarHead) -> None:
+        """cfg.value_head_init == "reward": the value head starts as the reward head (with
+        the reward normalisation folded in); call after `init_reward_norm`."""
+        head = value_head_from_reward(reward_head, hidden_size(self.model), self.reward_norm)
+        self.value_head.update(head.parameters())
+        mx.eval(self.value_head.parameters())
+
     def _process_scores(self, raw: mx.array, ended: mx.array) -> mx.array:
         cfg = self.cfg
         scores = raw
+        if cfg.reward_norm != "none":
+            if self.reward_norm is None:
+                raise MindprintError("reward_norm is on but not fitted: call "
+                                     "PPOTrainer.init_reward_norm(prompts) first (train_ppo does)")
+            scores = self.reward_norm.apply(scores)
         if cfg.score_norm != "none":
             # every rank's scores, so all ranks keep the same running statistics
-            self.score_moments.update(np.array(dist.gather(raw)).reshape(-1))
-            scale = self.score_moments.std + np.finfo(np.float32).eps
+            self.score_moments.update(np.array(dist.gather(scores)).reshape(-1))
+            std = self.score_moments.std
+            scale = (std if std > 1e-6 else 1.0) + np.finfo(np.float32).eps   # no spread yet: 1
             scores = (scores - self.score_moments.mean) / scale if cfg.score_norm == "running" \
                 else scores / scale
         if cfg.score_clip is not None:
@@ -383,10 +423,14 @@ class PPOTrainer:
         n = mb.tokens.shape[0]
         ga = min(cfg.gradient_accumulation_steps, n)
         micro = np.array_split(np.arange(n), ga)
+        # Each micro-batch's losses are token means: weighted by its share of the minibatch's
+        # response tokens, the sum is the gradient of the minibatch's token mean (as ga=1).
+        tok = np.array(mb.mask.sum(axis=1))
+        n_tok = max(float(tok.sum()), 1.0)
         grads, stats = None, None
         for idx in micro:
             (_, st), g = self._loss_and_grad(self.policy, mb.rows(idx))
-            w = len(idx) / n
+            w = float(tok[idx].sum()) / n_tok
             g = tree_map(lambda x: x * w, g)
             st = {k: v * w for k, v in st.items()}
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -395,7 +439,7 @@ class PPOTrainer:
         if dist.size() > 1:
             # Before the skip check: every rank takes the same decision (or some would wait
             # forever in the next all-reduce).
-            grads = dist.average_gradients(grads)
+            grads = dist.average_gradients(grads, weight=n_tok)   # token mean over all ranks
             keys = sorted(stats)
             vals = dist.global_mean(mx.stack([stats[k].astype(mx.float32) for k in keys]))
             stats = dict(zip(keys, vals.tolist()))
@@ -503,6 +547,9 @@ class PPOTrainer:
             "ppo/sampling/temperature": cfg.temperature,   # what the rollouts used (item 3)
             "ppo/sampling/top_p": cfg.top_p,
         }
+        if self.reward_norm is not None:
+            stats["ppo/reward_norm/gain"] = self.reward_norm.gain
+            stats["ppo/reward_norm/bias"] = self.reward_norm.bias
         stats.update({f"ppo/{k}": v for k, v in upd.items()})
         if dist.size() > 1:   # the logged figures are means over the ranks' shares
             keys = sorted(stats)
@@ -525,6 +572,7 @@ class PPOTrainer:
         check_finite_tensors(dict(tree_flatten(self.optimizer.state)), f"{ckpt_dir}: the optimizer state")
         state = {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(),
                  "score_moments": self.score_moments.state_dict(), "seed": self.cfg.seed,
+                 "reward_norm": self.reward_norm.to_dict() if self.reward_norm else None,
                  "rng": "derived from (seed, step)", "history": self.history,
                  "config": to_dict(self.cfg)}
         with atomic_dir(ckpt_dir) as tmp:
@@ -551,6 +599,8 @@ class PPOTrainer:
         self.optimizer.state = tree_unflatten(list(opt_state.items()))
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
+        rn = state.get("reward_norm")
+        self.reward_norm = RewardNorm.from_dict(rn) if rn else None
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         mx.eval(self.policy.parameters(), self.optimizer.state)
@@ -567,9 +617,11 @@ class PPOTrainer:
         self.optimizer.state = tree_unflatten(list(opt.items()))
         st = dist.broadcast_json({"kl_ctl": self.kl_ctl.state_dict(),
                                   "score_moments": self.score_moments.state_dict(),
+                                  "reward_norm": self.reward_norm.to_dict() if self.reward_norm else None,
                                   "step": self.step, "history": self.history} if main else None)
         self.kl_ctl.load_state_dict(st["kl_ctl"])
         self.score_moments.load_state_dict(st["score_moments"])
+        self.reward_norm = RewardNorm.from_dict(st["reward_norm"]) if st.get("reward_norm") else None
         self.step, self.history = int(st["step"]), list(st["history"])
         mx.eval(self.policy.parameters(), self.optimizer.state)
 
@@ -586,6 +638,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
               cfg: PPOConfig, out_dir: str | Path, frozen_adapters: Sequence[str] = (),
               resume: bool = False, value_head: ScalarHead | None = None,
               metrics_path: str | Path | None = None,
+              reward_head: ScalarHead | None = None,
               on_step: Callable[[int, dict], None] | None = None) -> PPOResult:
     """Train the `cfg.adapter_name` LoRA adapter (plus a value head) with PPO.
 
@@ -601,6 +654,11 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     and gradients, minibatch statistics, KL and score statistics are averaged over ranks;
     rank 0 alone writes. A stop request (`train.loop.request_stop`, the pipeline's first
     Ctrl-C) checkpoints after the current step and raises `Interrupted`.
+
+    cfg.reward_norm="sft_samples" fits the reward normalisation before the first step (a
+    resumed run reads it from the checkpoint). cfg.value_head_init="reward" starts the value
+    head from `reward_head`, by default the head of the RewardModel whose `score_tokens` is
+    `reward_fn`.
     """
     if not prompts:
         raise MindprintError("train_ppo: no prompts")
@@ -608,6 +666,13 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     ckpt = out / "checkpoint"
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
     saved_active = lora.get_active(model)
+    if cfg.value_head_init == "reward":
+        if value_head is not None:
+            raise MindprintError("train_ppo: pass value_head or set value_head_init=reward, not both")
+        reward_head = reward_head or getattr(getattr(reward_fn, "__self__", None), "head", None)
+        if not isinstance(reward_head, ScalarHead):
+            raise MindprintError("value_head_init=reward needs the reward head: pass reward_head, "
+                                 "or a RewardModel's score_tokens as reward_fn")
     trainer = PPOTrainer(model, tokenizer, reward_fn, cfg, frozen_adapters, value_head)
     encoded = _encode_prompts(tokenizer, prompts)
     rank, world_size, _ = dist.world()
@@ -624,6 +689,10 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
         log.info("resuming PPO from step %d (%s)", trainer.step, ckpt)
     elif metrics.exists() and main:
         metrics.unlink()                 # a fresh run starts a fresh metrics file
+    if cfg.reward_norm != "none" and trainer.reward_norm is None:
+        trainer.init_reward_norm(encoded)          # the same on every rank (seeded)
+    if not has_ckpt and cfg.value_head_init == "reward":
+        trainer.init_value_head_from_reward(reward_head)
     mx.reset_peak_memory()
     bar = Progress(cfg.steps, "ppo", enabled=cfg.progress and main, initial=trainer.step)
 
@@ -675,10 +744,14 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     if main:
         save_adapter(model, cfg.adapter_name, adapter_dir,
                      metadata={"role": "ppo", "stack": trainer.policy_adapters,
-                               "steps": trainer.step, "training_config": to_dict(cfg)},
+                               "steps": trainer.step, "training_config": to_dict(cfg),
+                               "reward_norm": trainer.reward_norm.to_dict() if trainer.reward_norm
+                               else None},
                      heads={"value": trainer.value_head})
     hist = trainer.history
     return PPOResult(adapter_dir=adapter_dir, steps=trainer.step,
                      mean_score_first=hist[0]["objective/scores"] if hist else float("nan"),
                      mean_score_last=hist[-1]["objective/scores"] if hist else float("nan"),
-                     history=hist)
+                     history=hist,
+                     reward_gain=trainer.reward_norm.gain if trainer.reward_norm else 1.0,
+                     reward_bias=trainer.reward_norm.bias if trainer.reward_norm else 0.0)

@@ -32,7 +32,7 @@ from ..models.heads import ScalarHead, hidden_size, hidden_states
 from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_pair, pad_id
 from .checkpoint import fingerprint, last_good, read_state_on_main, restore_everywhere, save_checkpoint
-from .loop import (Interrupted, adamw, gradient_checkpointing, lora_layer_indices,
+from .loop import (Interrupted, gradient_checkpointing, lora_layer_indices, optimizer_for,
                    stop_now, training_only, use_compile)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
@@ -58,7 +58,9 @@ class RewardConfig:
     batch_size: int = 4  # preference pairs per step (2x rows)
     max_len: int = 512  # tokens per row (prompt + response + EOS); longer rows are cut and counted
     lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
+    adam_bias_correction: bool = True  # bias-corrected Adam as torch/TRL assume (mlx's default is off)
+    adam_epsilon: float = 1e-8  # Adam's epsilon (torch's default)
     warmup_ratio: float = 0.1  # linear warmup over this fraction of all steps, then cosine decay
     max_grad_norm: float = 1.0  # clip gradients by global norm
     margin: float = 0.0  # loss -log sigmoid(r_c - r_r - margin)
@@ -78,7 +80,8 @@ class RewardConfig:
                             ("num_layers", self.num_layers >= 0),
                             ("lora_targets", bool(self.lora_targets)), ("epochs", self.epochs >= 1),
                             ("batch_size", self.batch_size >= 1), ("max_len", self.max_len >= 4),
-                            ("lr", self.lr > 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
+                            ("lr", self.lr > 0), ("adam_epsilon", self.adam_epsilon >= 0),
+                            ("weight_decay", self.weight_decay >= 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
                             ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
                             ("max_grad_norm", self.max_grad_norm > 0), ("log_every", self.log_every >= 1)])
@@ -302,7 +305,7 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     head = ScalarHead(hidden_size(model), zero_init=False, bias=False)  # BT cannot train a bias
     net = _RewardNet(model, head)
     schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
-    opt = adamw(schedule, cfg.weight_decay)
+    opt = optimizer_for(cfg, schedule)
     was_training = model.training
     try:
         with training_only(model, adapter_name), lora.active_adapters(model, [adapter_name]), \

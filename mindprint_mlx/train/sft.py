@@ -33,7 +33,7 @@ from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_records, pad_batch, pad_id
 from .checkpoint import (fingerprint, last_good, read_state_on_main, restore_everywhere,
                          save_checkpoint)
-from .loop import (Interrupted, adamw, gradient_checkpointing, lora_layer_indices,
+from .loop import (Interrupted, gradient_checkpointing, lora_layer_indices, optimizer_for,
                    stop_now, training_only, use_compile)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
@@ -59,7 +59,9 @@ class SFTConfig:
     max_len: int = 512  # tokens per row; longer rows are cut, counted and reported
     lr: float = 1e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
+    adam_bias_correction: bool = True  # bias-corrected Adam as torch/PEFT recipes assume (mlx's default is off)
+    adam_epsilon: float = 1e-8  # Adam's epsilon (torch's default)
     warmup_ratio: float = 0.05  # linear warmup over this fraction of optimizer steps
     max_grad_norm: float = 1.0  # clip by global norm; 0 disables
     grad_checkpoint: bool = False  # recompute layer activations in backward (less memory)
@@ -83,6 +85,8 @@ class SFTConfig:
                             ("batch_size", self.batch_size >= 1),
                             ("grad_accumulation", self.grad_accumulation >= 1),
                             ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
+                            ("adam_epsilon", self.adam_epsilon >= 0),
+                            ("weight_decay", self.weight_decay >= 0),
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
                             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0),
                             ("max_grad_norm", self.max_grad_norm >= 0),
@@ -230,7 +234,7 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
         total_micro = min(total_micro, total_steps * cfg.grad_accumulation)
     schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio),
                                   min_lr=cfg.lr * cfg.min_lr_ratio)
-    opt = adamw(schedule, cfg.weight_decay)
+    opt = optimizer_for(cfg, schedule)
     rank, world_size, _ = dist.world()
     main = rank == 0
 
@@ -254,19 +258,24 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
     loss_and_grad = nn.value_and_grad(model, completion_loss)
     clip = cfg.max_grad_norm
 
-    def step(tokens, mask, prev, do_update, n_accum):
+    def step(tokens, mask, prev, do_update):
+        # Accumulates the gradient of the loss *summed* over target tokens and their count,
+        # so that an update applies the gradient of the token-mean loss over every
+        # micro-batch of the window (the same as one batch of all its rows).
         (loss, ntok), grad = loss_and_grad(model, tokens, mask)
         if world_size > 1:
             # Weighted by token count: exactly the gradient of the union batch's mean loss.
             grad = dist.average_gradients(grad, weight=ntok)
             tot = dist.all_sum(mx.stack([loss * ntok, ntok]))
             loss, ntok = tot[0] / mx.maximum(tot[1], 1.0), tot[1]
+        grad = tree_map(lambda g: g * ntok, grad)
+        total = ntok
         if prev is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev)
+            grad = tree_map(lambda a, b: a + b, grad, prev[0])
+            total = total + prev[1]
         if not do_update:
-            return loss, ntok, mx.array(0.0), grad
-        if n_accum > 1:
-            grad = tree_map(lambda g: g / n_accum, grad)
+            return loss, ntok, mx.array(0.0), (grad, total)
+        grad = tree_map(lambda g: g / mx.maximum(total, 1.0), grad)
         if clip > 0:
             grad, gnorm = optim.clip_grad_norm(grad, clip)
         else:
@@ -313,14 +322,14 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
             state["micro"] += 1
             in_window += 1
             window_end = in_window == cfg.grad_accumulation or state["micro"] == total_micro
-            loss, ntok, gnorm, grad = step(tokens, mask, grad, window_end, in_window)
-            acc_loss.append(loss)
+            loss, ntok, gnorm, grad = step(tokens, mask, grad, window_end)
+            acc_loss.append((loss, ntok))
             if not window_end:
                 mx.eval(loss, grad)
                 continue
             mx.eval(acc_loss, gnorm, model.trainable_parameters())
-            losses = [x.item() for x in acc_loss]
-            step_loss = sum(losses) / len(losses)
+            n_all = sum(n.item() for _, n in acc_loss)
+            step_loss = sum(x.item() * n.item() for x, n in acc_loss) / max(n_all, 1.0)
             gn = gnorm.item()
             grad, in_window, acc_loss = None, 0, []
             state["step"] += 1
