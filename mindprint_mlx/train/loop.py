@@ -4,7 +4,6 @@ checkpointing, finite-loss checks, optimizer construction."""
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from typing import Iterator, Sequence
 
