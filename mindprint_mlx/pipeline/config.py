@@ -121,10 +121,16 @@ def section_class(section: str) -> type | None:
     return None
 
 
+# Where the pipeline's default differs from the trainer's own (the section's keys win):
+# PPO's scores are normalised (gain and bias fitted on SFT-policy samples at the start of the
+# phase), since value clipping and the KL coefficient assume scores of order 1 and a reward
+# model's raw scale is arbitrary; the standalone trainer keeps the classic default (off).
+PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {"ppo": {"reward_norm": "sft_samples"}}
+
+
 def section_values(cfg: PipelineConfig, section: str) -> dict:
-    if section == "reward.train":
-        return cfg.reward.train
-    return getattr(cfg, section)
+    vals = cfg.reward.train if section == "reward.train" else getattr(cfg, section)
+    return {**PIPELINE_DEFAULTS.get(section, {}), **vals}
 
 
 def resolve_section(cfg: PipelineConfig, section: str, source: str = "<config>",

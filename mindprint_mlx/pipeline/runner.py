@@ -141,6 +141,15 @@ def split_pairs(pairs: list, seed: int) -> tuple[list, list]:
     return a, b
 
 
+def score_trend(history: list[dict], n: int = 3, key: str = "objective/scores") -> dict:
+    """Mean training-batch score of the first `n` and the last `n` PPO steps."""
+    xs = [float(h[key]) for h in history if key in h]
+    if not xs:
+        return {"first": None, "last": None, "rises": None}
+    first, last = sum(xs[:n]) / len(xs[:n]), sum(xs[-n:]) / len(xs[-n:])
+    return {"first": first, "last": last, "rises": last > first}
+
+
 def _target_density(topic, markers) -> float:
     texts = [r.completion for r in topic.sft] + [q.reference_answer for q in topic.quiz]
     return ev.target_marker_density(texts, markers)
@@ -543,11 +552,14 @@ class _Run:
                     "steps": res.steps, "mean_score_first": res.mean_score_first,
                     "mean_score_last": res.mean_score_last, "metrics": mfiles,
                     "reward_before": reward_before, "reward_after": reward_after,
+                    "reward_gain": res.reward_gain, "reward_bias": res.reward_bias,
+                    "trend": (trend := score_trend(res.history)),
                     "config": to_dict(pcfg) if dataclasses.is_dataclass(pcfg) else pcfg})
                 shutil.rmtree(work / "ppo", ignore_errors=True)
                 self.echo(f"[{key}] PPO: mean reward on the topic's prompts {reward_before:.3f} -> "
-                          f"{reward_after:.3f} (training batches: first {res.mean_score_first:.3f}, "
-                          f"last {res.mean_score_last:.3f})")
+                          f"{reward_after:.3f}; training batches, mean of the first 3 -> last 3: "
+                          f"{trend['first']:.3f} -> {trend['last']:.3f} "
+                          f"({'rises' if trend['rises'] else 'DOES NOT RISE'})")
             rec_ppo = st.phase(key, "ppo")
         elif not rec_ppo.get("skipped"):
             load_adapter(self.model, self.run_dir / rec_ppo["adapter"], name="ppo")
