@@ -199,7 +199,7 @@ def test_pretrained_demo_model_logits_match_transformers(pretrained_demo_model):
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits.numpy()
     assert ours.shape == theirs.shape
-    assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(theirs).max())
+    assert np.abs(ours - theirs).max() < 1e-4          # logits reach ~13 (8e-6 measured)
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 

@@ -48,8 +48,9 @@ FAST_OVERRIDES: dict = {
     "topics": ["cycle-phases", "drivers-of-cycles"],
 }
 
-HONEST = ("Note: the demo model is tiny and random (about a million parameters, trained for "
-          "seconds), so its text is not meant to be good: after SFT its answers are fragments that "
+HONEST = ("Note: the demo model is tiny (about a million parameters, pretrained for under a "
+          "minute on a plain market primer), so its text is not meant to be good: after SFT "
+          "its answers are fragments that "
           "borrow the persona's words (\"the season\", \"the tide\") more than they answer. The "
           "reward model, trained on 80 pairs, is easy to fool; PPO takes a few small, KL-bounded "
           "steps that raise its mean reward (and here the voice markers), not the answers' sense. "
