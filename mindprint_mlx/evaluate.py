@@ -29,7 +29,8 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from functools import lru_cache
+from typing import Any, Callable, Collection, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -96,6 +97,33 @@ def marker_score(density: float, target: float) -> float:
     if target <= 0:
         return 1.0
     return max(0.0, 1.0 - min(1.0, abs(density - target) / target))
+
+
+def real_word_fraction(text: str, lexicon: Collection[str]) -> float:
+    """The share of `text`'s word tokens (`words`: lower-cased \\w+ runs) found in `lexicon`;
+    0.0 for a text with no words."""
+    ws = words(text)
+    if not ws:
+        return 0.0
+    return sum(w in lexicon for w in ws) / len(ws)
+
+
+def is_real_words(text: str, lexicon: Collection[str], min_words: int = 3,
+                  threshold: float = 0.9) -> bool:
+    """True when `text` has at least `min_words` word tokens and at least `threshold` of
+    them are in `lexicon` (an answer "made of real words", not byte fragments)."""
+    return len(words(text)) >= min_words and real_word_fraction(text, lexicon) >= threshold
+
+
+@lru_cache(maxsize=1)
+def demo_lexicon() -> frozenset[str]:
+    """The words of the demo texts (neutral corpus + demo curriculum), tokenised as `words`."""
+    from .data import curriculum_texts
+    from .demo import DEMO_CURRICULUM_DIR
+    from .demo.neutral_corpus import neutral_texts
+
+    return frozenset(w for t in neutral_texts() + curriculum_texts(DEMO_CURRICULUM_DIR)
+                     for w in words(t))
 
 
 def sigmoid(x: float) -> float:

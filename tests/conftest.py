@@ -37,3 +37,15 @@ def tiny_demo_model(tmp_path_factory):
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-demo") / "model", arch="llama", seed=0,
                             texts=curriculum_texts(DEMO_CURRICULUM_DIR))
+
+
+@pytest.fixture(scope="session")
+def pretrained_demo_model(tmp_path_factory):
+    """The real `mindprint demo` base model: pretrained on the neutral market primer
+    (one pretraining, well under a minute on two CPU cores), cached under a tmp dir."""
+    from mindprint_mlx.data import curriculum_texts
+    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+    from mindprint_mlx.models.tiny import ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("demo-cache"),
+                             texts=curriculum_texts(DEMO_CURRICULUM_DIR), progress=False)

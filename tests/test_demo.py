@@ -34,8 +34,8 @@ def test_demo_plan_runs_ppo_below_a_threshold_and_trains_nothing(tmp_path):
     lines = []
     res = run_pipeline(cfg, dry_run=True, echo=lines.append)
     assert [p["topic"] for p in res.plan] == ["cycle-phases", "drivers-of-cycles"]
-    assert all(p["plan"]["trainable"] and p["plan"]["pass_threshold"] == 0.45 for p in res.plan)
-    assert "PPO if quiz < 0.45" in "\n".join(lines)
+    assert all(p["plan"]["trainable"] and p["plan"]["pass_threshold"] == 0.5 for p in res.plan)
+    assert "PPO if quiz < 0.5" in "\n".join(lines)
     assert not (tmp_path / "run").exists()
 
 

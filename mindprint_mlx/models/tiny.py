@@ -1,5 +1,8 @@
 """Build tiny, random, real Hugging Face model directories (tests and `mindprint demo`).
 
+(The `mindprint demo` model starts as one of these and is then pretrained on a neutral
+market primer: `build_demo_model`, `ensure_demo_model`.)
+
 A directory built here loads through exactly the code path of a downloaded checkpoint:
 `mlx_lm.load` and transformers' `AutoModelForCausalLM` / `AutoTokenizer` both read it, and
 in fp32 they give the same logits. It holds config.json, model.safetensors (weights drawn
@@ -43,14 +46,22 @@ CHAT_TEMPLATE = (
 # cache of layer `pattern - 1`, so it needs at least that many layers.
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
 
-# The `mindprint demo` model: small enough for a fast demo on two CPU cores.
+# The `mindprint demo` model: small enough for a fast demo on two CPU cores. A 2048-token
+# vocabulary makes most words of the demo texts single tokens, so a short pretraining gives
+# whole words (with 1024 the model spells words from pieces and often misspells them).
 DEMO_MODEL_ARGS: dict[str, Any] = {
-    "arch": "llama", "seed": 0, "vocab_size": 1024, "hidden_size": 128, "num_layers": 4,
+    "arch": "llama", "seed": 0, "vocab_size": 2048, "hidden_size": 128, "num_layers": 4,
     "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256,
     "max_position_embeddings": 1024, "dtype": "float32",
 }
+# The demo model's pretraining on the neutral market primer (`models.pretrain.pretrain`
+# arguments): about 40 s on two idle CPU cores, final loss about 0.1.
+DEMO_PRETRAIN: dict[str, Any] = {
+    "steps": 200, "lr": 3e-3, "seed": 0, "batch_size": 16, "max_len": 128,
+    "weight_decay": 0.01, "warmup": 0.05, "min_lr_ratio": 0.1,
+}
 # Bump when the builder's output changes, so cached demo models are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -368,19 +379,50 @@ def _text_list(texts: Iterable[str]) -> list[str]:
     return out
 
 
-def demo_model_key(texts: Iterable[str] | None = None) -> str:
-    """Hash of everything that decides the demo model's bytes."""
+def demo_model_key(texts: Iterable[str] | None = None, pretrained: bool = True) -> str:
+    """Hash of everything that decides the demo model's bytes: builder version, model
+    arguments, tokenizer texts and, when pretrained, the corpus and pretraining settings."""
     texts = default_corpus() if texts is None else _text_list(texts)
-    h = hashlib.sha256(json.dumps({"builder": BUILDER_VERSION, "args": DEMO_MODEL_ARGS},
-                                  sort_keys=True).encode())
+    spec: dict[str, Any] = {"builder": BUILDER_VERSION, "args": DEMO_MODEL_ARGS}
+    if pretrained:
+        spec["pretrain"] = DEMO_PRETRAIN
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for t in texts:
         h.update(hashlib.sha256(t.encode("utf-8")).digest())
+    if pretrained:
+        from ..demo.neutral_corpus import neutral_pairs
+
+        h.update(b"corpus")
+        for q, a in neutral_pairs():
+            h.update(hashlib.sha256(json.dumps([q, a]).encode("utf-8")).digest())
     return h.hexdigest()[:16]
 
 
+def build_demo_model(out_dir: str | os.PathLike, texts: Iterable[str] | None = None,
+                     pretrained: bool = True, progress: bool = True) -> Path:
+    """The demo model in `out_dir`: the tiny llama of DEMO_MODEL_ARGS and, when `pretrained`,
+    its tokenizer trained on `texts` + the neutral market primer and every weight trained on
+    the primer's Q&A pairs (DEMO_PRETRAIN, deterministic), so it answers in real words and a
+    neutral voice. `pretrained=False` is the random model (the tokenizer on `texts` only)."""
+    texts = default_corpus() if texts is None else _text_list(texts)
+    if not pretrained:
+        return build_tiny_model(out_dir, texts=texts, **DEMO_MODEL_ARGS)
+    from ..demo.neutral_corpus import neutral_pairs, neutral_texts
+    from .pretrain import pretrain, write_pretrain_record
+
+    out = build_tiny_model(out_dir, texts=texts + neutral_texts(), **DEMO_MODEL_ARGS)
+    stats = pretrain(out, neutral_pairs(), progress=progress, **DEMO_PRETRAIN)
+    write_pretrain_record(out, {**DEMO_PRETRAIN, "corpus": "mindprint_mlx.demo.neutral_corpus"},
+                          stats)
+    return out
+
+
 def ensure_demo_model(cache_dir: str | os.PathLike | None = None,
-                      texts: Iterable[str] | None = None) -> Path:
-    """The `mindprint demo` model, built once into `<cache>/tiny-demo-<hash>`.
+                      texts: Iterable[str] | None = None, pretrained: bool = True,
+                      progress: bool = True) -> Path:
+    """The `mindprint demo` model (`build_demo_model`), built once into
+    `<cache>/tiny-demo-<hash>` (the first build pretrains it: well under a minute on two
+    CPU cores, with a progress line on stderr).
 
     cache: `cache_dir`, else `$MINDPRINT_CACHE`, else `~/.cache/mindprint`. The model is
     built in a temporary directory and renamed into place, so the path exists only when
@@ -390,7 +432,8 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None,
     base = Path(cache_dir if cache_dir is not None
                 else os.environ.get("MINDPRINT_CACHE") or Path.home() / ".cache" / "mindprint")
     base = base.expanduser()
-    target = base / f"tiny-demo-{demo_model_key(texts)}"
+    name = "tiny-demo" if pretrained else "tiny-demo-random"
+    target = base / f"{name}-{demo_model_key(texts, pretrained)}"
     if (target / "config.json").is_file():
         return target
     try:
@@ -400,7 +443,7 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None,
         raise MindprintError(f"cannot create the model cache in {base}: {e.strerror} "
                              "(set MINDPRINT_CACHE to a writable directory)") from None
     try:
-        build_tiny_model(tmp, texts=texts, **DEMO_MODEL_ARGS)
+        build_demo_model(tmp, texts=texts, pretrained=pretrained, progress=progress)
         try:
             os.replace(tmp, target)
         except OSError:

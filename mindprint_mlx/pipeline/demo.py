@@ -20,7 +20,10 @@ from ..errors import MindprintError
 # ~1.5e-3 LoRA on the random tiny model collapses to emitting "...."), the reward model
 # separates chosen from rejected, and PPO (a few small steps, adaptive KL to the SFT policy,
 # missing-EOS penalty) raises the mean reward on the topics whose quiz score is below the
-# threshold while its KL stays bounded.
+# threshold while its KL stays bounded. On the pretrained demo base SFT scores higher than on
+# the random one (cycle-phases 0.469 after SFT), hence the 0.5 threshold; there PPO at lr 2e-4
+# lowered the mean reward of the --fast topic (0.567 -> 0.533), at 5e-4 it raises both
+# (0.567 -> 1.067, -0.215 -> 0.663; KL at the last step 5.4 and 7.3 nats).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEMO_CONFIG: dict = {
@@ -34,12 +37,12 @@ DEMO_CONFIG: dict = {
             "adam_bias_correction": False},
     "ppo": {"steps": 8, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
             "adam_bias_correction": False,
-            "learning_rate": 2e-4, "max_new_tokens": 32, "init_kl_coef": 0.2,
+            "learning_rate": 5e-4, "max_new_tokens": 32, "init_kl_coef": 0.2,
             "adap_kl_ctrl": True, "target": 3.0, "horizon": 8.0, "missing_eos_penalty": 1.0,
             "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_LINEAR, "save_every": 4,
             "progress": False},
     "adaptive": {"min_epochs": 20, "max_epochs": 20, "min_batch_size": 4, "max_batch_size": 4,
-                 "min_pass_threshold": 0.45, "max_pass_threshold": 0.45},
+                 "min_pass_threshold": 0.5, "max_pass_threshold": 0.5},
     "eval": {"max_tokens": 40, "max_questions": 3, "reward_samples": 2},
     "verify": {"tolerance": 0.1, "stop_on_regression": False},
 }
@@ -51,8 +54,9 @@ FAST_OVERRIDES: dict = {
     "topics": ["cycle-phases", "drivers-of-cycles"],
 }
 
-HONEST = ("Note: the demo model is tiny and random (about a million parameters, trained for "
-          "seconds), so its text is not meant to be good: after SFT its answers are fragments that "
+HONEST = ("Note: the demo model is tiny (about a million parameters, pretrained for under a "
+          "minute on a plain market primer), so its text is not meant to be good: after SFT "
+          "its answers are fragments that "
           "borrow the persona's words (\"the season\", \"the tide\") more than they answer. The "
           "reward model, trained on 80 pairs, is easy to fool; PPO takes a few small, KL-bounded "
           "steps that raise its mean reward (and here the voice markers), not the answers' sense. "
