@@ -167,8 +167,10 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     sr = ev.reward_scores(rm.score_tokens, tok, [p for p, *_ in test_pairs], [r for _, _, r, *_ in test_pairs])
     out["rm_pairs"], out["rm_test_pairs"] = len(records), len(test_pairs)
     out["rm_gold_agreement"] = float(np.mean([x > y for x, y in zip(sc, sr)])) if test_pairs else None
-    echo(f"seed {seed}: reward model on {len(records)} gold-labelled pairs; agreement with gold on "
-         f"{len(test_pairs)} held-out pairs {out['rm_gold_agreement']:.3f}")
+    out["rm_val_accuracy"] = res.best_val_accuracy
+    echo(f"seed {seed}: reward model on {len(records)} gold-labelled pairs (validation accuracy "
+         f"{res.best_val_accuracy:.3f}); agreement with gold on {len(test_pairs)} held-out pairs "
+         f"{out['rm_gold_agreement']:.3f}")
 
     # 3. PPO against the learned reward, with the proxy-vs-gold curve on held-out prompts
     curve = []
@@ -186,6 +188,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
            "learning_rate": 1e-4, "max_new_tokens": a.max_tokens, "init_kl_coef": 0.05,
            "adap_kl_ctrl": True, "target": 6.0, "horizon": 10000.0, "missing_eos_penalty": 1.0,
            "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ALL_LINEAR, "seed": seed,
+           "reward_norm": "sft_samples",
            "save_every": 0, "progress": a.progress}
     for kv in a.ppo:
         k, _, v = kv.partition("=")

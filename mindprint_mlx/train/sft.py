@@ -39,6 +39,8 @@ from .schedule import cosine_with_warmup, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
+LOSS_WINDOW = 8   # optimizer steps averaged by the loss-divergence check
+
 
 @dataclass
 class SFTConfig:
@@ -333,9 +335,14 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
             gn = gnorm.item()
             grad, in_window, acc_loss = None, 0, []
             state["step"] += 1
-            state.setdefault("loss_start", step_loss)
-            problem = step_problem(step_loss, gn, model.trainable_parameters(), state["loss_start"],
-                                   state.get("norm_start"))
+            # divergence by loss compares means over LOSS_WINDOW steps (batches differ: a
+            # replayed batch the frozen adapters already know starts far lower than a new one)
+            window = (state.get("loss_window") or [])[-(LOSS_WINDOW - 1):] + [step_loss]
+            state["loss_window"] = window
+            if len(window) == LOSS_WINDOW and state.get("loss_start") is None:
+                state["loss_start"] = sum(window) / LOSS_WINDOW
+            problem = step_problem(sum(window) / len(window), gn, model.trainable_parameters(),
+                                   state.get("loss_start"), state.get("norm_start"))
             if problem:
                 raise problem[0](
                     f"sft: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch {b + 1}; "
