@@ -62,6 +62,16 @@ def _config(model: Path, data: Path, run_dir: Path) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    """Tests that stop a run in process (interrupt.request) leave no stop request behind."""
+    from mindprint_mlx.train.loop import clear_stop
+
+    clear_stop()
+    yield
+    clear_stop()
+
+
 @pytest.fixture()
 def setup(tmp_path, tiny_demo_model):
     data = _small_data(tmp_path / "data")
