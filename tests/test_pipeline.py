@@ -62,6 +62,16 @@ def _config(model: Path, data: Path, run_dir: Path) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    """Tests that stop a run in process (interrupt.request) leave no stop request behind."""
+    from mindprint_mlx.train.loop import clear_stop
+
+    clear_stop()
+    yield
+    clear_stop()
+
+
 @pytest.fixture()
 def setup(tmp_path, tiny_demo_model):
     data = _small_data(tmp_path / "data")
@@ -314,3 +324,31 @@ def test_guards_stop_the_run_before_harm(setup):
     st = _state(Path(other))
     assert st["stopped"].startswith("failed: DivergedError") and not st["finished"]
     assert not list(Path(other).glob("adapters/**/*.safetensors"))
+
+
+def test_two_runs_on_one_run_dir(setup):
+    """A run holds run_dir/.lock: a concurrent --resume is refused naming it; once the holder
+    is killed, the next run takes the lock over with a note."""
+    from mindprint_mlx.pipeline import interrupt
+
+    cfg_file, _, run_dir = setup
+    first = _cli("pipeline", "run", str(cfg_file))
+    try:
+        assert _wait_for(first, lambda: (run_dir / "state.json").exists()), first.communicate()[0]
+        second = _cli("pipeline", "run", str(cfg_file), "--resume")
+        out = second.communicate(timeout=120)[0]
+        assert second.returncode == 1, out
+        assert f"is in use by another mindprint run (pid {first.pid} on " in out and "Traceback" not in out
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    lines: list[str] = []
+
+    def stop_at_the_first_quiz(line: str) -> None:
+        lines.append(line)
+        if "] quiz " in line:
+            interrupt.request()
+    res = run_pipeline(load_pipeline_config(cfg_file), resume=True, echo=stop_at_the_first_quiz)
+    assert res.status == "interrupted"
+    assert any(f"took over the lock of {run_dir} from pid {first.pid}" in x for x in lines), lines
+    assert not (run_dir / ".lock").exists()

@@ -22,6 +22,16 @@ from mindprint_mlx.errors import MindprintError
 from mindprint_mlx.io import atomic_dir, read_jsonl, repair_tree, replace_dir
 from mindprint_mlx.runlock import LOCK_NAME, RunLocked, acquire
 
+
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    from mindprint_mlx.train.loop import clear_stop
+
+    clear_stop()
+    yield
+    clear_stop()
+
+
 # ------------------------------------------------------------------ the run lock
 
 _HOLDER = """
