@@ -7,7 +7,7 @@ fraction, the persona's voice markers in them (a neutral base: about 0), how man
 are distinct, and a few examples.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python scripts/demo_base_check.py [--cache DIR] [--max-tokens 64] [--json OUT]
+        python scripts/demo_base_check.py [--cache DIR] [-a ADAPTER ...] [--max-tokens 64] [--json OUT]
 
 With an empty --cache the first call pretrains the model (its wall time is printed).
 """
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=None, help="model cache dir (default: the demo's)")
     ap.add_argument("--model", default=None, help="a model dir instead of the demo model")
+    ap.add_argument("--adapter", "-a", action="append", default=[],
+                    help="adapter dir (mlx-lm format) to answer with; repeat to stack")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--examples", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the numbers and answers here")
@@ -41,21 +43,27 @@ def main(argv: list[str] | None = None) -> int:
     path = args.model or ensure_demo_model(args.cache, texts=curriculum_texts(DEMO_CURRICULUM_DIR))
     build_s = time.perf_counter() - t0
     model, tok = load(path)
+    from mindprint_mlx.models import lora
+    from mindprint_mlx.models.adapters import load_adapter
+
+    names = [load_adapter(model, a, name=f"adapter{i}") for i, a in enumerate(args.adapter)]
     markers = load_data_dir(DEMO_CURRICULUM_DIR, require=()).persona.voice_markers
     lexicon = demo_lexicon()
     rows = []
     for p in heldout_prompts():
-        a = generate_text(model, tok, p, max_tokens=args.max_tokens, temp=0.0)
+        with lora.active_adapters(model, names):
+            a = generate_text(model, tok, p, max_tokens=args.max_tokens, temp=0.0)
         rows.append({"prompt": p, "answer": a, "real_word_fraction": real_word_fraction(a, lexicon),
                      "real_words": is_real_words(a, lexicon), "markers": marker_count(a, markers)})
     n = len(rows)
-    out = {"model": str(path), "build_or_load_seconds": build_s, "prompts": n,
+    out = {"model": str(path), "adapters": args.adapter, "build_or_load_seconds": build_s, "prompts": n,
            "real_words_share": sum(r["real_words"] for r in rows) / n,
            "mean_real_word_fraction": sum(r["real_word_fraction"] for r in rows) / n,
            "marker_count": sum(r["markers"] for r in rows),
            "answers_with_markers": sum(r["markers"] > 0 for r in rows),
            "distinct_answers": len({r["answer"].strip() for r in rows}), "answers": rows}
-    print(f"model: {path} (ready in {build_s:.1f}s)")
+    print(f"model: {path} (ready in {build_s:.1f}s)" +
+          (f"; adapters: {', '.join(args.adapter)}" if args.adapter else ""))
     print(f"held-out prompts: {n}; answers made of real words: {out['real_words_share']:.2f} "
           f"(mean real-word fraction {out['mean_real_word_fraction']:.3f}); voice markers: "
           f"{out['marker_count']} in {out['answers_with_markers']} answers; distinct answers: "

@@ -25,8 +25,12 @@ def test_pipeline_yaml_is_a_valid_config_for_a_real_model():
     assert "Instruct-4bit" in cfg.model and cfg.ppo["steps"] >= 50
 
 
-def test_demo_plan_runs_ppo_below_a_threshold_and_trains_nothing(tmp_path):
+def test_demo_plan_runs_ppo_below_a_threshold_and_trains_nothing(tmp_path, monkeypatch,
+                                                                pretrained_demo_model):
     from mindprint_mlx.config import deep_merge
+
+    # `model: demo` resolves to the cached demo model: the session's, not a new pretraining.
+    monkeypatch.setenv("MINDPRINT_CACHE", str(pretrained_demo_model.parent))
 
     base = deep_merge(DEMO_CONFIG, {**FAST_OVERRIDES, "model": "demo", "data_dir": "demo",
                                     "run_dir": str(tmp_path / "run")})
@@ -37,6 +41,7 @@ def test_demo_plan_runs_ppo_below_a_threshold_and_trains_nothing(tmp_path):
     assert all(p["plan"]["trainable"] and p["plan"]["pass_threshold"] == 0.5 for p in res.plan)
     assert "PPO if quiz < 0.5" in "\n".join(lines)
     assert not (tmp_path / "run").exists()
+    assert cfg.model == str(pretrained_demo_model)
 
 
 def test_demo_never_replaces_a_directory_that_is_not_a_demo_run(tmp_path):
@@ -49,11 +54,15 @@ def test_demo_never_replaces_a_directory_that_is_not_a_demo_run(tmp_path):
     assert res.exit_code == 1 and "not a previous demo run" in res.output
 
 
-def test_fast_demo_learns_the_voice_and_ppo_raises_the_reward_with_bounded_kl(tmp_path):
-    """The real `mindprint demo --fast` (tiny model, 2 topics): what the demo claims holds."""
+def test_fast_demo_learns_the_voice_and_ppo_raises_the_reward_with_bounded_kl(
+        tmp_path, pretrained_demo_model):
+    """The real `mindprint demo --fast` (tiny model, 2 topics): what the demo claims holds.
+    (Its model cache is the `pretrained_demo_model` fixture's: one pretraining per session.)"""
     from mindprint_mlx.pipeline.demo import HONEST, parts_text, run_demo, where_text
 
-    made = run_demo(tmp_path / "demo", fast=True, echo=lambda s: None)
+    made = run_demo(tmp_path / "demo", fast=True, echo=lambda s: None,
+                    cache_dir=pretrained_demo_model.parent)
+    assert made["model"] == str(pretrained_demo_model)
     assert made["status"] == "finished"
     # SFT: greedy quiz answers use the persona's voice markers on at least one topic.
     assert made["voice"]["topics"] == 2 and made["voice"]["with_markers"] >= 1

@@ -60,11 +60,18 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int) -> list[tuple[l
 def pretrain(model_dir: str | os.PathLike, pairs: Sequence[Pair], steps: int = 300,
              lr: float = 3e-3, seed: int = 0, batch_size: int = 16, max_len: int = 128,
              weight_decay: float = 0.01, warmup: float = 0.05, min_lr_ratio: float = 0.1,
-             compile: bool | None = None, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train every weight of the model in `model_dir` on `pairs` for `steps` AdamW steps and
-    write the result back to `model_dir/model.safetensors` (fp32). Returns stats:
-    steps, examples, tokens (answer tokens seen), loss_first / loss_final (mean of the first /
-    last 10 steps' losses), seconds."""
+             compile: bool | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train every weight of the model in `model_dir` on `pairs` (question, answer) for
+    `steps` AdamW steps of `batch_size` pairs and write the result back to
+    `model_dir/model.safetensors` (fp32, the same tensor names). The learning rate warms up
+    linearly over the first `warmup` share of the steps, then decays on a cosine to
+    `min_lr_ratio * lr`. `progress`: a progress line on stderr; `log`: gets a summary line.
+
+    Returns stats: steps, examples, batch_size, lr, seed, tokens (target tokens seen),
+    loss_first / loss_final (mean loss of the first / last 10 steps), seconds (wall) and
+    cpu_seconds (this process's CPU time).
+    """
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -82,6 +89,7 @@ def pretrain(model_dir: str | os.PathLike, pairs: Sequence[Pair], steps: int = 3
         raise MindprintError("pretrain: steps, batch_size and lr must be positive")
     t0, c0 = time.perf_counter(), time.process_time()
     model_dir = Path(model_dir)
+    names = set(mx.load(str(model_dir / "model.safetensors")))
     model, tok = load(model_dir)
     model.train()
     data = encode_pairs(tok, pairs, max_len)
@@ -90,12 +98,11 @@ def pretrain(model_dir: str | os.PathLike, pairs: Sequence[Pair], steps: int = 3
 
     warm = max(1, int(round(warmup * steps)))
 
-    def schedule(step):
-        step = step.astype(mx.float32) if isinstance(step, mx.array) else float(step)
-        w = (step + 1) / warm
-        frac = (step - warm) / max(1, steps - warm)
-        cos = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + mx.cos(math.pi * mx.clip(frac, 0, 1)))
-        return lr * mx.where(step < warm, w, cos)
+    def schedule(step: mx.array) -> mx.array:
+        step = step.astype(mx.float32)
+        frac = mx.clip((step - warm) / max(1, steps - warm), 0.0, 1.0)
+        cos = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + mx.cos(math.pi * frac))
+        return lr * mx.where(step < warm, (step + 1) / warm, cos)
 
     opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay, bias_correction=True)
 
@@ -142,6 +149,9 @@ def pretrain(model_dir: str | os.PathLike, pairs: Sequence[Pair], steps: int = 3
         raise MindprintError("pretrain: the loss is not finite; lower lr")
 
     weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    if set(weights) != names:   # mlx-lm renamed tensors on load (sanitize): not a plain save
+        raise MindprintError(f"pretrain: {model_dir}: the model's parameter names differ from "
+                             "its checkpoint's; cannot write it back in the same format")
     atomic_write_bytes(model_dir / "model.safetensors",
                        safetensors_bytes(weights, "float32", metadata={"format": "pt"}))
     stats = {"steps": steps, "examples": len(data), "batch_size": batch_size, "lr": lr,

@@ -55,7 +55,7 @@ DEMO_MODEL_ARGS: dict[str, Any] = {
     "max_position_embeddings": 1024, "dtype": "float32",
 }
 # The demo model's pretraining on the neutral market primer (`models.pretrain.pretrain`
-# arguments): about 40 s on two idle CPU cores, final loss about 0.1.
+# arguments): 50 s of CPU single-threaded (at most that on two idle cores), final loss 0.13.
 DEMO_PRETRAIN: dict[str, Any] = {
     "steps": 200, "lr": 3e-3, "seed": 0, "batch_size": 16, "max_len": 128,
     "weight_decay": 0.01, "warmup": 0.05, "min_lr_ratio": 0.1,
@@ -421,8 +421,8 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None,
                       texts: Iterable[str] | None = None, pretrained: bool = True,
                       progress: bool = True) -> Path:
     """The `mindprint demo` model (`build_demo_model`), built once into
-    `<cache>/tiny-demo-<hash>` (the first build pretrains it: well under a minute on two
-    CPU cores, with a progress line on stderr).
+    `<cache>/tiny-demo-<hash>` (the first build pretrains it: under a minute on two CPU
+    cores, with a progress line on stderr).
 
     cache: `cache_dir`, else `$MINDPRINT_CACHE`, else `~/.cache/mindprint`. The model is
     built in a temporary directory and renamed into place, so the path exists only when
