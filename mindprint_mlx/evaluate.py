@@ -136,7 +136,10 @@ def sigmoid(x: float) -> float:
 # ---------------------------------------------------------------- tokens
 
 def encode_prompt(tokenizer, messages: Messages) -> list[int]:
-    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+    """The chat-templated prompt, laid out as training lays it out (`data.batching`)."""
+    from .data.batching import encode_prompt as _encode_prompt
+
+    return _encode_prompt(tokenizer, list(messages))
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
@@ -147,9 +150,11 @@ def encode_completion(tokenizer, text: str) -> list[int]:
 
 
 def encode_pair(tokenizer, messages: Messages, completion: str, max_len: int = 1024) -> list[int]:
-    """The shared token layout: chat-templated prompt, completion tokens, EOS."""
+    """The shared token layout: chat-templated prompt, completion tokens, the turn's end."""
+    from .data.batching import turn_end_id
+
     toks = encode_prompt(tokenizer, messages) + encode_completion(tokenizer, completion)
-    toks = toks[:max_len - 1] + [tokenizer.eos_token_id]
+    toks = toks[:max_len - 1] + [turn_end_id(tokenizer)]
     return toks
 
 
@@ -161,8 +166,9 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
 
 
 def pad_id(tokenizer) -> int:
-    pid = getattr(tokenizer, "pad_token_id", None)
-    return int(pid if pid is not None else tokenizer.eos_token_id)
+    from .data.batching import pad_id as _pad_id
+
+    return _pad_id(tokenizer)
 
 
 RewardFn = Callable[[mx.array, mx.array], mx.array]
@@ -214,8 +220,9 @@ def generate(model: nn.Module, tokenizer, messages: Messages, max_tokens: int = 
 
 def eos_ids(tokenizer) -> list[int]:
     """Every id that ends a turn (mlx-lm's wrapper knows the generation config's set)."""
-    ids = getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]
-    return sorted(set(int(i) for i in ids))
+    from .data.batching import eos_ids as _eos_ids
+
+    return _eos_ids(tokenizer)
 
 
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max_tokens: int = 64,

@@ -17,7 +17,9 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": prompt}]
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        from .data.batching import encode_prompt
+
+        return encode_prompt(tokenizer, messages)
     return list(tokenizer.encode(prompt))
 
 

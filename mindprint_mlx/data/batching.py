@@ -1,8 +1,11 @@
 """Tokens, masks and batches: the one token layout every trainer uses.
 
 A row is `apply_chat_template(prompt, add_generation_prompt=True)`, then the completion's
-tokens and EOS, right-padded with the pad id (never EOS, so padding cannot hide a real end
-of turn). The loss mask covers the completion and its EOS only, in the token axis: the
+tokens and the token the template ends an assistant turn with (`turn_end_id`: <|im_end|>,
+<|eot_id|>, Gemma's <end_of_turn>, Mistral's </s>), right-padded with the pad id (never that
+token, so padding cannot hide a real end of turn). A system message goes where the template
+puts it; a template without a system role (Mistral's) gets the system text prepended to the
+first user turn, separated by a blank line (`chat_messages`). The loss mask covers the completion and its EOS only, in the token axis: the
 target at position t is predicted from position t-1, so a loss over `logits[:, :-1]` uses
 `mask[:, 1:]`.
 """
@@ -10,6 +13,7 @@ target at position t is predicted from position t-1, so a loss over `logits[:, :
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import mlx.core as mx
@@ -40,13 +44,62 @@ def _ids(x: Any) -> list[int]:
     return [int(i) for i in x]
 
 
+# What a tokenizer's template does, probed once per tokenizer (weakly keyed: a tokenizer that
+# goes away takes its entry with it).
+_PROBES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_PROBE = "mindprintprobe"
+
+
+def _probe(tokenizer, key: str, fn: Callable[[], Any]) -> Any:
+    try:
+        cache = _PROBES.setdefault(tokenizer, {})
+    except TypeError:            # not weak-referenceable: probe every time
+        return fn()
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str | None:
+    """The template's text for `messages`, or None when the template rejects them."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception:   # jinja2's TemplateError from raise_exception, or a template bug
+        return None
+
+
+def template_has_system_role(tokenizer) -> bool:
+    """Whether the chat template renders a system message (Gemma 3's folds it into the first
+    user turn itself, which counts); Mistral's raises on one."""
+    def probe() -> bool:
+        text = _render(tokenizer, [{"role": "system", "content": _PROBE},
+                                   {"role": "user", "content": "hi"}], True)
+        return text is not None and _PROBE in text
+    return _probe(tokenizer, "system", probe)
+
+
+def chat_messages(tokenizer, messages) -> list[dict]:
+    """`messages` laid out for the tokenizer's template: a leading system message stays where
+    it is when the template has a system role, and is otherwise prepended to the first user
+    turn ("<system>\n\n<user>"), the layout Gemma 3's template uses for its own system
+    messages; a system message with no user turn after it becomes the first user turn."""
+    msgs = as_messages(messages)
+    if not msgs or msgs[0].get("role") != "system" or template_has_system_role(tokenizer):
+        return msgs
+    system, rest = msgs[0]["content"], msgs[1:]
+    if rest and rest[0].get("role") == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
 def encode_prompt(tokenizer, messages) -> list[int]:
     """The prompt's tokens through the tokenizer's own chat template, ready for the answer."""
-    messages = as_messages(messages)
     if getattr(tokenizer, "chat_template", None) is None:
         raise MindprintError("the tokenizer has no chat template; mindprint needs one to lay out "
                              "prompts (use an instruct/chat model or add `chat_template` to "
                              "tokenizer_config.json)")
+    messages = chat_messages(tokenizer, messages)
     return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
@@ -57,20 +110,61 @@ def eos_id(tokenizer) -> int:
     return int(eos)
 
 
+def _listed_eos(tokenizer) -> set[int]:
+    """`eos_token_ids` as a set: mlx-lm's wrapper has a set, a transformers tokenizer may
+    have an int or nothing."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def turn_end_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with, which SFT rows end with and
+    generation stops at: the first token after the assistant's text when the template renders
+    one, if it is an EOS id or a special token (Gemma 3's <end_of_turn>, where eos_token is
+    <eos>); else the tokenizer's eos_token_id."""
+    def probe() -> int:
+        eos = eos_id(tokenizer)
+        if getattr(tokenizer, "chat_template", None) is None:
+            return eos
+        text = _render(tokenizer, [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": _PROBE}], False)
+        if text is None or _PROBE not in text:
+            return eos
+        tail = _ids(tokenizer.encode(text[text.rindex(_PROBE) + len(_PROBE):],
+                                     add_special_tokens=False))
+        if not tail:
+            return eos
+        ends = _listed_eos(tokenizer) | {eos}
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special = tail[0] in added and getattr(added[tail[0]], "special", False)
+        return int(tail[0]) if tail[0] in ends or special else eos
+    return _probe(tokenizer, "turn_end", probe)
+
+
+def eos_ids(tokenizer) -> list[int]:
+    """Every id that ends generation: the generation config's EOS set (mlx-lm's tokenizer
+    wrapper reads it), the tokenizer's eos_token_id and the template's turn end."""
+    return sorted(_listed_eos(tokenizer) | {eos_id(tokenizer), turn_end_id(tokenizer)})
+
+
 def pad_id(tokenizer) -> int:
-    """The pad id; falls back to a token that is not EOS when the tokenizer has none."""
+    """The pad id; falls back to a token that is neither EOS nor the turn end when the
+    tokenizer has none (or pads with one of those)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = eos_id(tokenizer)
-    if pad is None or int(pad) == eos:
+    if pad is None or int(pad) in (eos, turn_end_id(tokenizer)):
         # Any id works for padding as long as masks (not the id) decide what counts; avoid
         # EOS so a pad is never mistaken for an end of turn.
-        pad = 0 if eos != 0 else 1
+        avoid = {eos, turn_end_id(tokenizer)}
+        pad = next(i for i in range(len(avoid) + 1) if i not in avoid)
     return int(pad)
 
 
 def encode_completion(tokenizer, completion: str) -> list[int]:
-    """The completion's tokens followed by EOS."""
-    return _ids(tokenizer.encode(completion, add_special_tokens=False)) + [eos_id(tokenizer)]
+    """The completion's tokens followed by the turn's end token (`turn_end_id`)."""
+    return _ids(tokenizer.encode(completion, add_special_tokens=False)) + [turn_end_id(tokenizer)]
 
 
 def encode_pair(tokenizer, messages, completion: str, max_len: int) -> tuple[list[int], int, bool]:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -323,6 +324,27 @@ def _dtype_of(adapter_dir: Path):
 Card = Union[str, Callable[["ExportResult"], str], None]
 
 
+# The base's tokenizer and generation files, written beside an exported adapter so that
+# `AutoTokenizer.from_pretrained(adapter_dir)` gives the chat template and EOS set the
+# adapter was trained with.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
+def _copy_tokenizer_files(tmp: Path, meta: dict, cfg: dict, model: str | None,
+                          notes: list[str]) -> None:
+    for c in (model, meta.get("base_model_path"), meta.get("base_model"), cfg.get("model")):
+        d = _local_model_dir(c)
+        if d is not None and (d / "tokenizer_config.json").is_file():
+            for name in TOKENIZER_FILES:
+                if (d / name).is_file():
+                    shutil.copyfile(d / name, tmp / name)
+            return
+    notes.append("tokenizer files not included: the base model is not on this machine "
+                 "(pass --model BASE_DIR)")
+
+
 def _card_text(card: Card, res) -> str | None:
     """The README.md text: built before anything is swapped into place, so a failing card
     leaves the output directory as it was."""
@@ -393,6 +415,7 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, rank: int | None =
         if "reward" in heads:
             notes.append("reward head not included: use `mindprint export reward` for a "
                          "SEQ_CLS adapter")
+        _copy_tokenizer_files(tmp, meta, cfg, model, notes)
         text = _card_text(card, res)
         if text:
             atomic_write_text(tmp / "README.md", text)

@@ -7,8 +7,9 @@ A directory built here loads through exactly the code path of a downloaded check
 `mlx_lm.load` and transformers' `AutoModelForCausalLM` / `AutoTokenizer` both read it, and
 in fp32 they give the same logits. It holds config.json, model.safetensors (weights drawn
 from numpy's PCG64 generator, so the same arguments give byte-identical files), a
-byte-level BPE tokenizer trained on `texts`, a ChatML chat template and the usual
-tokenizer/generation configs.
+byte-level BPE tokenizer trained on `texts`, a chat template (ChatML by default, or one
+of the `CHAT_FAMILIES`: a real family's template, special tokens and EOS set) and the
+usual tokenizer/generation configs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -41,6 +43,180 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# ---------------------------------------------------------------- chat families
+#
+# Each family's chat template is the text its instruct checkpoints publish in
+# tokenizer_config.json, with the parts for features the tiny models never use (tool calls,
+# image parts) left out; everything a plain system/user/assistant chat renders is kept
+# verbatim. Special tokens get ids 0.. in the listed order (the real checkpoints place them
+# elsewhere in their vocabularies; nothing in mindprint depends on where).
+
+QWEN25_TEMPLATE = (   # Qwen/Qwen2.5-*-Instruct, without its `tools` branches
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+LLAMA3_TEMPLATE = (   # meta-llama/Llama-3.1-*-Instruct, without custom/builtin tools and ipython
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}\n"
+    "    {%- set date_string = \"26 Jul 2024\" %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = \"\" %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{#- System message #}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
+    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "{{- system_message }}\n"
+    "{{- \"<|eot_id|>\" }}\n"
+    "\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+    "message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+GEMMA3_TEMPLATE = (   # google/gemma-3-*-it (complete; image parts never occur here)
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+SMOLLM2_TEMPLATE = (  # HuggingFaceTB/SmolLM2-*-Instruct (complete)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+MISTRAL_TEMPLATE = (  # mistralai/Mistral-7B-Instruct-v0.2 (complete): no system role
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+    "roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """A chat layout: special tokens (ids 0.. in this order), the tokenizer's bos/eos/pad/unk,
+    the ids that end generation (generation_config.json) and the chat template."""
+
+    special_tokens: tuple[str, ...]
+    eos: str                         # tokenizer_config's eos_token
+    generation_eos: tuple[str, ...]  # generation_config's eos_token_id, in the family's order
+    template: str
+    bos: str | None = None
+    pad: str | None = None
+    unk: str | None = None
+    config_eos: tuple[str, ...] | None = None  # config.json's eos_token_id (default: generation_eos)
+    add_bos: bool = False            # encode() prepends bos (a BOS post-processor, as the family's)
+    phrases: tuple[str, ...] = ()    # template text the tokenizer should learn
+
+
+CHAT_FAMILIES: dict[str, ChatFamily] = {
+    "chatml": ChatFamily(special_tokens=SPECIAL_TOKENS, eos=IM_END, generation_eos=(IM_END,),
+                         template=CHAT_TEMPLATE, pad=PAD),
+    "qwen2.5": ChatFamily(
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>",
+        generation_eos=("<|im_end|>", "<|endoftext|>"), config_eos=("<|im_end|>",),
+        pad="<|endoftext|>", template=QWEN25_TEMPLATE,
+        phrases=("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",)),
+    "llama3": ChatFamily(
+        special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+                        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                        "<|python_tag|>"),
+        bos="<|begin_of_text|>", eos="<|eot_id|>",
+        generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), add_bos=True,
+        template=LLAMA3_TEMPLATE,
+        phrases=("Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n",)),
+    "gemma3": ChatFamily(
+        special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>",
+                        "<end_of_turn>"),
+        bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
+        generation_eos=("<eos>", "<end_of_turn>"), add_bos=True, template=GEMMA3_TEMPLATE,
+        phrases=("model\n", "user\n")),
+    "smollm2": ChatFamily(
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos="<|im_start|>",
+        eos="<|im_end|>", pad="<|im_end|>", unk="<|endoftext|>", generation_eos=("<|im_end|>",),
+        template=SMOLLM2_TEMPLATE,
+        phrases=("You are a helpful AI assistant named SmolLM, trained by Hugging Face",)),
+    "mistral": ChatFamily(
+        special_tokens=("<unk>", "<s>", "</s>"), bos="<s>", eos="</s>", unk="<unk>",
+        generation_eos=("</s>",), add_bos=True, template=MISTRAL_TEMPLATE,
+        phrases=("[INST] ", " [/INST]")),
+}
+
+
+def chat_family(name: str) -> ChatFamily:
+    if name not in CHAT_FAMILIES:
+        raise MindprintError(f"tiny model: chat_template must be one of {', '.join(CHAT_FAMILIES)}, "
+                             f"got {name!r}")
+    return CHAT_FAMILIES[name]
 
 # mlx-lm's gemma3_text builds its layer pattern from sliding_window_pattern and indexes the
 # cache of layer `pattern - 1`, so it needs at least that many layers.
@@ -109,8 +285,10 @@ def default_corpus() -> list[str]:
 
 # ---------------------------------------------------------------- tokenizer
 
-def _train_tokenizer(texts: list[str], vocab_size: int) -> str:
-    """tokenizer.json text: byte-level BPE trained on `texts` (deterministic)."""
+def _train_tokenizer(texts: list[str], vocab_size: int,
+                     family: ChatFamily = CHAT_FAMILIES["chatml"]) -> str:
+    """tokenizer.json text: byte-level BPE trained on `texts` (deterministic), the family's
+    special tokens first; families that prepend BOS get a BOS post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -119,19 +297,41 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> str:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, show_progress=False,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(family.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # BPE counts are order-independent; sorting only makes that independence obvious.
     tok.train_from_iterator(sorted(texts), trainer=trainer)
-    for i, t in enumerate(SPECIAL_TOKENS):
+    for i, t in enumerate(family.special_tokens):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    if family.add_bos:   # as the family's own tokenizer.json: encode() starts with BOS
+        bos = family.bos
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                          special_tokens=[(bos, tok.token_to_id(bos))])])
     return tok.to_str(pretty=True)
 
 
-def _tokenizer_config(max_len: int) -> dict:
+def _tokenizer_config(max_len: int, family: ChatFamily = CHAT_FAMILIES["chatml"]) -> dict:
     added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True}
-             for i, t in enumerate(SPECIAL_TOKENS)}
+             for i, t in enumerate(family.special_tokens)}
+    if family is not CHAT_FAMILIES["chatml"]:
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "added_tokens_decoder": added,
+            "bos_token": family.bos,
+            "eos_token": family.eos,
+            "pad_token": family.pad,
+            "unk_token": family.unk,
+            "add_bos_token": family.add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "model_max_length": max_len,
+            "padding_side": "right",
+            "chat_template": family.template,
+        }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
@@ -153,7 +353,8 @@ def _tokenizer_config(max_len: int) -> dict:
 
 def _model_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_heads: int, num_kv_heads: int, intermediate_size: int,
-                  max_position_embeddings: int, dtype: str, sliding_window: int) -> dict:
+                  max_position_embeddings: int, dtype: str, sliding_window: int,
+                  family: ChatFamily = CHAT_FAMILIES["chatml"]) -> dict:
     head_dim = hidden_size // num_heads
     cfg: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -173,6 +374,12 @@ def _model_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: i
         "torch_dtype": dtype,
         "rope_scaling": None,
     }
+    if family is not CHAT_FAMILIES["chatml"]:
+        ids = family.special_tokens.index
+        eos = [ids(t) for t in (family.config_eos or family.generation_eos)]
+        cfg.update(bos_token_id=ids(family.bos) if family.bos else None,
+                   eos_token_id=eos[0] if len(eos) == 1 else eos,
+                   pad_token_id=ids(family.pad) if family.pad else None)
     # rope keys at the top level: mlx-lm 0.32 reads `rope_theta` there and otherwise falls
     # back to its own per-architecture default; transformers 5 reads both forms.
     if arch == "llama":
@@ -295,7 +502,8 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], dtype: str = "float32",
 
 def _check_args(arch: str, vocab_size: int, hidden_size: int, num_layers: int,
                 num_heads: int, num_kv_heads: int, intermediate_size: int,
-                max_position_embeddings: int, dtype: str, sliding_window: int) -> None:
+                max_position_embeddings: int, dtype: str, sliding_window: int,
+                n_special: int = len(SPECIAL_TOKENS)) -> None:
     if arch not in ARCHS:
         raise MindprintError(f"tiny model: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     if dtype not in _SAFETENSORS_DTYPES:
@@ -308,7 +516,7 @@ def _check_args(arch: str, vocab_size: int, hidden_size: int, num_layers: int,
                        ("sliding_window", sliding_window)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise MindprintError(f"tiny model: {key} must be a positive integer, got {value!r}")
-    min_vocab = len(SPECIAL_TOKENS) + 256
+    min_vocab = n_special + 256
     if vocab_size <= min_vocab:
         raise MindprintError(f"tiny model: vocab_size must exceed {min_vocab} (special tokens + "
                              f"256 byte tokens), got {vocab_size}")
@@ -327,42 +535,65 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama",
                      hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                      num_kv_heads: int = 2, intermediate_size: int = 128,
                      max_position_embeddings: int = 512, dtype: str = "float32",
-                     sliding_window: int = 32) -> Path:
+                     sliding_window: int = 32, chat_template: str = "chatml") -> Path:
     """Write a random `arch` model with a BPE tokenizer trained on `texts` to `out_dir`.
 
     `vocab_size` is the tokenizer's target size; the model's vocabulary is exactly the
     trained tokenizer's (smaller when `texts` hold too few merges), so every id the model
     can emit decodes. gemma3_text gets at least 6 layers (mlx-lm needs a full
-    sliding-window pattern); `sliding_window` is used by gemma3_text only. Same arguments,
-    same bytes.
+    sliding-window pattern); `sliding_window` is used by gemma3_text only. `chat_template`
+    picks the tokenizer layout: "chatml" (one EOS, its own pad) or a family of
+    `CHAT_FAMILIES` ("qwen2.5", "llama3", "gemma3", "smollm2", "mistral": that family's
+    template, special tokens, bos/eos/pad and generation_config EOS set), independent of
+    `arch`. Same arguments, same bytes.
     """
     if arch == "gemma3_text":
         num_layers = max(num_layers, GEMMA3_SLIDING_WINDOW_PATTERN)
+    if not isinstance(chat_template, str):
+        raise MindprintError(f"tiny model: chat_template must be a family name, got {chat_template!r}")
+    family = chat_family(chat_template)
     _check_args(arch, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
-                intermediate_size, max_position_embeddings, dtype, sliding_window)
+                intermediate_size, max_position_embeddings, dtype, sliding_window,
+                len(family.special_tokens))
     texts = default_corpus() if texts is None else _text_list(texts)
+    texts = texts + [p for p in family.phrases for _ in range(2)]   # min_frequency=2
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer_json = _train_tokenizer(texts, vocab_size)
+    tokenizer_json = _train_tokenizer(texts, vocab_size, family)
     n_tokens = len(json.loads(tokenizer_json)["model"]["vocab"])
     cfg = _model_config(arch, vocab_size=n_tokens, hidden_size=hidden_size,
                         num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         intermediate_size=intermediate_size,
                         max_position_embeddings=max_position_embeddings, dtype=dtype,
-                        sliding_window=sliding_window)
+                        sliding_window=sliding_window, family=family)
     weights = _weights(cfg, seed)
 
     atomic_write_bytes(out / "model.safetensors",
                        safetensors_bytes(weights, dtype, metadata={"format": "pt"}))
     atomic_write_text(out / "tokenizer.json", tokenizer_json)
     atomic_write_json(out / "config.json", cfg)
-    atomic_write_json(out / "tokenizer_config.json", _tokenizer_config(max_position_embeddings))
+    atomic_write_json(out / "tokenizer_config.json",
+                      _tokenizer_config(max_position_embeddings, family))
+    if family is CHAT_FAMILIES["chatml"]:
+        atomic_write_json(out / "special_tokens_map.json", {
+            "eos_token": IM_END, "pad_token": PAD,
+            "additional_special_tokens": [IM_START, ENDOFTEXT]})
+        atomic_write_json(out / "generation_config.json", {
+            "bos_token_id": None, "eos_token_id": cfg["eos_token_id"],
+            "pad_token_id": cfg["pad_token_id"], "do_sample": False})
+        return out
+    named = {k: v for k, v in (("bos_token", family.bos), ("eos_token", family.eos),
+                               ("pad_token", family.pad), ("unk_token", family.unk)) if v}
     atomic_write_json(out / "special_tokens_map.json", {
-        "eos_token": IM_END, "pad_token": PAD,
-        "additional_special_tokens": [IM_START, ENDOFTEXT]})
+        **named, "additional_special_tokens": [t for t in family.special_tokens
+                                               if t not in named.values()]})
+    # The family's EOS set, as its generation_config.json lists it (sampling defaults left out:
+    # mindprint passes its own).
+    gen_eos = [family.special_tokens.index(t) for t in family.generation_eos]
     atomic_write_json(out / "generation_config.json", {
-        "bos_token_id": None, "eos_token_id": cfg["eos_token_id"],
+        "bos_token_id": cfg["bos_token_id"],
+        "eos_token_id": gen_eos[0] if len(gen_eos) == 1 else gen_eos,
         "pad_token_id": cfg["pad_token_id"], "do_sample": False})
     return out
 

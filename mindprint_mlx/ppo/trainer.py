@@ -340,8 +340,8 @@ class PPOTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.base_bytes = base_weight_bytes(model)
-        self.eos_ids = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
-        from ..data.batching import pad_id
+        from ..data.batching import eos_ids, pad_id
+        self.eos_ids = eos_ids(tokenizer)
         self.pad_id = pad_id(tokenizer)
         self._loss_and_grad = nn.value_and_grad(self.policy, self._loss)
 
