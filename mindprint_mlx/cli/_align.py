@@ -1,0 +1,102 @@
+"""What `mindprint dpo`, `mindprint ditto` and `mindprint grpo` share: loading the base once
+with its frozen adapters, and reading pairs or demonstrations from JSONL or a data dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from ..errors import MindprintError
+
+
+def load_base(model_ref: str, quantize: int | None, sft_adapter: str | None, adapters: list[str]):
+    """The base in memory plus the frozen adapters, active: the reference policy."""
+    from ..models import load, lora
+    from ..models.adapters import load_adapter
+
+    model, tok = load(model_ref, quantize=quantize)
+    frozen = []
+    for i, d in enumerate(([sft_adapter] if sft_adapter else []) + list(adapters)):
+        frozen.append(load_adapter(model, d, name="sft" if i == 0 and sft_adapter else f"frozen{i}",
+                                   trainable=False))
+    lora.set_active(model, frozen)
+    return model, tok, frozen
+
+
+def _jsonl(path: Path, parse: Callable[[dict, str], object]) -> list:
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MindprintError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise MindprintError(f"{path}:{n}: expected a JSON object")
+        out.append(parse(rec, f"{path}:{n}"))
+    if not out:
+        raise MindprintError(f"{path}: no records")
+    return out
+
+
+def _prompt(rec: dict, where: str):
+    p = rec.get("prompt")
+    ok = isinstance(p, str) and p.strip() or isinstance(p, list) and p and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in p)
+    if not ok:
+        raise MindprintError(f"{where}: 'prompt' must be a non-empty string or a list of "
+                             "{role, content} messages")
+    return p
+
+
+def _text(rec: dict, key: str, where: str) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise MindprintError(f"{where}: '{key}' must be a non-empty string "
+                             f"(the record has: {', '.join(sorted(rec)) or 'nothing'})")
+    return v
+
+
+def load_pairs(path: str | Path) -> list:
+    """Preference pairs: a data dir's preference records, or JSONL {prompt, chosen, rejected}."""
+    p = Path(path)
+    if p.is_dir():
+        from ..data import load_data_dir
+
+        return list(load_data_dir(p, require=("preference",)).preference)
+    if not p.is_file():
+        raise MindprintError(f"pairs file not found: {p}")
+    return _jsonl(p, lambda r, w: (_prompt(r, w), _text(r, "chosen", w), _text(r, "rejected", w)))
+
+
+def load_demos(path: str | Path) -> list:
+    """Demonstrations: a data dir's SFT records, or JSONL {prompt, completion} or
+    {messages: [..., assistant]}."""
+    p = Path(path)
+    if p.is_dir():
+        from ..data import load_data_dir
+
+        return list(load_data_dir(p, require=("sft",)).sft)
+    if not p.is_file():
+        raise MindprintError(f"demonstrations file not found: {p}")
+
+    def parse(r: dict, w: str):
+        if "messages" in r and isinstance(r["messages"], list) and r["messages"]:
+            msgs = r["messages"]
+            last = msgs[-1]
+            if not (isinstance(last, dict) and last.get("role") == "assistant"):
+                raise MindprintError(f"{w}: the last message must be the assistant's answer")
+            return _prompt({"prompt": msgs[:-1]}, w), _text(last, "content", w)
+        return _prompt(r, w), _text(r, "completion", w)
+    return _jsonl(p, parse)
+
+
+def summary(what: str, result, base_bytes: int, peak_key: str, first: float, last: float,
+            name: str) -> list[str]:
+    h = result.history[-1] if result.history else {}
+    return [f"{what}: {result.steps} steps; {name} {first:.4g} -> {last:.4g}; peak memory "
+            f"{h.get(peak_key, 0) / 2**20:.1f} MiB (base weights {base_bytes / 2**20:.1f} MiB)",
+            f"adapter: {result.adapter_dir}"]

@@ -1,0 +1,316 @@
+"""GRPO and RLOO on one base in memory: k samples per prompt scored by a reward function,
+critic-free advantages from each prompt's group, clipped ratio updates of one trainable
+LoRA adapter over the frozen reference adapters. No value head, no critic pass.
+
+method=grpo (Shao et al. 2024; TRL's GRPOTrainer): group-normalised advantages
+(`scale_rewards=False`: Dr. GRPO), and beta * k3 KL to the reference inside the loss.
+method=rloo (Ahmadian et al. 2024; TRL's RLOOTrainer): the KL is a penalty on the
+score, score - beta * sum_t (logp_t - ref_t) over the response (from the rollout's
+log-probs), and the advantage is that minus the mean of the other k - 1 of its group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import distributed as dist
+from ..config import check_values, to_dict
+from ..errors import MindprintError
+from ..guards import NonFiniteError, first_nonfinite
+from ..models import lora
+from ..models.adapters import save_adapter
+from ..ppo.rollout import Generation, batched_response_forward, generate_batch, response_forward
+from ..train import policy_adapter as pa
+from ..train.loop import gradient_checkpointing, optimizer_for
+from .advantages import group_advantages, group_std_is_zero, rloo_advantages
+from .losses import GRPO_LOSS_TYPES, grpo_loss, loss_denominator
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[mx.array, mx.array], Any]
+SALT_INIT, SALT_ORDER, SALT_KEY = 61, 67, 71
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO / RLOO hyperparameters (defaults: TRL's GRPO, with a LoRA-sized learning rate)."""
+
+    method: Literal["grpo", "rloo"] = "grpo"
+    steps: int = 100                      # rollout batches
+    batch_size: int = 4                   # prompts per step
+    group_size: int = 4                   # samples per prompt (k)
+    num_iterations: int = 1               # optimizer steps per rollout batch (GRPO's mu)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (divides batch_size)
+    learning_rate: float = 1e-5
+    beta: float = 0.04                    # KL coefficient (grpo: k3 in the loss; rloo: on the score)
+    epsilon: float = 0.2                  # clip range below 1 (and above, unless epsilon_high)
+    epsilon_high: float | None = None     # DAPO's clip-higher (e.g. 0.28); None = epsilon
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"   # sequence or token averaging
+    scale_rewards: bool = True            # grpo: divide by the group std (False: Dr. GRPO)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    missing_eos_penalty: float | None = None   # subtracted from scores of responses without EOS
+    forward_batch_size: int | None = None # rows per no-grad teacher-forced pass (None: all)
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    adam_bias_correction: bool = True
+    adam_epsilon: float = 1e-8
+    seed: int = 0
+    adapter_name: str = ""                # "" = the method's name
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
+    num_layers: int = 0
+    grad_checkpoint: bool = False
+    save_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.adapter_name:
+            self.adapter_name = self.method
+        n = dist.size()
+        per_rank = self.batch_size // n if self.batch_size % n == 0 else 0
+        check_values(self, [
+            ("method", self.method in ("grpo", "rloo")), ("steps", self.steps >= 1),
+            ("batch_size", self.batch_size >= 1 and per_rank >= 1),
+            ("group_size", self.group_size >= 2), ("num_iterations", self.num_iterations >= 1),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1
+             and per_rank % self.gradient_accumulation_steps == 0),
+            ("learning_rate", self.learning_rate > 0), ("beta", self.beta >= 0),
+            ("epsilon", 0 < self.epsilon < 1),
+            ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0),
+            ("loss_type", self.loss_type in GRPO_LOSS_TYPES),
+            ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
+            ("top_p", 0 < self.top_p <= 1),
+            ("forward_batch_size", self.forward_batch_size is None or self.forward_batch_size >= 1),
+            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
+            ("weight_decay", self.weight_decay >= 0), ("adam_epsilon", self.adam_epsilon >= 0),
+            ("adapter_name", "." not in self.adapter_name),
+            ("lora_rank", self.lora_rank >= 1), ("lora_alpha", self.lora_alpha > 0),
+            ("lora_targets", bool(self.lora_targets)), ("num_layers", self.num_layers >= 0),
+            ("save_every", self.save_every >= 0)])
+
+
+@dataclass
+class GRPOResult:
+    adapter_dir: Path
+    steps: int
+    mean_score_first: float
+    mean_score_last: float
+    history: list[dict]
+
+
+@dataclass
+class _Rows:
+    tokens: mx.array
+    prompt_lengths: mx.array
+    response_tokens: mx.array
+    mask: mx.array
+    old_logprobs: mx.array
+    ref_logprobs: mx.array
+    advantages: mx.array
+
+    def take(self, idx: np.ndarray) -> "_Rows":
+        ix = mx.array(idx.astype(np.int32))
+        return _Rows(*(mx.take(getattr(self, f), ix, axis=0) for f in self.__dataclass_fields__))
+
+
+class GRPOTrainer:
+    """One GRPO/RLOO run's state; `train_grpo` is the entry point."""
+
+    def __init__(self, model: nn.Module, tokenizer, reward_fn: RewardFn, cfg: GRPOConfig,
+                 frozen_adapters: Sequence[str] = ()):
+        cfg.validate()
+        self.model, self.tokenizer, self.reward_fn, self.cfg = model, tokenizer, reward_fn, cfg
+        self.role = cfg.method
+        self.reference_adapters, self.policy_adapters = pa.add_policy_adapter(
+            model, cfg, frozen_adapters, self.role, SALT_INIT)
+        self.norm_start = pa.adapter_norm(model, cfg.adapter_name)
+        self.optimizer = optimizer_for(cfg, cfg.learning_rate)
+        self.base_bytes = pa.base_weight_bytes(model)
+        self.eos_ids, self.pad_id = pa.eos_and_pad(tokenizer)
+        self.step = 0
+        self.history: list[dict] = []
+        self._loss_and_grad = nn.value_and_grad(model, self._loss)
+
+    def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
+        """k samples per prompt (rows grouped by prompt), their policy and reference
+        log-probs (teacher-forced, as the update computes them) and scores."""
+        cfg, model = self.cfg, self.model
+        rows = [p for p in prompts for _ in range(cfg.group_size)]
+        t0 = time.perf_counter()
+        with lora.active_adapters(model, self.policy_adapters):
+            gen = generate_batch(model, rows, cfg.max_new_tokens, self.eos_ids, self.pad_id,
+                                 cfg.temperature, cfg.top_p, key)
+            t1 = time.perf_counter()
+            old, _ = batched_response_forward(model, gen, cfg.temperature, None, cfg.forward_batch_size)
+        if cfg.beta > 0:
+            with lora.active_adapters(model, self.reference_adapters):
+                ref, _ = batched_response_forward(model, gen, cfg.temperature, None,
+                                                  cfg.forward_batch_size)
+        else:
+            ref = old
+        t2 = time.perf_counter()
+        with lora.active_adapters(model, []):          # the reward fn switches in its own adapter
+            scores = mx.array(self.reward_fn(gen.tokens, gen.lengths)).astype(mx.float32).reshape(-1)
+        mx.eval(scores, old, ref)
+        t3 = time.perf_counter()
+        if scores.shape[0] != gen.tokens.shape[0]:
+            raise MindprintError(f"reward_fn returned {scores.shape[0]} scores for "
+                                 f"{gen.tokens.shape[0]} responses")
+        return gen, {"old": old, "ref": ref, "scores": scores, "time/generation": t1 - t0,
+                     "time/forward": t2 - t1, "time/scoring": t3 - t2}
+
+    def advantages(self, gen: Generation, ro: dict) -> tuple[mx.array, mx.array]:
+        """(rewards used, advantages), both (B*k,)."""
+        cfg = self.cfg
+        scores = ro["scores"]
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (1 - gen.ended.astype(mx.float32))
+        if cfg.method == "rloo":
+            kl = ((ro["old"] - ro["ref"]) * gen.response_mask).sum(axis=1)
+            rewards = scores - cfg.beta * kl
+            return rewards, rloo_advantages(rewards, cfg.group_size)
+        return scores, group_advantages(scores, cfg.group_size, cfg.scale_rewards)
+
+    def _loss(self, model: nn.Module, part: tuple[_Rows, float]):
+        b, total = part
+        cfg = self.cfg
+        lp, _, _ = response_forward(model, b.tokens, b.prompt_lengths, b.response_tokens, cfg.temperature)
+        beta = cfg.beta if cfg.method == "grpo" else 0.0
+        loss, st = grpo_loss(lp, b.old_logprobs, b.ref_logprobs if beta else None, b.advantages,
+                             b.mask, beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type,
+                             cfg.max_new_tokens, total=total)
+        return loss, st
+
+    def update(self, rows: _Rows, total: float) -> dict:
+        """cfg.num_iterations optimizer steps on the rollout rows (micro-batched); the loss
+        of each micro-batch is its share of the whole batch's (all ranks') loss, so the
+        summed gradient is the full batch's, exactly."""
+        cfg = self.cfg
+        n_prompts = rows.tokens.shape[0] // cfg.group_size
+        micro = np.array_split(np.arange(n_prompts), min(cfg.gradient_accumulation_steps, n_prompts))
+        parts = [(rows.take((idx[:, None] * cfg.group_size + np.arange(cfg.group_size)).reshape(-1)), total)
+                 for idx in micro]
+        out = []
+        with lora.active_adapters(self.model, self.policy_adapters), \
+                gradient_checkpointing(self.model, cfg.grad_checkpoint):
+            for _ in range(cfg.num_iterations):
+                grads, stats = pa.accumulate(self._loss_and_grad, self.model,
+                                             [p for p in parts], [1.0] * len(parts))
+                # the stats were summed too: the loss is right as a sum, the means need /parts
+                stats = {k: (v if k == "loss/total" else v / len(parts)) for k, v in stats.items()}
+                stats["loss"] = stats.pop("loss/total") * dist.size()   # ranks average it below
+                out.append(pa.apply_update(self.model, self.optimizer, grads, stats,
+                                           cfg.max_grad_norm, self.role, self.step,
+                                           sum_over_ranks=True))
+        return {k: float(np.mean([s[k] for s in out])) for k in out[0]} | \
+            {"first_iteration_ratio_mean": out[0]["policy/ratio_mean"]}
+
+    def train_step(self, prompts: Sequence[Sequence[int]]) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        gen, ro = self.rollout(prompts, pa.step_key(dist.rank_seed(cfg.seed), self.step, SALT_KEY))
+        bad = first_nonfinite({"reward score": mx.abs(ro["scores"]).max().item()})
+        if bad:
+            raise NonFiniteError(f"{self.role}: the {bad[0]} became {bad[1]} at step {self.step + 1}")
+        rewards, adv = self.advantages(gen, ro)
+        mask = gen.response_mask
+        total = loss_denominator(mask, cfg.loss_type, cfg.max_new_tokens)
+        if dist.size() > 1:             # the whole batch's denominator, over every rank
+            total = float(dist.global_sum(mx.array(total, dtype=mx.float32)).item())
+        rows = _Rows(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["old"], ro["ref"],
+                     mx.stop_gradient(adv))
+        t_upd = time.perf_counter()
+        upd = self.update(rows, total)
+        t_end = time.perf_counter()
+        k1 = ((ro["old"] - ro["ref"]) * mask).sum(axis=1)
+        scores = np.array(ro["scores"])
+        resp_len = np.array(gen.response_lengths)
+        stats = {
+            "objective/scores": float(scores.mean()),
+            "objective/scores_std": float(scores.std()),
+            "objective/rewards": float(np.array(rewards).mean()),
+            "objective/kl": float(k1.mean()),          # summed log-ratio per response, mean
+            "objective/frac_zero_std_groups": float(np.array(group_std_is_zero(rewards, cfg.group_size)).mean()),
+            f"{self.role}/response_length": float(resp_len.mean()),
+            f"{self.role}/eos_fraction": float(np.array(gen.ended).mean()),
+            f"{self.role}/time/generation": ro["time/generation"],
+            f"{self.role}/time/update": t_end - t_upd,
+            f"{self.role}/time/step": t_end - t0,
+            f"{self.role}/tokens_per_sec": float(resp_len.sum()) / max(t_end - t0, 1e-9),
+            **{f"{self.role}/{k}": v for k, v in upd.items()},
+            **pa.memory_stats(self.role, self.base_bytes),
+        }
+        if dist.size() > 1:
+            keys = [k for k in sorted(stats) if k.startswith("objective/")]
+            vals = dist.global_mean(mx.array([stats[k] for k in keys], dtype=mx.float32))
+            stats.update(dict(zip(keys, vals.tolist())))
+        self.step += 1
+        return stats
+
+
+def train_grpo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: RewardFn,
+               cfg: GRPOConfig, out_dir: str | Path, frozen_adapters: Sequence[str] = (),
+               resume: bool = False, metrics_path: str | Path | None = None,
+               on_step: Callable[[int, dict], None] | None = None) -> GRPOResult:
+    """Train the `cfg.adapter_name` adapter with GRPO or RLOO (cfg.method).
+
+    prompts: chat messages, strings or token lists. reward_fn(tokens (B, T) int32,
+    lengths (B,)) -> (B,) scores of right-padded prompt + response rows (train_ppo's
+    signature; e.g. RewardModel.score_tokens). Writes out_dir/checkpoint/ (exact resume:
+    rollouts are keyed by (seed, step)), out_dir/metrics.jsonl and the adapter to
+    out_dir/<method>_adapter. Data parallel: every rank passes the same prompts, takes
+    every size-th prompt of each step (whole groups, so advantages stay local) and the
+    gradients are summed over ranks of per-rank shares of the global loss.
+    """
+    if not prompts:
+        raise MindprintError("train_grpo: no prompts")
+    out = Path(out_dir)
+    ckpt = out / "checkpoint"
+    metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
+    saved_active = lora.get_active(model)
+    trainer = GRPOTrainer(model, tokenizer, reward_fn, cfg, frozen_adapters)
+    role = trainer.role
+    rank, world, _ = dist.world()
+    try:
+        encoded = pa.encode_prompts(tokenizer, prompts)
+        state = pa.restore_or_start(ckpt, metrics, model, trainer.optimizer, resume, role)
+        if state is not None:
+            trainer.step, trainer.history = int(state["step"]), list(state.get("history", []))
+        mx.reset_peak_memory()
+
+        def do_step(step: int) -> dict:
+            idx = pa.cycled_indices(len(encoded), step, cfg.batch_size, cfg.seed, SALT_ORDER)
+            return trainer.train_step([encoded[i] for i in idx[rank::world]])
+
+        def save() -> None:
+            pa.checkpoint(ckpt, model, trainer.optimizer,
+                          {"role": role, "step": trainer.step, "seed": cfg.seed,
+                           "config": to_dict(cfg), "history": trainer.history})
+
+        pa.run_steps(role, cfg.steps, trainer.step, do_step, save, ckpt, metrics, cfg.save_every,
+                     cfg.progress, trainer.norm_start, lambda: pa.adapter_norm(model, cfg.adapter_name),
+                     trainer.history, on_step,
+                     bar_keys=("objective/scores", "objective/kl", f"{role}/loss"),
+                     hint=f"lower {role}.learning_rate or check the reward function")
+    finally:
+        pa.finish(model, cfg.adapter_name, saved_active)
+    adapter_dir = out / f"{role}_adapter"
+    if dist.is_main():
+        save_adapter(model, cfg.adapter_name, adapter_dir,
+                     metadata={"role": role, "stack": trainer.policy_adapters, "steps": trainer.step,
+                               "training_config": to_dict(cfg)})
+    hist = trainer.history
+    return GRPOResult(adapter_dir, trainer.step,
+                      hist[0]["objective/scores"] if hist else float("nan"),
+                      hist[-1]["objective/scores"] if hist else float("nan"), hist)
