@@ -11,10 +11,12 @@ on its own (every part is the mean over the topic's quiz questions):
   1 - min(1, |density - target| / target); 1.0 when the topic has no markers to hit.
 - `overlap`: content overlap with the reference answer, token-level F1 (SQuAD style:
   lower-cased word tokens, multiset overlap).
-- `likelihood`: how well the model knows the reference answer, exp(mean per-token
-  log-probability of the reference answer and its EOS given the question): the geometric
-  mean of the token probabilities, in (0, 1]. A model that emits fragments cannot earn it,
-  and PPO does not optimise it.
+- `likelihood`: how well the model knows the reference answer: 1 - NLL / log V, with NLL
+  the mean per-token negative log-likelihood of the reference answer and its EOS given the
+  question and V the vocabulary size (0: no better than a uniform guess; 1: certain). The
+  share of a uniform guess's surprisal the model removes; a plain geometric-mean
+  probability would sit near 0 for any answer not taught verbatim. A model that emits
+  fragments cannot earn it, and PPO does not optimise it.
 
 score = sum(w_i * part_i) / sum(w_i) over the parts that exist (without a reward model,
 `preference` is left out and the other weights are renormalised). Default weights:
@@ -242,11 +244,16 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max
     return out
 
 
+def likelihood_score(mean_logprob: float, vocab_size: int) -> float:
+    """1 - NLL / log V, clipped to [0, 1] (see the module docstring)."""
+    return float(min(1.0, max(0.0, 1.0 + mean_logprob / math.log(max(2, vocab_size)))))
+
+
 def reference_likelihood(model: nn.Module, tokenizer, prompts: Sequence[Messages],
                          references: Sequence[str], batch_size: int = 16,
                          max_len: int = 1024) -> list[float]:
-    """exp(mean log p) of each reference answer's tokens and EOS given its prompt, under
-    the model's active adapters (teacher forcing, float32 log-softmax)."""
+    """Mean log p (nats per token) of each reference answer's tokens and EOS given its
+    prompt, under the model's active adapters (teacher forcing, float32 log-softmax)."""
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         rows, starts = [], []
@@ -263,7 +270,7 @@ def reference_likelihood(model: nn.Module, tokenizer, prompts: Sequence[Messages
         mask = mask.astype(mx.float32)
         mean = (lp * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)
         mx.eval(mean)
-        out.extend(math.exp(float(m)) for m in mean.tolist())
+        out.extend(float(m) for m in mean.tolist())
     return out
 
 
@@ -276,7 +283,7 @@ class QuizWeights:
     preference: float = 0.25    # the judge (a reward model): answer vs reference answer
     markers: float = 0.25       # voice-marker density vs the topic's target
     overlap: float = 0.25       # token F1 with the reference answer
-    likelihood: float = 0.25    # exp(mean token log-prob) of the reference answer
+    likelihood: float = 0.25    # 1 - NLL / log V of the reference answer
 
     def validate(self) -> None:
         from .config import ConfigError
@@ -349,10 +356,12 @@ def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], marker
                  "overlap": f, "marker_density": d, "markers": m}
                 for it, a, f, d, m in zip(items, answers, f1, dens, mk)]
     if weights.likelihood > 0:
-        lik = reference_likelihood(model, tokenizer, [it.messages for it in items], refs)
+        lps = reference_likelihood(model, tokenizer, [it.messages for it in items], refs)
+        V = int(getattr(getattr(model, "args", None), "vocab_size", 0) or 0) or _vocab(tokenizer)
+        lik = [likelihood_score(lp, V) for lp in lps]
         parts["likelihood"] = _mean(lik)
-        for d, x in zip(per_item, lik):
-            d["likelihood"] = x
+        for d, x, lp in zip(per_item, lik, lps):
+            d.update(likelihood=x, reference_logprob=lp)
     fn = as_reward_fn(reward)
     if fn is not None:
         prompts = [it.messages for it in items]
@@ -366,6 +375,10 @@ def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], marker
     return QuizResult(score=combine_parts(parts, weights), parts=parts,
                       target_marker_density=target_density, marker_density=_mean(dens),
                       n=len(items), items=per_item)
+
+
+def _vocab(tokenizer) -> int:
+    return len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else 2
 
 
 def _mean(xs: Sequence[float]) -> float:

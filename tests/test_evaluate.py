@@ -84,7 +84,7 @@ def test_quiz_of_the_reference_itself_scores_full_overlap_and_even_preference(mo
     assert res.score == pytest.approx(0.75)
 
 
-def test_reference_likelihood_is_the_geometric_mean_token_probability(model_and_reward):
+def test_reference_likelihood_is_the_mean_token_log_probability(model_and_reward):
     model, tok, _ = model_and_reward
     prompt, ref = [{"role": "user", "content": "Why?"}], "Because it matters."
     got = ev.reference_likelihood(model, tok, [prompt, prompt], [ref, ref + " Always."])
@@ -96,8 +96,15 @@ def test_reference_likelihood_is_the_geometric_mean_token_probability(model_and_
     logits = model(mx.array([row[:-1]])).astype(mx.float32)[0]
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     toks = [lp[t - 1, row[t]].item() for t in range(start, len(row))]
-    assert got[0] == pytest.approx(math.exp(sum(toks) / len(toks)), rel=1e-5)
-    assert 0.0 < got[1] <= 1.0
+    assert got[0] == pytest.approx(sum(toks) / len(toks), rel=1e-5)
+    assert got[1] < 0.0
+
+
+def test_likelihood_score_is_the_share_of_a_uniform_guess_surprisal_removed():
+    assert ev.likelihood_score(0.0, 1000) == 1.0
+    assert ev.likelihood_score(-math.log(1000), 1000) == pytest.approx(0.0)
+    assert ev.likelihood_score(-0.25 * math.log(1000), 1000) == pytest.approx(0.75)
+    assert ev.likelihood_score(-50.0, 1000) == 0.0          # worse than uniform: clipped
 
 
 def test_batched_greedy_answers_equal_one_at_a_time(model_and_reward):

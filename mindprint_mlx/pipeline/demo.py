@@ -30,13 +30,10 @@ DEMO_CONFIG: dict = {
     "seed": 0,
     "reward": {"train": {"lora_r": 8, "lora_alpha": 16.0, "epochs": 6, "batch_size": 8,
                          "max_len": 96, "lr": 1e-3, "weight_decay": 0.01, "patience": 2,
-                         "log_every": 2, "include_distinctions": True, "compile": False,
-                         "adam_bias_correction": False}},
+                         "log_every": 2, "include_distinctions": True, "compile": False}},
     "sft": {"lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3, "max_len": 96, "save_every": 100,
-            "lora_targets": ALL_LINEAR, "compile": False, "replay_fraction": 0.75,
-            "adam_bias_correction": False},
+            "lora_targets": ALL_LINEAR, "compile": False, "replay_fraction": 0.75},
     "ppo": {"steps": 8, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
-            "adam_bias_correction": False,
             "learning_rate": 5e-4, "max_new_tokens": 32, "init_kl_coef": 0.2,
             "adap_kl_ctrl": True, "target": 3.0, "horizon": 8.0, "missing_eos_penalty": 1.0,
             "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_LINEAR, "save_every": 4,
@@ -122,12 +119,63 @@ def run_demo(out: str | Path = "mindprint-demo", fast: bool = False,
             res = export_peft(out / final, out / "peft_adapter", model=str(model))
             made["peft_adapter"] = str(out / "peft_adapter")
             echo(f"PEFT export: {out / 'peft_adapter'}" + (f" ({res})" if not hasattr(res, "__dict__") else ""))
+    if result.status == "finished":
+        echo("held-out prompts: answering with the base, the SFT adapters and the final adapter")
+        made["heldout"] = heldout_comparison(model, out, result.state)
     made["seconds"] = time.time() - t0
     made["summary"] = summary(result)
     made["parts"], made["example"] = _parts_and_example(result.state)
     made["voice"] = voice_counts(result.state)
     made["ppo"] = ppo_effects(result.state, out)
     return made
+
+
+def heldout_comparison(model_dir: str | Path, run_dir: str | Path, state: dict,
+                       max_tokens: int = 64) -> dict:
+    """Greedy answers to the held-out prompts (in no data file) of the base model, of every
+    topic's SFT adapter stacked (the PPO adapters left out) and of the final adapter as
+    saved; per stage the share of answers made of real words, the voice score
+    (`demo.gold.voice_in_real_words`: the persona's images and short sentences, counted as
+    far as the answer is real words) and the answers with voice markers."""
+    from .. import evaluate as ev
+    from ..demo import DEMO_CURRICULUM_DIR, heldout_prompts
+    from ..demo.gold import voice_in_real_words
+    from ..models import load, lora
+    from ..models.adapters import load_adapter
+
+    run_dir = Path(run_dir)
+    model, tok = load(str(model_dir))
+    prompts = heldout_prompts()
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    sft = [run_dir / rec["phases"]["sft"]["adapter"] for rec in state.get("topics", {}).values()
+           if (rec.get("phases", {}).get("sft") or {}).get("adapter")]
+    stages = {"base": [], "sft": [load_adapter(model, d, name=f"sft{i}") for i, d in enumerate(sft)],
+              "final": [load_adapter(model, run_dir / state["final_adapter"], name="final")]}
+    markers = json.loads((DEMO_CURRICULUM_DIR / "persona.json").read_text())["voice_markers"]
+    lexicon = ev.demo_lexicon()
+    out = {"prompts": prompts}
+    for stage, names in stages.items():
+        with lora.active_adapters(model, names):
+            answers = ev.greedy_answers(model, tok, chats, max_tokens=max_tokens)
+        out[stage] = {"answers": answers,
+                      "real_words": _mean([float(ev.is_real_words(a, lexicon)) for a in answers]),
+                      "voice": _mean([voice_in_real_words(p, a) for p, a in zip(prompts, answers)]),
+                      "with_markers": sum(ev.marker_count(a, markers) > 0 for a in answers)}
+    return out
+
+
+def heldout_text(h: dict) -> str:
+    n = len(h["prompts"])
+    lines = [f"Held-out prompts ({n}, in no data file), greedy answers:",
+             f"  {'':22} {'real words':>10} {'voice score':>11} {'with markers':>12}"]
+    for stage, label in (("base", "base"), ("sft", "SFT adapters only"), ("final", "final adapter")):
+        r = h[stage]
+        lines.append(f"  {label:22} {r['real_words']:10.2f} {r['voice']:11.3f} {r['with_markers']:>7}/{n}")
+    i = max(range(n), key=lambda j: len(h["final"]["answers"][j]), default=None)
+    if i is not None:
+        lines += [f"  e.g. {h['prompts'][i]}", f"    base:  {h['base']['answers'][i]!r}",
+                  f"    SFT:   {h['sft']['answers'][i]!r}", f"    final: {h['final']['answers'][i]!r}"]
+    return "\n".join(lines)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -201,7 +249,7 @@ def ppo_effects(state: dict, run_dir: str | Path) -> list[dict]:
 
 
 def parts_text(made: dict) -> str:
-    lines = []
+    lines = [heldout_text(made["heldout"])] if made.get("heldout") else []
     v = made.get("voice")
     if v and v["topics"]:
         lines.append(f"Voice after SFT: the greedy quiz answers of {v['with_markers']} of {v['topics']} "
