@@ -274,6 +274,13 @@ def reference_likelihood(model: nn.Module, tokenizer, prompts: Sequence[Messages
     return out
 
 
+def taught_f1(model: nn.Module, tokenizer, records: Sequence[Any], max_tokens: int = 64) -> float:
+    """Mean token F1 of the model's greedy answers to SFT records' prompts against the taught
+    completions: does the model (with its active adapters) still answer what it was taught?"""
+    answers = greedy_answers(model, tokenizer, [list(r.prompt) for r in records], max_tokens)
+    return _mean([token_f1(a, r.completion) for a, r in zip(answers, records)])
+
+
 # ---------------------------------------------------------------- quiz
 
 @dataclass

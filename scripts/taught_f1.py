@@ -36,9 +36,7 @@ def main(argv=None) -> int:
     out = {}
     with lora.active_adapters(model, ["shipped"]):
         for t in cur.topics:
-            answers = ev.greedy_answers(model, tok, [list(r.prompt) for r in t.sft], a.max_tokens)
-            f1 = [ev.token_f1(x, r.completion) for x, r in zip(answers, t.sft)]
-            out[t.key] = sum(f1) / len(f1)
+            out[t.key] = ev.taught_f1(model, tok, t.sft, a.max_tokens)
             print(f"{out[t.key]:.3f}  {t.key}")
     mean = sum(out.values()) / len(out)
     print(f"mean {mean:.3f}, worst {min(out.values()):.3f} over {len(out)} topics")

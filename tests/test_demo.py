@@ -38,8 +38,8 @@ def test_demo_plan_runs_ppo_below_a_threshold_and_trains_nothing(tmp_path, monke
     lines = []
     res = run_pipeline(cfg, dry_run=True, echo=lines.append)
     assert [p["topic"] for p in res.plan] == ["cycle-phases", "drivers-of-cycles"]
-    assert all(p["plan"]["trainable"] and p["plan"]["pass_threshold"] == 0.5 for p in res.plan)
-    assert "PPO if quiz < 0.5" in "\n".join(lines)
+    assert all(p["plan"]["trainable"] and p["plan"]["pass_threshold"] == 0.4 for p in res.plan)
+    assert "PPO if quiz < 0.4" in "\n".join(lines)
     assert not (tmp_path / "run").exists()
     assert cfg.model == str(pretrained_demo_model)
 
@@ -54,7 +54,7 @@ def test_demo_never_replaces_a_directory_that_is_not_a_demo_run(tmp_path):
     assert res.exit_code == 1 and "not a previous demo run" in res.output
 
 
-def test_fast_demo_learns_the_voice_and_ppo_raises_the_reward_with_bounded_kl(
+def test_fast_demo_teaches_the_voice_keeps_both_topics_and_ppo_stays_bounded(
         tmp_path, pretrained_demo_model):
     """The real `mindprint demo --fast` (tiny model, 2 topics): what the demo claims holds.
     (Its model cache is the `pretrained_demo_model` fixture's: one pretraining per session.)"""
@@ -64,18 +64,34 @@ def test_fast_demo_learns_the_voice_and_ppo_raises_the_reward_with_bounded_kl(
                     cache_dir=pretrained_demo_model.parent)
     assert made["model"] == str(pretrained_demo_model)
     assert made["status"] == "finished"
-    # SFT: greedy quiz answers use the persona's voice markers on at least one topic.
-    assert made["voice"]["topics"] == 2 and made["voice"]["with_markers"] >= 1
-    assert made["parts"]["sft"]["markers"] > 0
-    # PPO ran below the threshold, raised the mean reward on the topic's prompts (same
-    # sampling keys before and after), and stayed close to the SFT policy.
-    assert made["ppo"], "PPO ran on no topic"
+    # SFT teaches the voice: on held-out prompts (in no data file) the base never uses the
+    # persona's markers, the SFT adapters do.
+    held = made["heldout"]
+    assert held["base"]["with_markers"] == 0 and held["sft"]["with_markers"] >= 3, held
+    # Retention: the final adapter, as saved, still answers what both topics taught.
+    from mindprint_mlx import evaluate as ev
+    from mindprint_mlx.data import build_curriculum, load_data_dir
+    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+    from mindprint_mlx.models import load, lora
+    from mindprint_mlx.models.adapters import load_adapter
+
+    model, tok = load(made["model"])
+    load_adapter(model, tmp_path / "demo" / "final_adapter", name="shipped")
+    cur = build_curriculum(load_data_dir(DEMO_CURRICULUM_DIR), units=FAST_OVERRIDES["units"],
+                           topics=FAST_OVERRIDES["topics"])
+    with lora.active_adapters(model, ["shipped"]):
+        f1 = {t.name: ev.taught_f1(model, tok, t.sft) for t in cur.topics}
+    assert min(f1.values()) >= 0.7, f1
+    # PPO ran below the threshold on both topics, its KL to the SFT policy stayed bounded, and
+    # the training-batch reward rose (mean of the last 3 steps above the first 3) on at least
+    # one of them; the final adapter is graded and the report says so.
+    assert len(made["ppo"]) == 2, "PPO ran on too few topics"
     for p in made["ppo"]:
-        assert p["reward_after"] > p["reward_before"], p
         assert p["kl_mean"] is not None and 0 <= p["kl_last"] < 10.0, p
         assert p["answer_before"] is not None and p["answer_after"] is not None
+    assert any(p["trend"]["rises"] for p in made["ppo"]), made["ppo"]
     text = parts_text(made)
-    assert "Voice after SFT" in text and "PPO " in text and "KL to the SFT policy" in text
+    assert "Held-out prompts" in text and "PPO " in text and "KL to the SFT policy" in text
     assert "| topic |" in made["summary"] and "Pass rate of the final adapter" in made["summary"]
     assert (tmp_path / "demo" / "final_adapter" / "adapter_config.json").is_file()
     assert "final_adapter/" in where_text(made) and "not meant to be good" in HONEST
