@@ -181,4 +181,5 @@ def test_ppo_accumulation_is_the_token_mean_of_the_minibatch(tiny_llama):
     nonzero = [k for k in moments[0] if np.abs(moments[0][k]).max() > 0]
     assert any(".lora_b" in k for k in nonzero) and any(k.startswith("value_head") for k in nonzero)
     for k in nonzero:
-        assert _rel(moments[1][k], moments[0][k]) < 1e-6, k
+        # fp32 sums over different micro-batch splits differ in the last bits (~1e-6 relative)
+        assert _rel(moments[1][k], moments[0][k]) < 1e-5, k
