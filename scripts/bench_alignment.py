@@ -2,12 +2,15 @@
 
 The experiment RLHF papers run when the true preference is known (a "gold" function):
 1. SFT one adapter on the demo curriculum's SFT data (the demo base model);
-2. sample two answers per training prompt from the SFT policy, label each pair with the
-   gold function, train a reward model on those labels alone;
+2. sample answers from the SFT policy (--samples per prompt, at --temperature) on the
+   training prompts and the base's primer questions, label every pair whose gold scores
+   differ by at least --min-gap with the gold function, train a reward model on those labels
+   alone;
 3. PPO on the training prompts against that reward model;
 4. grade greedy answers to held-out prompts (in no training file) with the gold function,
    for the base, SFT and SFT+PPO, over several seeds, with a bootstrap interval of PPO - SFT;
-   the reward model's agreement with gold on held-out pairs; and the proxy (reward model)
+   the reward model's agreement with gold on held-out pairs (answers to the held-out prompts
+   whose gold scores differ by at least --min-gap); and the proxy (reward model)
    vs gold curve over PPO steps, where over-optimisation shows as gold falling while the
    proxy still climbs.
 
@@ -118,6 +121,12 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
         if k not in seen:
             seen.add(k)
             train.append([dict(m) for m in r.prompt])
+    # the reward model also learns from answers to the primer's questions (the base's own
+    # pretraining prompts: more prompts, the same domain, none of them held out)
+    from mindprint_mlx.demo.neutral_corpus import neutral_pairs
+
+    rm_prompts = train + ([[{"role": "user", "content": q}] for q, _ in neutral_pairs()]
+                          if a.primer_prompts else [])
 
     def graded(active: list[str]) -> tuple[list[str], list[float]]:
         with lora.active_adapters(model, active):
@@ -134,32 +143,36 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     sft_ans, out["sft_gold"] = graded(["sft"])
     echo(f"seed {seed}: base gold {np.mean(out['base_gold']):.3f}, SFT gold {np.mean(out['sft_gold']):.3f}")
 
-    # 2. pairs sampled from the SFT policy, labelled by gold; a reward model on the labels
+    # 2. answers sampled from the SFT policy, every pair of them whose gold scores differ by at
+    #    least --min-gap labelled by gold; a reward model on those labels alone
     def sample_pairs(prompts, key_seed: int) -> list[tuple[list, str, str, float, float]]:
         enc = [ev.encode_prompt(tok, p) for p in prompts]
         texts = []
         with lora.active_adapters(model, ["sft"]):
-            for k in range(2):
+            for k in range(a.samples):
                 row = []
                 for i in range(0, len(enc), 16):
                     g = generate_batch(model, enc[i:i + 16], a.max_tokens, ev.eos_ids(tok), ev.pad_id(tok),
-                                       temperature=1.0, key=mx.random.key(key_seed * 7919 + k * 131 + i))
+                                       temperature=a.temperature,
+                                       key=mx.random.key(key_seed * 7919 + k * 131 + i))
                     toks, n, ended = g.response_tokens.tolist(), g.response_lengths.tolist(), g.ended.tolist()
                     row += [tok.decode(t[:m - 1] if e else t[:m]) for t, m, e in zip(toks, n, ended)]
                 texts.append(row)
         out_pairs = []
-        for p, x, y in zip(prompts, texts[0], texts[1]):
-            gx, gy = float(gold(user_text(p), x)), float(gold(user_text(p), y))
-            if abs(gx - gy) > 1e-9:
-                out_pairs.append((p, x, y, gx, gy) if gx > gy else (p, y, x, gy, gx))
+        for j, p in enumerate(prompts):
+            answers = [row[j] for row in texts]
+            g = [float(gold(user_text(p), x)) for x in answers]
+            for u in range(len(answers)):
+                for v in range(u + 1, len(answers)):
+                    if abs(g[u] - g[v]) >= a.min_gap:
+                        hi, lo = (u, v) if g[u] > g[v] else (v, u)
+                        out_pairs.append((p, answers[hi], answers[lo], g[hi], g[lo]))
         return out_pairs
 
-    pairs = []
-    for rep in range(a.pair_rounds):
-        pairs += sample_pairs(train, seed * 1000 + rep)
+    pairs = sample_pairs(rm_prompts, seed * 1000)
     test_pairs = sample_pairs(held, seed * 1000 + 999)
     records = [PreferenceRecord(prompt=tuple(p), chosen=c, rejected=r) for p, c, r, _, _ in pairs]
-    rcfg = RewardConfig(lora_r=8, lora_alpha=16.0, epochs=a.rm_epochs, batch_size=8, max_len=160,
+    rcfg = RewardConfig(lora_r=8, lora_alpha=16.0, epochs=a.rm_epochs, batch_size=16, max_len=160,
                         lr=1e-3, patience=2, seed=seed, compile=False)
     res = train_reward_model(model, tok, records, rcfg, work / "reward", progress=a.progress)
     rm = RewardModel.load(model, tok, res.adapter_dir)
@@ -188,7 +201,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
            "learning_rate": 1e-4, "max_new_tokens": a.max_tokens, "init_kl_coef": 0.05,
            "adap_kl_ctrl": True, "target": 6.0, "horizon": 10000.0, "missing_eos_penalty": 1.0,
            "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ALL_LINEAR, "seed": seed,
-           "reward_norm": "sft_samples",
+           "reward_norm": "sft_samples", "temperature": a.temperature,
            "save_every": 0, "progress": a.progress}
     for kv in a.ppo:
         k, _, v = kv.partition("=")
@@ -217,8 +230,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--model", default="demo", help="model dir (default: the demo base model)")
     ap.add_argument("--sft-epochs", type=int, default=12)
-    ap.add_argument("--rm-epochs", type=int, default=6)
-    ap.add_argument("--pair-rounds", type=int, default=2, help="rounds of 2 samples per training prompt")
+    ap.add_argument("--rm-epochs", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=4, help="SFT-policy answers sampled per prompt for pairs")
+    ap.add_argument("--min-gap", type=float, default=0.05,
+                    help="gold difference a pair needs (to train on, and to count in the agreement)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of pairs and PPO")
+    ap.add_argument("--no-primer-prompts", dest="primer_prompts", action="store_false",
+                    help="sample reward-model pairs on the curriculum's prompts only")
     ap.add_argument("--ppo-steps", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10, help="PPO steps between curve points")
     ap.add_argument("--max-tokens", type=int, default=48)
