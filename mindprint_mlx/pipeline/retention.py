@@ -37,7 +37,8 @@ def continual_metrics(rows: dict[str, dict[str, float]], order: Sequence[str],
     """
     done = [k for k in order if k in rows]
     if not done:
-        return {"average": None, "backward_transfer": None, "forgetting": None, "topics": 0}
+        avg = sum(final.values()) / len(final) if final else None   # no matrix: the final row only
+        return {"average": avg, "backward_transfer": None, "forgetting": None, "topics": len(final or {})}
     last = final if final is not None else rows[done[-1]]
     scored = [k for k in done if k in last]
     avg = sum(last[k] for k in scored) / len(scored) if scored else None

@@ -418,6 +418,7 @@ class _Run:
                                      "passed": q.score >= plans[k]["plan"]["pass_threshold"]}
                                  for k, q in res.items()}
         ret = st.data.setdefault("retention", {"rows": {}, "order": []})
+        ret["order"] = ret["order"] or [t.key for t in self.trained]
         ret["final"] = {k: q.score for k, q in res.items()}
         ret["metrics"] = continual_metrics(ret["rows"], ret["order"], final=ret["final"])
         st.save()
