@@ -37,6 +37,7 @@ from typing import Any, Callable, Collection, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .data.batching import eos_ids, pad_id  # noqa: F401 (the one EOS set and pad id; re-exported)
 from .errors import MindprintError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -167,12 +168,6 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
     return tokens, lengths
 
 
-def pad_id(tokenizer) -> int:
-    from .data.batching import pad_id as _pad_id
-
-    return _pad_id(tokenizer)
-
-
 RewardFn = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -218,13 +213,6 @@ def generate(model: nn.Module, tokenizer, messages: Messages, max_tokens: int = 
                                 max_tokens=max_tokens, sampler=sampler):
         parts.append(resp.text)
     return "".join(parts)
-
-
-def eos_ids(tokenizer) -> list[int]:
-    """Every id that ends a turn (mlx-lm's wrapper knows the generation config's set)."""
-    from .data.batching import eos_ids as _eos_ids
-
-    return _eos_ids(tokenizer)
 
 
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max_tokens: int = 64,
