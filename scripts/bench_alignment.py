@@ -1,7 +1,8 @@
 """Gold-judge alignment benchmark: does RLHF on a learned reward raise a score it never saw?
 
 The experiment RLHF papers run when the true preference is known (a "gold" function):
-1. SFT one adapter on the demo curriculum's SFT data (the demo base model);
+1. SFT one adapter on the demo curriculum's SFT data (the demo base model); with
+   --rm-from sft, fold it into the base weights so the reward model starts from the SFT policy;
 2. sample answers from the SFT policy (--samples per prompt, at --temperature) on the
    training prompts and the base's primer questions, label every pair whose gold scores
    differ by at least --min-gap with the gold function, train a reward model on those labels
@@ -141,6 +142,12 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
                      eval_fraction=0.0, compile=False)
     train_sft(model, tok, list(ds.sft), scfg, work / "sft", adapter_name="sft", progress=a.progress)
     sft_ans, out["sft_gold"] = graded(["sft"])
+    if a.rm_from == "sft":
+        # Fold the SFT adapter into the base weights: the reward model then starts from the
+        # SFT policy (Ziegler et al. 2019), and PPO's reference is the merged base itself, the
+        # same function as base + frozen SFT adapter; still one copy of the weights.
+        lora.merge(model, ["sft"])
+    policy = [] if a.rm_from == "sft" else ["sft"]
     echo(f"seed {seed}: base gold {np.mean(out['base_gold']):.3f}, SFT gold {np.mean(out['sft_gold']):.3f}")
 
     # 2. answers sampled from the SFT policy, every pair of them whose gold scores differ by at
@@ -148,7 +155,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     def sample_pairs(prompts, key_seed: int) -> list[tuple[list, str, str, float, float]]:
         enc = [ev.encode_prompt(tok, p) for p in prompts]
         texts = []
-        with lora.active_adapters(model, ["sft"]):
+        with lora.active_adapters(model, policy):
             for k in range(a.samples):
                 row = []
                 for i in range(0, len(enc), 16):
@@ -190,7 +197,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
 
     def on_step(step: int, stats: dict) -> None:
         if step % a.eval_every == 0 or step == pcfg.steps:
-            with lora.active_adapters(model, ["sft", pcfg.adapter_name]):
+            with lora.active_adapters(model, policy + [pcfg.adapter_name]):
                 ans = ev.greedy_answers(model, tok, held, max_tokens=a.max_tokens)
             proxy = ev.reward_scores(rm.score_tokens, tok, held, ans)
             curve.append({"step": step, "proxy": float(np.mean(proxy)),
@@ -210,10 +217,10 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     base_curve_ans = sft_ans
     curve.append({"step": 0, "proxy": float(np.mean(ev.reward_scores(rm.score_tokens, tok, held, base_curve_ans))),
                   "gold": float(np.mean(out["sft_gold"])), "kl": 0.0, "train_score": None})
-    lora.set_active(model, ["sft"])
-    train_ppo(model, tok, train, rm.score_tokens, pcfg, work / "ppo", frozen_adapters=["sft"],
+    lora.set_active(model, policy)
+    train_ppo(model, tok, train, rm.score_tokens, pcfg, work / "ppo", frozen_adapters=policy,
               on_step=on_step)
-    ppo_ans, out["ppo_gold"] = graded(["sft", pcfg.adapter_name])
+    ppo_ans, out["ppo_gold"] = graded(policy + [pcfg.adapter_name])
     out["curve"] = curve
     out["examples"] = [{"prompt": user_text(held[i]), "base": base_ans[i], "sft": sft_ans[i],
                         "ppo": ppo_ans[i]} for i in range(min(3, len(held)))]
@@ -231,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="demo", help="model dir (default: the demo base model)")
     ap.add_argument("--sft-epochs", type=int, default=12)
     ap.add_argument("--rm-epochs", type=int, default=4)
+    ap.add_argument("--rm-from", choices=("base", "sft"), default="base",
+                    help="the reward model's starting point: the base (as in the pipeline) or the SFT "
+                         "policy (folded into the base weights first)")
     ap.add_argument("--samples", type=int, default=4, help="SFT-policy answers sampled per prompt for pairs")
     ap.add_argument("--min-gap", type=float, default=0.05,
                     help="gold difference a pair needs (to train on, and to count in the agreement)")
