@@ -38,6 +38,12 @@ from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
 from .reward_norm import RewardNorm, check_declared_adapters, sample_reward_norm, value_head_from_reward
+from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, step_key
+
+# Salts of PPO's seeded draws (the prompts of a step, the rollout key, the adapter's init);
+# the adapter init's salt matters in small runs: the fast demo and test_ppo_trainer's
+# reward rise were checked with this draw.
+PROMPT_SALT, STEP_SALT, INIT_SALT = 17, 29, 2
 from .rollout import Generation, batched_response_forward, generate_batch, response_forward
 
 log = logging.getLogger(__name__)
@@ -221,30 +227,6 @@ def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
         raise MindprintError(f"the '{adapter_name}' adapter has no trainable tensors")
 
 
-def _encode_prompts(tokenizer, prompts: Sequence[Any]) -> list[list[int]]:
-    from ..data.batching import as_messages, encode_prompt
-
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, (list, tuple)) and p and isinstance(p[0], int):
-            out.append([int(t) for t in p])      # already tokens
-            continue
-        ids = encode_prompt(tokenizer, as_messages(p))
-        if not ids:
-            raise MindprintError(f"prompt {i} encodes to no tokens")
-        out.append(ids)
-    return out
-
-
-def _prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """The prompts of `step`: a seeded permutation per pass over the prompts, cycled."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n_prompts)
-        out.append(int(np.random.default_rng([seed, epoch, 17]).permutation(n_prompts)[i]))
-    return out
-
-
 def _whiten(x: mx.array, mask: mx.array, shift_mean: bool = True) -> mx.array:
     """`masked_whiten` over the masked entries of every rank's batch (data parallel), so
     that the statistics are those of the whole rollout batch; on one process it is
@@ -259,18 +241,6 @@ def _whiten(x: mx.array, mask: mx.array, shift_mean: bool = True) -> mx.array:
     var = var * mx.where(n > 1, n / mx.maximum(n - 1, 1), 1.0)
     out = (x - mean) * mx.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
-
-
-def _step_key(seed: int, step: int) -> mx.array:
-    return mx.random.key(int(np.random.default_rng([seed, step, 29]).integers(0, 2 ** 62)))
-
-
-def _init_seed(seed: int) -> int:
-    """The seed of the PPO adapter's initialisation: from `seed`, but not `seed` itself, so
-    that an SFT adapter initialised from the same seed does not get the same A matrices.
-    (Small runs depend on this draw: the fast demo's voice markers and test_ppo_trainer's
-    reward rise hold with it, and not with every other salt.)"""
-    return int(np.random.default_rng([seed, 2]).integers(0, 2 ** 62))
 
 
 def _stop_if_nonfinite(step: int, values: dict) -> None:
@@ -324,7 +294,7 @@ class PPOTrainer:
         layers = range(n_layers - cfg.num_layers, n_layers) if cfg.num_layers else None
         # Initialised from cfg.seed alone (not from whatever the global random state holds
         # after the phases before), so a run resumed between SFT and PPO starts PPO identically.
-        with seeded(_init_seed(cfg.seed)):
+        with seeded(init_seed(cfg.seed, INIT_SALT)):
             lora.apply_lora(model, cfg.adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
                             alpha=cfg.lora_alpha, layers=layers, trainable=True, enabled=False)
             self.value_head = value_head if value_head is not None else ScalarHead(hidden_size(model))
@@ -494,7 +464,7 @@ class PPOTrainer:
         """One PPO step on these tokenized prompts; returns the step's stats."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        gen, ro = self.rollout(prompts, _step_key(dist.rank_seed(cfg.seed), self.step))
+        gen, ro = self.rollout(prompts, step_key(dist.rank_seed(cfg.seed), self.step, STEP_SALT))
         mask = gen.response_mask
         beta = self.kl_ctl.value
         scores = self._process_scores(ro["scores"], gen.ended)
@@ -676,7 +646,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
             raise MindprintError("value_head_init=reward needs the reward head: pass reward_head, "
                                  "or a RewardModel's score_tokens as reward_fn")
     trainer = PPOTrainer(model, tokenizer, reward_fn, cfg, frozen_adapters, value_head)
-    encoded = _encode_prompts(tokenizer, prompts)
+    encoded = encode_prompts(tokenizer, prompts)
     rank, world_size, _ = dist.world()
     main = rank == 0
     has_ckpt = resume and (ckpt / "trainer_state.json").is_file()
@@ -704,7 +674,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
 
     try:
         while trainer.step < cfg.steps:
-            idx = _prompt_indices(len(encoded), trainer.step, cfg.batch_size, cfg.seed)
+            idx = cycled_indices(len(encoded), trainer.step, cfg.batch_size, cfg.seed, PROMPT_SALT)
             idx = idx[rank::world_size]              # this rank's share (all of it on one process)
             try:
                 stats = trainer.train_step([encoded[i] for i in idx])
