@@ -124,6 +124,12 @@ def check_values(obj: Any, checks: Iterable[tuple[str, bool]]) -> None:
             raise ConfigError(f"key '{key}': invalid value {getattr(obj, key)!r}")
 
 
+# Keys of earlier versions and the names that replaced them (TRL's and mlx-lm's names, the
+# ones PPOConfig always had). An old key is an error that names its replacement.
+RENAMED_KEYS = {"lr": "learning_rate", "lora_r": "lora_rank",
+                "grad_accumulation": "gradient_accumulation_steps", "max_len": "max_seq_length"}
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>",
               prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping; unknown keys are errors."""
@@ -132,6 +138,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>",
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields and RENAMED_KEYS.get(str(k)) in fields:
+            new = f"{prefix}.{RENAMED_KEYS[k]}" if prefix else RENAMED_KEYS[k]
+            raise ConfigError(f"{source}: key '{key}' was renamed to '{new}' (one vocabulary "
+                              "across SFT, reward and PPO: the names TRL and mlx-lm use)")
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -164,7 +174,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_overrides(items: Iterable[str]) -> dict:
-    """`["ppo.lr=1e-5", "seed=3"]` -> nested dict with YAML-parsed values."""
+    """`["ppo.learning_rate=1e-5", "seed=3"]` -> nested dict with YAML-parsed values."""
     out: dict = {}
     for item in items:
         if "=" not in item:

@@ -107,8 +107,8 @@ class Bench:
         a = self.args
         model, tok = self.load(quantize)
         steps = steps or a.sft_steps
-        cfg = SFTConfig(lora_r=8, lora_alpha=16.0, epochs=100, batch_size=a.batch, max_len=256,
-                        lr=1e-4, warmup_ratio=0.0, eval_fraction=0.0, save_every=10 ** 6,
+        cfg = SFTConfig(lora_rank=8, lora_alpha=16.0, epochs=100, batch_size=a.batch, max_seq_length=256,
+                        learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0, save_every=10 ** 6,
                         max_steps=steps, compile=compile_, grad_checkpoint=grad_checkpoint,
                         lora_targets=TARGETS)
         out = self.tmp / f"sft-{compile_}-{grad_checkpoint}-{quantize}-{time.time_ns()}"
@@ -126,8 +126,8 @@ class Bench:
         model, tok = self.load(quantize)
         pairs = [PreferenceRecord(tuple(m), c, " ".join(reversed(c.split())))
                  for m, c in self.records[:40]]
-        cfg = RewardConfig(lora_r=8, lora_alpha=16.0, epochs=1, batch_size=max(self.args.batch // 2, 1),
-                           max_len=256, lora_targets=TARGETS)
+        cfg = RewardConfig(lora_rank=8, lora_alpha=16.0, epochs=1, batch_size=max(self.args.batch // 2, 1),
+                           max_seq_length=256, lora_targets=TARGETS)
         base = weight_bytes(model)
         out = self.tmp / f"reward-{quantize}-{time.time_ns()}"
         _, peak, _ = peak_of(lambda: train_reward_model(model, tok, pairs, cfg, out, progress=False))

@@ -137,8 +137,8 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     out: dict = {"seed": seed}
     base_ans, out["base_gold"] = graded([])
     # 1. SFT on every topic at once (the benchmark measures the refinement, not the curriculum)
-    scfg = SFTConfig(lora_r=16, lora_alpha=32.0, lr=1e-3, epochs=a.sft_epochs, batch_size=4,
-                     max_len=128, lora_targets=ALL_LINEAR, seed=seed, save_every=10**6,
+    scfg = SFTConfig(lora_rank=16, lora_alpha=32.0, learning_rate=1e-3, epochs=a.sft_epochs, batch_size=4,
+                     max_seq_length=128, lora_targets=ALL_LINEAR, seed=seed, save_every=10**6,
                      eval_fraction=0.0, compile=False)
     train_sft(model, tok, list(ds.sft), scfg, work / "sft", adapter_name="sft", progress=a.progress)
     sft_ans, out["sft_gold"] = graded(["sft"])
@@ -179,8 +179,8 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     pairs = sample_pairs(rm_prompts, seed * 1000)
     test_pairs = sample_pairs(held, seed * 1000 + 999)
     records = [PreferenceRecord(prompt=tuple(p), chosen=c, rejected=r) for p, c, r, _, _ in pairs]
-    rcfg = RewardConfig(lora_r=8, lora_alpha=16.0, epochs=a.rm_epochs, batch_size=16, max_len=160,
-                        lr=1e-3, patience=2, seed=seed, compile=False)
+    rcfg = RewardConfig(lora_rank=8, lora_alpha=16.0, epochs=a.rm_epochs, batch_size=16, max_seq_length=160,
+                        learning_rate=1e-3, patience=2, seed=seed, compile=False)
     res = train_reward_model(model, tok, records, rcfg, work / "reward", progress=a.progress)
     rm = RewardModel.load(model, tok, res.adapter_dir)
     sc = ev.reward_scores(rm.score_tokens, tok, [p for p, *_ in test_pairs], [c for _, c, *_ in test_pairs])

@@ -65,9 +65,9 @@ def mindprint_once(args, steps: int) -> dict:
 
     rows = [json.loads(x) for x in open(Path(args.data) / "train.jsonl")]
     records = [([{"role": "user", "content": r["prompt"]}], r["completion"]) for r in rows]
-    cfg = SFTConfig(lora_r=args.rank, lora_alpha=2.0 * args.rank, lora_targets=TARGETS,
-                    batch_size=args.batch, epochs=10_000, max_steps=steps, lr=1e-4,
-                    warmup_ratio=0.0, max_grad_norm=0.0, max_len=args.max_len, save_every=10**9,
+    cfg = SFTConfig(lora_rank=args.rank, lora_alpha=2.0 * args.rank, lora_targets=TARGETS,
+                    batch_size=args.batch, epochs=10_000, max_steps=steps, learning_rate=1e-4,
+                    warmup_ratio=0.0, max_grad_norm=0.0, max_seq_length=args.max_len, save_every=10**9,
                     log_every=min(steps, len(rows) // args.batch), compile=True if args.compile else None,
                     pad_to_multiple=args.pad_to_multiple)
     model, tok = load(args.model)

@@ -39,11 +39,11 @@ def main(model_dir: str, out_dir: str, with_step: bool = False, with_ppo: bool =
         _dist_step.main(model_dir, str(out / "step"), "sgd", 1)
     ds = load_data_dir(DEMO_CURRICULUM_DIR)
     model, tok = load(model_dir)
-    scfg = SFTConfig(lora_r=4, lora_alpha=8.0, batch_size=4, epochs=1, lr=3e-4, warmup_ratio=0.0,
-                     save_every=1, compile=False, max_len=192)
+    scfg = SFTConfig(lora_rank=4, lora_alpha=8.0, batch_size=4, epochs=1, learning_rate=3e-4, warmup_ratio=0.0,
+                     save_every=1, compile=False, max_seq_length=192)
     sft = train_sft(model, tok, list(ds.sft[:7]), scfg, out / "sft", eval_records=list(ds.sft[7:10]),
                     progress=False)
-    rcfg = RewardConfig(lora_r=2, lora_alpha=4.0, batch_size=3, epochs=1, lr=3e-4, max_len=192,
+    rcfg = RewardConfig(lora_rank=2, lora_alpha=4.0, batch_size=3, epochs=1, learning_rate=3e-4, max_seq_length=192,
                         val_fraction=0.34, compile=False, log_every=1)
     rew = train_reward_model(model, tok, list(ds.preference[:6]), rcfg, out / "reward", progress=False)
     ppo = None

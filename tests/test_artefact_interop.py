@@ -232,7 +232,7 @@ def test_reward_head_trains_without_bias_and_exports_by_default_with_a_working_c
     pairs = [PreferenceRecord(prompt=({"role": "user", "content": f"tell me about {w}"},),
                               chosen=f"{w} is good, as always.", rejected=f"{w} bad")
              for w in words]
-    train_reward_model(model, tok, pairs, RewardConfig(epochs=2, lora_r=2, batch_size=2, lr=1e-2,
+    train_reward_model(model, tok, pairs, RewardConfig(epochs=2, lora_rank=2, batch_size=2, learning_rate=1e-2,
                                                        weight_decay=0.1),
                        tmp_path / "reward_model", progress=False)
     head = load_heads(tmp_path / "reward_model" / "adapter")["reward"]

@@ -67,7 +67,7 @@ def test_sft_loss_falls_on_bf16_as_it_does_in_fp32(bf16_base, tmp_path):
 
     fp32_base = build_tiny_model(tmp_path / "fp32", arch="llama", seed=0)
     records = [(p, "the teacher reads the book near the river.") for p in PROMPTS]
-    cfg = SFTConfig(epochs=6, batch_size=4, lr=1e-2, lora_r=4, lora_alpha=8.0, save_every=100,
+    cfg = SFTConfig(epochs=6, batch_size=4, learning_rate=1e-2, lora_rank=4, lora_alpha=8.0, save_every=100,
                     warmup_ratio=0.0)
     out = {}
     for name, base in (("bf16", bf16_base), ("fp32", fp32_base)):
@@ -92,8 +92,8 @@ def test_reward_model_beats_chance_on_bf16(bf16_base, tmp_path):
     pairs = [SimpleNamespace(prompt=p, chosen=good, rejected=bad) for p in PROMPTS]
     pairs += [SimpleNamespace(prompt=[{"role": "user", "content": t + " now"}], chosen=good,
                               rejected=bad) for t in TEXTS]
-    cfg = RewardConfig(lora_r=4, lora_alpha=8.0, batch_size=4, epochs=6, lr=3e-3, patience=10,
-                       compile=False, max_len=128)
+    cfg = RewardConfig(lora_rank=4, lora_alpha=8.0, batch_size=4, epochs=6, learning_rate=3e-3, patience=10,
+                       compile=False, max_seq_length=128)
     res = train_reward_model(model, tok, pairs, cfg, tmp_path, progress=False)
     assert res.best_val_accuracy > 0.5 and math.isfinite(res.best_val_loss), res.history
     rm = RewardModel.load(model, tok, tmp_path)

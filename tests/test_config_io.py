@@ -186,3 +186,18 @@ def test_progress_plain_lines_when_not_a_tty():
     quiet = io.StringIO()
     Progress(2, "x", enabled=False, stream=quiet).update(2)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("section,old,new", [("sft", "lr", "learning_rate"), ("sft", "lora_r", "lora_rank"),
+                                             ("sft", "grad_accumulation", "gradient_accumulation_steps"),
+                                             ("reward.train", "max_len", "max_seq_length")])
+def test_old_keys_are_errors_naming_the_new_key(tmp_path, section, old, new):
+    from mindprint_mlx.pipeline.config import load_pipeline_config
+
+    p = tmp_path / "run.yaml"
+    body = {"sft": f"sft:\n  {old}: 1\n", "reward.train": f"reward:\n  train:\n    {old}: 64\n"}[section]
+    p.write_text("model: m\ndata_dir: d\n" + body)
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and f"'{section}.{old}' was renamed to '{section}.{new}'" in msg

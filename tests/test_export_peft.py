@@ -336,7 +336,7 @@ def test_trained_reward_model_scores_the_same_in_transformers(tmp_path, tiny_mod
     pairs = [PreferenceRecord(prompt=({"role": "user", "content": f"tell me about {w}"},),
                               chosen=f"{w} is good, as always.", rejected=f"{w} bad")
              for w in words]
-    res = train_reward_model(model, tok, pairs, RewardConfig(epochs=1, lora_r=2, batch_size=2),
+    res = train_reward_model(model, tok, pairs, RewardConfig(epochs=1, lora_rank=2, batch_size=2),
                              tmp_path / "rm", progress=False)
     rm = RewardModel.load(model, tok, res.adapter_dir)
     prompts, answers = [p.prompt for p in pairs[:3]], [p.chosen for p in pairs[:3]]

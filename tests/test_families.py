@@ -236,8 +236,8 @@ def test_sft_then_ppo_run_on_each_family(family, family_model, tmp_path):
     records = [([{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}],
                 f"{t}: the teacher reads the book.") for t in TEXTS]
     records += [([{"role": "user", "content": t}], "a small boat near the river.") for t in TEXTS]
-    res = train_sft(model, tok, records, SFTConfig(epochs=1, batch_size=2, max_steps=4, lr=1e-3,
-                                                   lora_r=2, save_every=100, warmup_ratio=0.0),
+    res = train_sft(model, tok, records, SFTConfig(epochs=1, batch_size=2, max_steps=4, learning_rate=1e-3,
+                                                   lora_rank=2, save_every=100, warmup_ratio=0.0),
                     tmp_path / "sft", progress=False)
     assert res.steps == 4 and math.isfinite(res.train_loss)
     end = turn_end_id(tok)

@@ -50,9 +50,9 @@ def _config(model: Path, data: Path, run_dir: Path) -> dict:
     return {
         "model": str(model), "data_dir": str(data), "run_dir": str(run_dir), "seed": 0,
         # (1 epoch on 16 pairs: at chance; the run goes on to PPO all the same)
-        "reward": {"train": {"lora_r": 2, "lora_alpha": 4.0, "epochs": 1, "batch_size": 8,
-                             "max_len": 96, "compile": False}, "continue_at_chance": True},
-        "sft": {"lora_r": 2, "lora_alpha": 4.0, "max_len": 96, "compile": False},
+        "reward": {"train": {"lora_rank": 2, "lora_alpha": 4.0, "epochs": 1, "batch_size": 8,
+                             "max_seq_length": 96, "compile": False}, "continue_at_chance": True},
+        "sft": {"lora_rank": 2, "lora_alpha": 4.0, "max_seq_length": 96, "compile": False},
         "ppo": {"steps": 3, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
                 "max_new_tokens": 8, "save_every": 1, "progress": False, "learning_rate": 1e-3},
         # a threshold no answer reaches: PPO runs on both topics
@@ -319,7 +319,7 @@ def test_guards_stop_the_run_before_harm(setup):
     other = str(run_dir) + "-lr1000"
     with pytest.raises(DivergedError, match=r"sft: training diverged \(the trainable weights' norm "
                        r"grew from .* at step 1 .*no checkpoint had been written yet"):
-        run_pipeline(load_pipeline_config(cfg_file, ["sft.lr=1000", f"run_dir={other}"]),
+        run_pipeline(load_pipeline_config(cfg_file, ["sft.learning_rate=1000", f"run_dir={other}"]),
                      echo=lambda s: None)
     st = _state(Path(other))
     assert st["stopped"].startswith("failed: DivergedError") and not st["finished"]

@@ -138,8 +138,8 @@ def test_sft_and_reward_metrics_hold_each_step_once_after_a_resume(tiny_llama, t
 
     demo = load_data_dir(DEMO_CURRICULUM_DIR)
     model, tok = load(tiny_llama)
-    cfg = SFTConfig(lora_r=2, lora_alpha=4.0, batch_size=2, epochs=1, save_every=2, compile=False,
-                    max_len=48)
+    cfg = SFTConfig(lora_rank=2, lora_alpha=4.0, batch_size=2, epochs=1, save_every=2, compile=False,
+                    max_seq_length=48)
     out = tmp_path / "sft"
     train_sft(model, tok, list(demo.sft[:10]), cfg, out, progress=False)      # 5 steps
     full = read_jsonl(out / "metrics.jsonl")
@@ -152,8 +152,8 @@ def test_sft_and_reward_metrics_hold_each_step_once_after_a_resume(tiny_llama, t
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
     assert steps == [r["step"] for r in full] == [1, 2, 3, 4, 5]
 
-    rcfg = RewardConfig(lora_r=2, lora_alpha=4.0, batch_size=4, epochs=2, log_every=1,
-                        compile=False, max_len=48, patience=5)
+    rcfg = RewardConfig(lora_rank=2, lora_alpha=4.0, batch_size=4, epochs=2, log_every=1,
+                        compile=False, max_seq_length=48, patience=5)
     rout = tmp_path / "rm"
     pairs = list(demo.preference[:10])
     model, tok = load(tiny_llama)
@@ -239,8 +239,8 @@ def test_a_learning_rate_of_1000_is_reported_as_diverged_not_finished(tiny_llama
 
     demo = load_data_dir(DEMO_CURRICULUM_DIR)
     model, tok = load(tiny_llama)
-    cfg = SFTConfig(lora_r=2, lora_alpha=4.0, batch_size=2, epochs=1, lr=1000.0, compile=False,
-                    max_len=48, save_every=1)
+    cfg = SFTConfig(lora_rank=2, lora_alpha=4.0, batch_size=2, epochs=1, learning_rate=1000.0, compile=False,
+                    max_seq_length=48, save_every=1)
     with pytest.raises(guards.DivergedError, match=r"sft: training diverged \(the trainable "
                        r"weights' norm grew .* at step 1 .*no checkpoint had been written yet"):
         train_sft(model, tok, list(demo.sft[:6]), cfg, tmp_path / "sft", progress=False)
@@ -250,7 +250,7 @@ def test_a_learning_rate_of_1000_is_reported_as_diverged_not_finished(tiny_llama
 # ------------------------------------------------------------------ config values
 
 @pytest.mark.parametrize("text,match", [
-    ("lr: .nan\n", r"key 'lr': nan is not a finite number"),
+    ("learning_rate: .nan\n", r"key 'learning_rate': nan is not a finite number"),
     ("weight_decay: .inf\n", r"key 'weight_decay': inf is not a finite number"),
     ("lora_dropout: 1.0\n", r"key 'lora_dropout': invalid value 1.0"),
     ("lora_dropout: -0.1\n", r"key 'lora_dropout'"),

@@ -41,8 +41,8 @@ def test_reward_model_learns_demo_pairs_stops_early_and_scores_as_trained(tiny_d
     model, tok = load(tiny_demo_model)
     lora.apply_lora(model, "sft", r=2, alpha=2.0, trainable=False)
     assert (RewardConfig().patience, RewardConfig().min_delta) == (3, 0.01)  # the defaults
-    cfg = RewardConfig(lora_r=4, lora_alpha=8.0, batch_size=8, epochs=25, lr=3e-3, patience=2,
-                       min_delta=0.01, compile=False, max_len=256)
+    cfg = RewardConfig(lora_rank=4, lora_alpha=8.0, batch_size=8, epochs=25, learning_rate=3e-3, patience=2,
+                       min_delta=0.01, compile=False, max_seq_length=256)
     pairs = list(demo.preference)[:48]  # 38 train, 10 validation
     res = train_reward_model(model, tok, pairs, cfg, tmp_path, progress=False)
 

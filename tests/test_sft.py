@@ -23,7 +23,7 @@ def demo_sft():
 
 
 def _cfg(**kw):
-    base = dict(lora_r=4, lora_alpha=8.0, batch_size=4, epochs=1, lr=3e-3, warmup_ratio=0.1,
+    base = dict(lora_rank=4, lora_alpha=8.0, batch_size=4, epochs=1, learning_rate=3e-3, warmup_ratio=0.1,
                 save_every=100, compile=False, pad_to_multiple=8)
     return SFTConfig(**{**base, **kw})
 
@@ -37,7 +37,7 @@ def test_sft_lowers_held_out_loss_and_keeps_other_adapters_frozen_and_active(tin
     before = {k: np.array(v) for k, v in lora.adapter_state(model, "unit1").items()}
 
     # lr 1e-2: bias-corrected Adam moves ~3-5x less per step than mlx's uncorrected default did at 3e-3
-    res = train_sft(model, tok, demo_sft[:32], _cfg(epochs=2, lr=1e-2), tmp_path,
+    res = train_sft(model, tok, demo_sft[:32], _cfg(epochs=2, learning_rate=1e-2), tmp_path,
                     eval_records=demo_sft[56:], progress=False)
 
     print(res.eval_loss_start, res.eval_loss)
@@ -87,7 +87,7 @@ class Stop(Exception):
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_llama, demo_sft, tmp_path):
     # 26 rows, batch 4 -> 7 micro-batches an epoch; accumulation 2 -> windows cross epochs.
-    cfg = _cfg(epochs=2, grad_accumulation=2, lora_dropout=0.1, save_every=2, seed=5)
+    cfg = _cfg(epochs=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_every=2, seed=5)
     records = demo_sft[:26]
     model, tok = load(tiny_llama)
     full = train_sft(model, tok, records, cfg, tmp_path / "full", progress=False)
@@ -142,15 +142,17 @@ def test_sft_cli_trains_from_config_and_overrides_and_reports_bad_keys(tiny_llam
     from mindprint_mlx.cli import cli
 
     cfg = tmp_path / "sft.yaml"
-    cfg.write_text(f"model: {tiny_llama}\ndata_dir: {DEMO_CURRICULUM_DIR}\nlora_r: 2\ncompile: false\n")
+    cfg.write_text(f"model: {tiny_llama}\ndata_dir: {DEMO_CURRICULUM_DIR}\nlora_rank: 2\ncompile: false\n")
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["sft", "--config", str(cfg), f"out_dir={out}", "max_steps=2",
                                  "batch_size=2"])
     assert r.exit_code == 0, r.output
     assert (out / "adapter" / "adapters.safetensors").is_file() and (out / "config.yaml").is_file()
     assert json.loads((out / "adapter" / "mindprint.json").read_text())["steps"] == 2
-    r = CliRunner().invoke(cli, ["sft", "--config", str(cfg), "lora_rank=4"])
-    assert r.exit_code == 1 and "unknown key 'lora_rank'" in r.output and "lora_r" in r.output
+    r = CliRunner().invoke(cli, ["sft", "--config", str(cfg), "lora_rnk=4"])
+    assert r.exit_code == 1 and "unknown key 'lora_rnk'" in r.output and "did you mean 'lora_rank'" in r.output
+    r = CliRunner().invoke(cli, ["sft", "--config", str(cfg), "lora_r=4"])
+    assert r.exit_code == 1 and "key 'lora_r' was renamed to 'lora_rank'" in r.output
 
 
 def test_compiled_step_trains_the_same_adapter_as_the_plain_one(tiny_llama, demo_sft, tmp_path):

@@ -44,8 +44,8 @@ def _max_diff(a, b):
 
 
 def test_sft_stop_request_checkpoints_at_that_step_and_resumes_identically(tiny_llama, demo, tmp_path):
-    cfg = SFTConfig(lora_r=4, lora_alpha=8.0, batch_size=2, epochs=1, lr=3e-3, save_every=100,
-                    compile=False, max_len=64, lora_dropout=0.1, seed=3)
+    cfg = SFTConfig(lora_rank=4, lora_alpha=8.0, batch_size=2, epochs=1, learning_rate=3e-3, save_every=100,
+                    compile=False, max_seq_length=64, lora_dropout=0.1, seed=3)
     records = list(demo.sft[:10])                                   # 5 steps
     model, tok = load(tiny_llama)
     full = train_sft(model, tok, records, cfg, tmp_path / "full", progress=False)
@@ -68,7 +68,7 @@ def test_sft_stop_request_checkpoints_at_that_step_and_resumes_identically(tiny_
 
 
 def test_reward_stop_request_mid_epoch_resumes_identically(tiny_llama, demo, tmp_path):
-    cfg = RewardConfig(lora_r=2, lora_alpha=4.0, batch_size=2, epochs=2, lr=3e-3, max_len=64,
+    cfg = RewardConfig(lora_rank=2, lora_alpha=4.0, batch_size=2, epochs=2, learning_rate=3e-3, max_seq_length=64,
                        compile=False, log_every=1, patience=5)
     pairs = list(demo.preference[:10])                              # 8 train pairs: 4 steps/epoch
     model, tok = load(tiny_llama)
@@ -150,7 +150,7 @@ def test_ppo_gradient_checkpointing_gives_the_same_adapter(tiny_llama, tmp_path)
 def test_reward_gradient_checkpointing_gives_the_same_adapter(tiny_llama, demo, tmp_path):
     got = {}
     for flag in (False, True):
-        cfg = RewardConfig(lora_r=2, lora_alpha=4.0, batch_size=4, epochs=1, lr=3e-3, max_len=64,
+        cfg = RewardConfig(lora_rank=2, lora_alpha=4.0, batch_size=4, epochs=1, learning_rate=3e-3, max_seq_length=64,
                            compile=False, grad_checkpoint=flag)
         model, tok = load(tiny_llama)
         res = train_reward_model(model, tok, list(demo.preference[:10]), cfg, tmp_path / str(flag),
@@ -171,7 +171,7 @@ def test_ctrl_c_on_mindprint_sft_checkpoints_exits_130_and_resumes(tiny_llama, t
     cfg = tmp_path / "sft.yaml"
     out = tmp_path / "run"
     cfg.write_text(f"model: {tiny_llama}\ndata_dir: {DEMO_CURRICULUM_DIR}\nout_dir: {out}\n"
-                   "lora_r: 2\ncompile: false\nbatch_size: 2\nmax_steps: 400\nsave_every: 1000\n")
+                   "lora_rank: 2\ncompile: false\nbatch_size: 2\nmax_steps: 400\nsave_every: 1000\n")
     cmd = [sys.executable, "-m", "mindprint_mlx.cli", "sft", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, MINDPRINT_NO_OPENBLAS="1"))

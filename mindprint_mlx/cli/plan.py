@@ -12,8 +12,8 @@ from ..errors import MindprintError
 # section (`sft:`, `reward:`, `ppo:`), which then overrides the top level for that phase.
 _KEYS = {
     "batch": ("batch_size", "batch"),
-    "seq_len": ("seq_len", "max_seq_len", "max_len", "max_length"),
-    "lora_rank": ("lora_rank", "lora_r", "rank", "r"),
+    "seq_len": ("seq_len", "max_seq_length"),
+    "lora_rank": ("lora_rank", "lora_rank", "rank", "r"),
     "targets": ("lora_targets", "targets", "target_modules"),
     "quantize": ("quantize", "quantize_bits", "bits"),
     "grad_checkpoint": ("grad_checkpoint", "gradient_checkpointing"),
@@ -29,7 +29,7 @@ def _find(section: dict, names: tuple[str, ...], depth: int = 2):
         if n in section and section[n] is not None:
             return section[n]
     if depth > 0:
-        for v in section.values():      # e.g. reward: {train: {lora_r: 8}}
+        for v in section.values():      # e.g. reward: {train: {lora_rank: 8}}
             if isinstance(v, dict):
                 found = _find(v, names, depth - 1)
                 if found is not None:

@@ -14,13 +14,13 @@ def reward() -> None:
 
 @reward.command("train")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of RewardConfig keys (model, data_dir, out_dir, lr, patience, ...).")
+              help="YAML file of RewardConfig keys (model, data_dir, out_dir, learning_rate, patience, ...).")
 @click.option("--resume", is_flag=True, help="Continue from out_dir/checkpoint.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load.")
 @click.argument("overrides", nargs=-1)
 def train(config, resume, quantize, overrides):
     """Train on DATA_DIR's preference pairs (plus critical distinctions when
-    include_distinctions=true). OVERRIDES are key=value pairs, e.g. `lr=5e-5 patience=2`.
+    include_distinctions=true). OVERRIDES are key=value pairs, e.g. `learning_rate=5e-5 patience=2`.
     The best epoch's adapter and head go to OUT_DIR/adapter."""
     from ..config import ConfigError, load_config, save_config
     from ..data import load_data_dir

@@ -19,14 +19,14 @@ def held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 @click.command("sft")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of SFTConfig keys (model, data_dir, out_dir, lora_r, lr, ...).")
+              help="YAML file of SFTConfig keys (model, data_dir, out_dir, lora_rank, learning_rate, ...).")
 @click.option("--resume", is_flag=True, help="Continue from out_dir/checkpoint exactly.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load (QLoRA).")
 @click.argument("overrides", nargs=-1)
 def sft(config, resume, quantize, overrides):
     """Train a LoRA adapter ("sft") on the completions of DATA_DIR's SFT records.
 
-    OVERRIDES are key=value pairs applied over the config, e.g. `lr=2e-4 epochs=1`.
+    OVERRIDES are key=value pairs applied over the config, e.g. `learning_rate=2e-4 epochs=1`.
     Writes OUT_DIR/adapter (mlx-lm adapter), OUT_DIR/checkpoint, OUT_DIR/metrics.jsonl.
     """
     from ..config import ConfigError, load_config, save_config

@@ -24,10 +24,10 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 DEMO_CONFIG: dict = {
     "seed": 0,
-    "reward": {"train": {"lora_r": 8, "lora_alpha": 16.0, "epochs": 6, "batch_size": 8,
-                         "max_len": 96, "lr": 1e-3, "weight_decay": 0.01, "patience": 2,
+    "reward": {"train": {"lora_rank": 8, "lora_alpha": 16.0, "epochs": 6, "batch_size": 8,
+                         "max_seq_length": 96, "learning_rate": 1e-3, "weight_decay": 0.01, "patience": 2,
                          "log_every": 2, "include_distinctions": True, "compile": False}},
-    "sft": {"lora_r": 16, "lora_alpha": 32.0, "lr": 2e-3, "max_len": 96, "save_every": 100,
+    "sft": {"lora_rank": 16, "lora_alpha": 32.0, "learning_rate": 2e-3, "max_seq_length": 96, "save_every": 100,
             "lora_targets": ALL_LINEAR, "compile": False, "replay_fraction": 0.75},
     "ppo": {"steps": 12, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 4,
             "learning_rate": 1e-3, "max_new_tokens": 56, "init_kl_coef": 0.2,

@@ -111,7 +111,7 @@ def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
     base_bytes = params * (bits / 8 * 1.125 if bits else dtype_bytes)
     sft = resolve_section(cfg, "sft", strict=False)
     ppo = resolve_section(cfg, "ppo", strict=False)
-    seq = int(_get(sft, ("max_seq_len", "max_len", "max_length"), 512))
+    seq = int(_get(sft, ("max_seq_length",), 512))
     bsz = int(_get(sft, ("batch_size",), 4))
     c = mc.get("text_config", mc)
     act_bytes = 16 * bsz * seq * c["hidden_size"] * c["num_hidden_layers"]

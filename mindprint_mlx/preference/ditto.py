@@ -85,7 +85,7 @@ class DITTOTrainer(DPOTrainer):
         self.demos = []                       # (chosen tokens, prompt length)
         for i, d in enumerate(demos):
             prompt, completion = _demo(d, i)
-            tokens, n, _ = encode_pair(tokenizer, prompt, completion, cfg.max_len)
+            tokens, n, _ = encode_pair(tokenizer, prompt, completion, cfg.max_seq_length)
             self.demos.append((tokens, n))
         self.samples: dict[int, list[list]] = {}   # round -> [[demo index, response tokens]]
 
@@ -118,7 +118,7 @@ class DITTOTrainer(DPOTrainer):
                 tokens, n = self.demos[i]
                 if list(tokens[n:]) == list(resp):
                     continue
-                rejected = (list(tokens[:n]) + list(resp))[:self.cfg.max_len]
+                rejected = (list(tokens[:n]) + list(resp))[:self.cfg.max_seq_length]
                 if len(rejected) <= n:
                     continue
                 out.append(EncodedPair(list(tokens), n, rejected, n))

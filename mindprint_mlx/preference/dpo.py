@@ -43,7 +43,7 @@ class DPOConfig:
     beta: float = 0.1                     # strength of the implicit KL to the reference
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0          # conservative DPO (sigmoid only), in [0, 0.5)
-    max_len: int = 512                    # tokens per row (prompt + answer + EOS)
+    max_seq_length: int = 512                    # tokens per row (prompt + answer + EOS)
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     adam_bias_correction: bool = True
@@ -68,7 +68,7 @@ class DPOConfig:
                 ("loss_type", self.loss_type in DPO_LOSS_TYPES),
                 ("label_smoothing", 0 <= self.label_smoothing < 0.5
                  and (self.loss_type == "sigmoid" or self.label_smoothing == 0)),
-                ("max_len", self.max_len >= 4),
+                ("max_seq_length", self.max_seq_length >= 4),
                 ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
                 ("weight_decay", self.weight_decay >= 0), ("adam_epsilon", self.adam_epsilon >= 0),
                 ("adapter_name", bool(self.adapter_name) and "." not in self.adapter_name),
@@ -127,7 +127,7 @@ def encode_pairs(tokenizer, pairs: Sequence[Any], max_len: int) -> list[EncodedP
         cut += tc or tr
         out.append(EncodedPair(c, nc, r, nr))
     if cut:
-        log.warning("%d of %d preference pairs were longer than max_len=%d and were truncated",
+        log.warning("%d of %d preference pairs were longer than max_seq_length=%d and were truncated",
                     cut, len(out), max_len)
     return out
 
@@ -271,7 +271,7 @@ def train_dpo(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: DPOConfig,
     trainer = DPOTrainer(model, tokenizer, cfg, frozen_adapters)
     rank, world, _ = dist.world()
     try:
-        encoded = encode_pairs(tokenizer, pairs, cfg.max_len)
+        encoded = encode_pairs(tokenizer, pairs, cfg.max_seq_length)
         state = pa.restore_or_start(ckpt, metrics, model, trainer.optimizer, resume, "dpo")
         if state is not None:
             trainer.step, trainer.history = int(state["step"]), list(state.get("history", []))

@@ -49,15 +49,15 @@ class RewardConfig:
     data_dir: str = ""  # curriculum data directory with preference pairs; used by the CLI
     out_dir: str = "runs/reward"  # adapter/, checkpoint/, metrics.jsonl go here (CLI)
     seed: int = 0  # split, data order, LoRA init and head init
-    lora_r: int = 8  # LoRA rank
+    lora_rank: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     num_layers: int = 0  # LoRA on the last N decoder layers; 0 = all
     epochs: int = 10  # upper bound; early stopping usually ends sooner
     batch_size: int = 4  # preference pairs per step (2x rows)
-    max_len: int = 512  # tokens per row (prompt + response + EOS); longer rows are cut and counted
-    lr: float = 1e-4  # peak learning rate
+    max_seq_length: int = 512  # tokens per row (prompt + response + EOS); longer rows are cut and counted
+    learning_rate: float = 1e-4  # peak learning rate
     weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
     adam_bias_correction: bool = True  # bias-corrected Adam as torch/TRL assume (mlx's default is off)
     adam_epsilon: float = 1e-8  # Adam's epsilon (torch's default)
@@ -75,12 +75,12 @@ class RewardConfig:
     def validate(self) -> None:
         from ..config import check_values
 
-        check_values(self, [("lora_r", self.lora_r >= 1),
+        check_values(self, [("lora_rank", self.lora_rank >= 1),
                             ("lora_dropout", 0.0 <= self.lora_dropout < 1.0),
                             ("num_layers", self.num_layers >= 0),
                             ("lora_targets", bool(self.lora_targets)), ("epochs", self.epochs >= 1),
-                            ("batch_size", self.batch_size >= 1), ("max_len", self.max_len >= 4),
-                            ("lr", self.lr > 0), ("adam_epsilon", self.adam_epsilon >= 0),
+                            ("batch_size", self.batch_size >= 1), ("max_seq_length", self.max_seq_length >= 4),
+                            ("learning_rate", self.learning_rate > 0), ("adam_epsilon", self.adam_epsilon >= 0),
                             ("weight_decay", self.weight_decay >= 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
                             ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
@@ -153,7 +153,7 @@ class RewardModel:
         if head.summary.weight.shape[-1] != hidden_size(model):
             raise MindprintError(f"{d}: reward head is {head.summary.weight.shape[-1]} wide, the "
                                  f"model's hidden size is {hidden_size(model)}")
-        max_len = max_len or int((meta.get("training_config") or {}).get("max_len", 2048))
+        max_len = max_len or int((meta.get("training_config") or {}).get("max_seq_length", 2048))
         return cls(model, tokenizer, adapter=name, head=head, max_len=max_len)
 
     def score_tokens(self, tokens: mx.array, lengths: mx.array) -> mx.array:
@@ -260,8 +260,8 @@ def _encode(tokenizer, pairs, max_len):
         rows.append((c, r))
         n_cut += cut_c + cut_r
     if n_cut:
-        log.warning("reward: %d of %d rows were longer than max_len=%d tokens and were "
-                    "truncated (raise max_len to keep them whole)", n_cut, 2 * len(rows), max_len)
+        log.warning("reward: %d of %d rows were longer than max_seq_length=%d tokens and were "
+                    "truncated (raise max_seq_length to keep them whole)", n_cut, 2 * len(rows), max_len)
     return rows, n_cut
 
 
@@ -285,7 +285,7 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
     items = preference_pairs(pairs, cfg.include_distinctions)
     train_idx, val_idx = split_pairs(len(items), cfg.val_fraction, cfg.seed)
-    rows, n_cut = _encode(tokenizer, items, cfg.max_len)
+    rows, n_cut = _encode(tokenizer, items, cfg.max_seq_length)
     pid = pad_id(tokenizer)
     train_rows = [rows[i] for i in train_idx]
     val_rows = [rows[i] for i in val_idx]
@@ -299,12 +299,12 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
                           "rows": rows})
 
     mx.random.seed(cfg.seed)
-    lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_r,
+    lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
                     alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=False)
     head = ScalarHead(hidden_size(model), zero_init=False, bias=False)  # BT cannot train a bias
     net = _RewardNet(model, head)
-    schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
+    schedule = cosine_with_warmup(cfg.learning_rate, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
     opt = optimizer_for(cfg, schedule)
     was_training = model.training
     try:
@@ -421,7 +421,7 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
                 if problem:
                     raise problem[0](
                         f"reward: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch "
-                        f"{b + 1}; loss {lv:.4g}); {last_good(ckpt_dir)}; lower lr or check the data")
+                        f"{b + 1}; loss {lv:.4g}); {last_good(ckpt_dir)}; lower learning_rate or check the data")
                 ep_loss += lv * len(group)
                 ep_acc += av * len(group)
                 win_loss += lv
@@ -448,7 +448,7 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
             why = divergence(state["loss_start"], ep_loss / len(train_rows), None, None)
             if why:   # per epoch: single batches of a few pairs are too noisy to judge
                 raise DivergedError(f"reward: training diverged in epoch {epoch + 1} ({why}); "
-                                    f"{last_good(ckpt_dir)}; lower lr or check the data")
+                                    f"{last_good(ckpt_dir)}; lower learning_rate or check the data")
             val_loss, val_acc = evaluate()
             rec = {"epoch": epoch + 1, "step": state["step"],
                    "reward/epoch_train_loss": ep_loss / len(train_rows),

@@ -50,17 +50,17 @@ class SFTConfig:
     data_dir: str = ""  # curriculum data directory (SFT records); used by the CLI
     out_dir: str = "runs/sft"  # adapter/, checkpoint/, metrics.jsonl go here (CLI)
     seed: int = 0  # data order, LoRA init, dropout
-    lora_r: int = 8  # LoRA rank
+    lora_rank: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     num_layers: int = 0  # LoRA on the last N decoder layers; 0 = all
     epochs: int = 3
     batch_size: int = 4  # rows per micro-batch
-    grad_accumulation: int = 1  # micro-batches per optimizer step
-    max_len: int = 512  # tokens per row; longer rows are cut, counted and reported
-    lr: float = 1e-4  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_seq_length: int = 512  # tokens per row; longer rows are cut, counted and reported
+    learning_rate: float = 1e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
     weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
     adam_bias_correction: bool = True  # bias-corrected Adam as torch/PEFT recipes assume (mlx's default is off)
     adam_epsilon: float = 1e-8  # Adam's epsilon (torch's default)
@@ -80,13 +80,13 @@ class SFTConfig:
         from ..config import check_values
 
         check_values(self, [("replay_fraction", 0.0 <= self.replay_fraction < 1.0),
-                            ("lora_r", self.lora_r >= 1),
+                            ("lora_rank", self.lora_rank >= 1),
                             ("lora_dropout", 0.0 <= self.lora_dropout < 1.0),
                             ("num_layers", self.num_layers >= 0),
                             ("lora_targets", bool(self.lora_targets)), ("epochs", self.epochs >= 1),
                             ("batch_size", self.batch_size >= 1),
-                            ("grad_accumulation", self.grad_accumulation >= 1),
-                            ("max_len", self.max_len >= 4), ("lr", self.lr > 0),
+                            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1),
+                            ("max_seq_length", self.max_seq_length >= 4), ("learning_rate", self.learning_rate > 0),
                             ("adam_epsilon", self.adam_epsilon >= 0),
                             ("weight_decay", self.weight_decay >= 0),
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
@@ -105,7 +105,7 @@ class SFTResult:
     eval_loss: float | None  # held-out loss at the end (None without eval records)
     steps: int  # optimizer steps taken in total
     eval_loss_start: float | None = None  # held-out loss before training
-    truncated: int = 0  # rows cut to max_len
+    truncated: int = 0  # rows cut to max_seq_length
     history: list[dict] = field(default_factory=list)  # metric lines of this call
 
 
@@ -190,13 +190,13 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     out = Path(out_dir)
     adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
-    train_rows, n_cut = encode_records(tokenizer, sft_pairs(records), cfg.max_len, "SFT rows")
+    train_rows, n_cut = encode_records(tokenizer, sft_pairs(records), cfg.max_seq_length, "SFT rows")
     n_main = len(train_rows)
     if replay_records and replay_per_epoch > 0:
-        rrows, r_cut = encode_records(tokenizer, sft_pairs(replay_records), cfg.max_len, "replay rows")
+        rrows, r_cut = encode_records(tokenizer, sft_pairs(replay_records), cfg.max_seq_length, "replay rows")
         train_rows, n_cut = train_rows + rrows, n_cut + r_cut
     replay = (n_main, min(replay_per_epoch, len(train_rows) - n_main))
-    eval_rows = encode_records(tokenizer, sft_pairs(eval_records), cfg.max_len,
+    eval_rows = encode_records(tokenizer, sft_pairs(eval_records), cfg.max_seq_length,
                                "eval rows")[0] if eval_records else []
     if not train_rows:
         raise MindprintError("SFT needs at least one record")
@@ -206,7 +206,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
         **({"replay": list(replay)} if replay[1] else {})})
 
     mx.random.seed(cfg.seed)
-    lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_r,
+    lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
                     alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=True)
     ok, was_training = False, model.training
@@ -230,12 +230,12 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
     n_main = len(train_rows) if n_main is None or not n_replay else n_main
     micro_per_epoch = -(-(n_main + n_replay) // cfg.batch_size)
     total_micro = micro_per_epoch * cfg.epochs
-    total_steps = -(-total_micro // cfg.grad_accumulation)
+    total_steps = -(-total_micro // cfg.gradient_accumulation_steps)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-        total_micro = min(total_micro, total_steps * cfg.grad_accumulation)
-    schedule = cosine_with_warmup(cfg.lr, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio),
-                                  min_lr=cfg.lr * cfg.min_lr_ratio)
+        total_micro = min(total_micro, total_steps * cfg.gradient_accumulation_steps)
+    schedule = cosine_with_warmup(cfg.learning_rate, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio),
+                                  min_lr=cfg.learning_rate * cfg.min_lr_ratio)
     opt = optimizer_for(cfg, schedule)
     rank, world_size, _ = dist.world()
     main = rank == 0
@@ -323,7 +323,7 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
             win_tokens += sum(lengths[i] for i in group)
             state["micro"] += 1
             in_window += 1
-            window_end = in_window == cfg.grad_accumulation or state["micro"] == total_micro
+            window_end = in_window == cfg.gradient_accumulation_steps or state["micro"] == total_micro
             loss, ntok, gnorm, grad = step(tokens, mask, grad, window_end)
             acc_loss.append((loss, ntok))
             if not window_end:
@@ -346,7 +346,7 @@ def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, ev
             if problem:
                 raise problem[0](
                     f"sft: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch {b + 1}; "
-                    f"loss {step_loss:.4g}, grad norm {gn:.4g}); {last_good(ckpt_dir)}; lower lr "
+                    f"loss {step_loss:.4g}, grad norm {gn:.4g}); {last_good(ckpt_dir)}; lower learning_rate "
                     "or check the data")
             lr = float(schedule(state["step"] - 1).item())
             win_loss += step_loss
