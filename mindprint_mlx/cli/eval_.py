@@ -119,7 +119,7 @@ def generations(model, adapters, quantize, max_tokens, out, reward, prompts, pro
 @click.option("--topics", multiple=True, help="Only these topics.")
 @click.option("--max-questions", default=16, show_default=True, type=click.IntRange(1))
 def quiz(model, adapters, quantize, max_tokens, out, data_dir, reward, units, topics, max_questions):
-    """Quiz score per topic (preference, markers, overlap parts; see README)."""
+    """Quiz score per topic (preference, markers, overlap parts; see docs/pipeline.md)."""
     from ..data import load_data_dir
     from ..data.curriculum import build_curriculum
     from ..pipeline.runner import _quiz_items, _target_density
