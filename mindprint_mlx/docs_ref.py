@@ -32,7 +32,9 @@ from .errors import MindprintError
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 COMMAND = "python -m mindprint_mlx.docs_ref"
 
-# (import path "module:Class", where the keys are written)
+# (import path "module:Class", where the keys are written). One table per entry; a config
+# class that is not listed appears only where a listed one nests it (e.g. QuizWeights as
+# `eval.weights.*` of PipelineConfig).
 SECTIONS: list[tuple[str, str]] = [
     ("mindprint_mlx.pipeline.config:PipelineConfig",
      "a pipeline config file: `mindprint pipeline run CONFIG`, `mindprint demo` (configs/pipeline.yaml, configs/demo.yaml)"),
@@ -169,7 +171,11 @@ def _cell(text: str) -> str:
 
 
 def _rows(cls: type, prefix: str, tables: set[type]) -> list[str]:
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError) as e:
+        raise MindprintError(f"docs_ref: cannot resolve the field types of {cls.__qualname__} "
+                             f"({e})") from None
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init:
