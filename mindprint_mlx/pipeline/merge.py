@@ -200,7 +200,7 @@ def report_lines(state: dict) -> list[str]:
     """The report's merge section: each unit's SVD error or folded base, and the final adapter."""
     fin = state.get("final_merge") or {}
     units = {u: r for u, r in (state.get("units") or {}).items() if r.get("svd") or r.get("folded_base")}
-    if not fin and not units:
+    if not units and not fin.get("svd") and not fin.get("folded_base"):
         return []
     out = [f"## Merge ({fin.get('mode', 'svd' if any(r.get('svd') for r in units.values()) else 'fold_into_base')})", ""]
     for u, r in units.items():
