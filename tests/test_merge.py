@@ -27,7 +27,7 @@ def test_svd_of_a_low_rank_sum_is_exact():
     a_k, b_k, err, s = svd_lora(a, b, 4)
     assert a_k.shape == (64, 4) and b_k.shape == (4, 48)
     assert err < 1e-12 and np.abs(a_k @ b_k - a @ b).max() < 1e-10
-    assert s[4:].max() < 1e-10 * s[0]
+    assert np.all(s[4:] < 1e-10 * s[0])        # (directions of zero weight are dropped)
 
 
 def test_truncation_error_is_the_norm_of_the_discarded_singular_values():
@@ -40,7 +40,7 @@ def test_truncation_error_is_the_norm_of_the_discarded_singular_values():
         want = np.sqrt(np.sum(sv[k:] ** 2) / np.sum(sv ** 2))
         assert err == pytest.approx(want, rel=1e-9)
         assert np.linalg.norm(dense - a_k @ b_k) / np.linalg.norm(dense) == pytest.approx(want, rel=1e-9)
-        assert np.allclose(s, sv[:12])
+        assert np.allclose(s, sv[:12], rtol=1e-9)
     a_k, b_k, err, _ = svd_lora(a, b, 12)       # rank >= R: nothing discarded
     assert err < 1e-12 and np.allclose(a_k @ b_k, dense)
 

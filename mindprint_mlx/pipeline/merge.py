@@ -39,25 +39,38 @@ FOLDED_DIR = "folded_base"
 def svd_lora(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """Best rank-`rank` factors of the update `a @ b` (a: (in, R), b: (R, out), scale folded in).
 
-    QR of both factors, then the SVD of the small (R, R) core: never forms the (in, out) matrix.
-    Returns (a_k (in, k), b_k (k, out), relative Frobenius error, all singular values), with
-    k = min(rank, R) and the singular values split evenly between the two factors."""
+    Never forms the (in, out) matrix: with the eigendecompositions of the two (R, R) Gram
+    matrices, a = Ua Sa Va^T and b^T = Ub Sb Vb^T (thin SVDs, directions of zero weight
+    dropped), so a @ b = Ua (Sa Va^T Vb Sb) Ub^T and the SVD of that small core gives the
+    update's singular values and vectors. Matrix products only (a QR of the factors is ~25x
+    slower for a 7B model's projections on CPU). Returns (a_k (in, k), b_k (k, out), relative
+    Frobenius error, singular values), with k = min(rank, R), the singular values split evenly
+    between the two factors."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    qa, ra = np.linalg.qr(a)                 # (in, p), (p, R)
-    qb, rb = np.linalg.qr(b.T)               # (out, q), (q, R)
-    u, s, vt = np.linalg.svd(ra @ rb.T, full_matrices=False)
-    k = min(int(rank), a.shape[1])
-    total = float(np.sqrt(np.sum(s ** 2)))
-    err = float(np.sqrt(np.sum(s[k:] ** 2)) / total) if total > 0 else 0.0
-    sk = s[:k]
-    if len(sk) < k:                          # in or out smaller than the rank: pad with zeros
-        sk = np.concatenate([sk, np.zeros(k - len(sk))])
-        u = np.pad(u, ((0, 0), (0, k - u.shape[1])))
-        vt = np.pad(vt, ((0, k - vt.shape[0]), (0, 0)))
-    root = np.sqrt(sk)
-    a_k = (qa @ u[:, :k]) * root
-    b_k = (root[:, None] * vt[:k]) @ qb.T
+    R = a.shape[1]
+
+    def half(f: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lam, v = np.linalg.eigh(g)
+        keep = lam > max(lam.max(initial=0.0), 0.0) * 1e-13
+        return v[:, keep], np.sqrt(lam[keep])
+
+    va, sa = half(a, a.T @ a)
+    vb, sb = half(b.T, b @ b.T)
+    k = min(int(rank), R)
+    if len(sa) == 0 or len(sb) == 0:            # a zero update
+        return np.zeros((a.shape[0], k)), np.zeros((k, b.shape[1])), 0.0, np.zeros(0)
+    core = (sa[:, None] * (va.T @ vb)) * sb[None, :]
+    u, s, vt = np.linalg.svd(core, full_matrices=False)
+    total = float(np.sum(s ** 2))
+    err = float(np.sqrt(max(0.0, np.sum(s[k:] ** 2)) / total)) if total > 0 else 0.0
+    n = min(k, len(s))
+    root = np.sqrt(s[:n])
+    a_k = (a @ (va / sa)) @ (u[:, :n] * root)
+    b_k = ((root[:, None] * vt[:n]) @ (vb / sb).T) @ b
+    if n < k:                                   # the update has rank < k: pad with zeros
+        a_k = np.pad(a_k, ((0, 0), (0, k - n)))
+        b_k = np.pad(b_k, ((0, k - n), (0, 0)))
     return a_k, b_k, err, s
 
 
