@@ -2,7 +2,8 @@
 
 Greedy answers of an adapter (default: the run's final_adapter) to every SFT training prompt,
 token F1 against the taught completion, per topic. An outside check of retention: it reads
-only the run's config and the adapter directory, as a user would.
+only the run's config and the adapter directory, as a user would (an adapter of a
+merge.mode fold_into_base run is loaded on the folded base its mindprint.json names).
 
     python scripts/taught_f1.py RUN_DIR [--adapter DIR] [--json OUT]
 """
@@ -29,8 +30,12 @@ def main(argv=None) -> int:
     from mindprint_mlx.models.adapters import load_adapter
 
     cfg = json.loads((a.run_dir / "run.json").read_text())["config"]
-    model, tok = load(cfg["model"])
-    load_adapter(model, a.adapter or a.run_dir / "final_adapter", name="shipped")
+    adapter = a.adapter or a.run_dir / "final_adapter"
+    meta_file = Path(adapter) / "mindprint.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    folded = (meta.get("merge") or {}).get("folded_base")   # merge.mode fold_into_base
+    model, tok = load(a.run_dir / folded if folded else cfg["model"])
+    load_adapter(model, adapter, name="shipped")
     cur = build_curriculum(load_data_dir(cfg["data_dir"]), units=cfg.get("units") or None,
                            topics=cfg.get("topics") or None)
     out = {}

@@ -135,3 +135,24 @@ def test_plan_cli(tiny_llama, tmp_path):
     assert "4-bit" in res.output and "usable" in res.output and "fits" in res.output
     res = CliRunner().invoke(cli, ["plan", "--model", str(tmp_path / "nope")])
     assert res.exit_code == 1 and "error:" in res.output
+
+
+def test_plan_cli_shows_the_final_adapter_per_merge_mode(tiny_llama, tmp_path):
+    """A pipeline config: the final adapter's rank, parameters and bytes under each mode."""
+    from mindprint_mlx.cli import cli
+    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(f"model: {tiny_llama}\ndata_dir: {DEMO_CURRICULUM_DIR}\n"
+                   "sft: {lora_rank: 16, lora_targets: [q_proj, v_proj]}\n"
+                   "ppo: {lora_rank: 4, lora_targets: [q_proj, v_proj]}\nmerge: {mode: svd}\n")
+    res = CliRunner().invoke(cli, ["plan", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    shape = memory.model_shape(tiny_llama)
+    per_rank = memory._lora_params(shape, ["q_proj", "v_proj"], 1)
+    lines = {ln.split()[1 if ln.lstrip().startswith("*") else 0]: ln
+             for ln in res.output.split("final adapter by merge.mode")[1].splitlines()[1:4]}
+    # the demo curriculum: 8 topics in 2 units; svd's rank 0 = 16 + 4
+    assert "rank 128-160" in lines["concat"] and "rank 20 " in lines["svd"]
+    assert lines["svd"].lstrip().startswith("*") and "rank 64-80" in lines["fold_into_base"]
+    assert f"{20 * per_rank / 1e6:.2f}M params" in lines["svd"]

@@ -90,6 +90,9 @@ def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantiz
     from ..memory import estimate, fmt_bytes, model_shape, plan_table, working_set_limit
 
     data = _read_yaml(Path(config_file)) if config_file else {}
+    pipe = _pipeline_config(Path(config_file)) if config_file and data.get("data_dir") else None
+    if model is None and pipe is not None:
+        model = pipe.model              # `model: demo` resolved to the demo model's directory
     if model is None:
         model = data.get("model") or (data.get("base") if isinstance(data.get("base"), str) else None)
         if isinstance(model, dict):
@@ -143,3 +146,30 @@ def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantiz
         levers = [] if s.quantized_bits == 4 else ["--quantize 4"]
         levers += ["--grad-checkpoint", "a smaller --batch or --seq-len"]
         click.echo("to fit: " + ", ".join(levers))
+    if pipe is not None:
+        click.echo("\n" + _final_adapter(pipe, model))
+
+
+def _pipeline_config(config_file: Path):
+    """The file as a pipeline config, or None when it is some other (trainer) config."""
+    from ..config import ConfigError
+    from ..pipeline import load_pipeline_config
+
+    try:
+        return load_pipeline_config(config_file)
+    except ConfigError:
+        return None
+
+
+def _final_adapter(cfg, model: str) -> str:
+    """A pipeline config: the final adapter's size under each merge.mode (its topics counted)."""
+    import dataclasses
+
+    from ..pipeline.merge import format_final_sizes
+    from ..pipeline.plan import final_adapter_sizes, load_curriculum, plan_topics
+
+    if str(model) != cfg.model:
+        cfg = dataclasses.replace(cfg, model=str(model))
+    dataset, curriculum = load_curriculum(cfg)
+    rows = final_adapter_sizes(cfg, plan_topics(cfg, dataset, curriculum))
+    return format_final_sizes(rows) if rows else "final adapter: the model's shape is unknown here"

@@ -58,6 +58,24 @@ class VerifySettings:
 
 
 @dataclass
+class MergeSettings:
+    """How each unit's adapters are merged, and so how big the final adapter is (pipeline/merge.py)."""
+
+    mode: str = "concat"            # concat (ranks add up) | svd (compress to `rank`) | fold_into_base
+    rank: int = 0                   # svd's target rank; 0: the most one topic adds (sft.lora_rank + ppo.lora_rank)
+
+    def validate(self) -> None:
+        modes = ("concat", "svd", "fold_into_base")
+        if self.mode not in modes:
+            raise ConfigError(f"key 'merge.mode': must be one of {', '.join(modes)}, got {self.mode!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ConfigError(f"key 'merge.rank': must be an integer >= 0 (0: one topic's rank), "
+                              f"got {self.rank!r}")
+        if self.rank and self.mode != "svd":
+            raise ConfigError(f"key 'merge.rank': only merge.mode svd uses it (mode is {self.mode})")
+
+
+@dataclass
 class EstimateSettings:
     """Assumptions of the dry run's time estimate (no effect on training)."""
 
@@ -84,6 +102,7 @@ class PipelineConfig:
     run_ppo: bool = True            # false: never run PPO (SFT + quiz only)
     eval: EvalSettings = field(default_factory=EvalSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
 
     def validate(self) -> None:
@@ -96,6 +115,9 @@ class PipelineConfig:
         if not 0 <= self.verify.tolerance <= 1:
             raise ConfigError(f"key 'verify.tolerance': must be in [0, 1], got {self.verify.tolerance}")
         self.eval.validate()
+        if self.merge.mode == "fold_into_base" and self.quantize:
+            raise ConfigError("key 'merge.mode': fold_into_base writes full-precision base checkpoints; "
+                              "it cannot fold into a base quantized on load (quantize: null)")
 
 
 # Where each free-form section's dataclass lives (module, candidate class names).
@@ -200,4 +222,4 @@ def resolved_dict(cfg: PipelineConfig) -> dict:
 
 
 __all__ = ["PipelineConfig", "RewardSettings", "EvalSettings", "VerifySettings",
-           "EstimateSettings", "load_pipeline_config", "resolve_section", "resolved_dict"]
+           "EstimateSettings", "MergeSettings", "load_pipeline_config", "resolve_section", "resolved_dict"]

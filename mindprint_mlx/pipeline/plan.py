@@ -149,8 +149,21 @@ def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
     total += t_reward
     return {"params": params, "base_bytes": base_bytes, "peak_memory_bytes": mem,
             "assumed_tflops": tflops, "reward_seconds": t_reward, "total_seconds": total,
-            "per_topic": per_topic,
+            "per_topic": per_topic, "final_adapter": final_adapter_sizes(cfg, plan),
             "note": "rough: counts FLOPs at the assumed rate, assumes PPO runs on every topic"}
+
+
+def final_adapter_sizes(cfg: PipelineConfig, plan: list[dict]) -> list[dict] | None:
+    """The final adapter's rank, parameters and bytes under each merge.mode (None when the
+    model's shape cannot be read here)."""
+    from ..memory import model_shape
+    from .merge import plan_final_sizes
+
+    try:
+        shape = model_shape(cfg.model, quantize=cfg.quantize)
+    except MindprintError:
+        return None
+    return plan_final_sizes(cfg, plan, shape)
 
 
 def human_bytes(n: float) -> str:
@@ -191,7 +204,12 @@ def format_plan(plan: list[dict]) -> str:
 def format_estimate(est: dict) -> str:
     if "params" not in est:
         return est.get("note", "no estimate")
-    return (f"model {est['params'] / 1e6:.1f}M params, base {human_bytes(est['base_bytes'])}; "
+    from .merge import format_final_sizes
+
+    text = (f"model {est['params'] / 1e6:.1f}M params, base {human_bytes(est['base_bytes'])}; "
             f"peak memory ~{human_bytes(est['peak_memory_bytes'])}; time ~"
             f"{human_seconds(est['total_seconds'])} (reward model "
             f"{human_seconds(est['reward_seconds'])}) at {est['assumed_tflops']} TFLOP/s; {est['note']}")
+    if est.get("final_adapter"):
+        text += "\n" + format_final_sizes(est["final_adapter"])
+    return text

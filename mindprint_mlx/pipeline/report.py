@@ -136,6 +136,9 @@ def render_report(state: dict, config: dict | None = None) -> str:
                              f"| {_f(v.get('merged'))} | {_f(v.get('drop'))} | "
                              f"{'YES' if v.get('regression') else 'no'} |")
         lines.append("")
+    from .merge import report_lines
+
+    lines += report_lines(state)
     lines += ["## Topics", ""]
     for p in state.get("plan", []):
         rec = state.get("topics", {}).get(p["key"], {})

@@ -36,6 +36,7 @@ from ..models import lora
 from ..train.loop import Interrupted
 from . import interrupt
 from .config import PipelineConfig, resolve_section, resolved_dict
+from .merge import Merger
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
 from .report import summary_table, write_metrics_csv, write_report
 from .retention import continual_metrics, replay_count
@@ -624,6 +625,8 @@ class _Run:
 
         st = self.state
         self.check_lora()
+        merger = Merger(self)       # merge.mode: concat | svd | fold_into_base (see merge.py)
+        merger.check()
         self.rm = self.reward_model()
         chance = self.reward_at_chance()
         if chance:
@@ -647,6 +650,7 @@ class _Run:
                 if st.data["units"][unit].get("merged"):
                     load_adapter(self.model, self.run_dir / st.data["units"][unit]["merged"], name=uname)
                     prior.append(uname)
+                prior = merger.resumed_unit(uname, prior, st.data["units"][unit])
                 index += len(topics)
                 continue
             acc = None
@@ -667,12 +671,15 @@ class _Run:
             # merge + verify
             rec = st.unit(unit)
             if acc:
+                rec.update(merger.unit_merged(unit, uname, prior, topics))
                 save_adapter(self.model, uname, merged_dir, metadata={
                     "unit": unit, "topics": [t.key for t in topics], "frozen_below": list(prior),
-                    "composition": "sft (+ppo) of each topic, in curriculum order, ranks concatenated"})
+                    "composition": "sft (+ppo) of each topic, in curriculum order, ranks concatenated",
+                    "merge": {"mode": merger.mode, **({"svd": rec["svd"]} if "svd" in rec else {})}})
                 rec["merged"] = st.rel(merged_dir)
                 rec["artefacts"] = [rec["merged"]]
                 prior.append(uname)
+                prior = merger.after_unit(ui, unit, uname, merged_dir, prior, rec, ui == len(units) - 1)
             verify = self.verify_unit(unit, topics, list(prior))
             rec.update(verify=verify, done=True, tolerance=self.cfg.verify.tolerance)
             st.save()
@@ -695,10 +702,12 @@ class _Run:
         if prior:
             final_dir = self.run_dir / "final_adapter"
             lora.combine_adapters(self.model, list(prior), "final")
+            fmeta = merger.final("final")
             if not st.data.get("final_adapter"):
                 save_adapter(self.model, "final", final_dir, metadata={
-                    "units": units, "composition": "all units' merged adapters, in order"})
+                    "units": units, "composition": "all units' merged adapters, in order", **fmeta})
                 st.data["final_adapter"] = st.rel(final_dir)
+                st.data["final_merge"] = fmeta["merge"]
                 st.save()
             self.final_eval(final_dir)
         return "finished"

@@ -96,9 +96,13 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+# Keys added after runs were made, with the value an older run.json means by leaving them out.
+ADDED_KEYS = {"merge.mode": "concat", "merge.rank": 0}
+
+
 def config_changes(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every differing leaf (order-stable)."""
-    a = {k: v for k, v in _flatten(old).items() if not _resume_free(k)}
+    a = {k: v for k, v in {**ADDED_KEYS, **_flatten(old)}.items() if not _resume_free(k)}
     b = {k: v for k, v in _flatten(new).items() if not _resume_free(k)}
     out = []
     for k in sorted(set(a) | set(b)):

@@ -130,6 +130,9 @@ class RewardModel:
             raise MindprintError("RewardModel needs its ScalarHead (see RewardModel.load)")
         self.model, self.tokenizer, self.adapter, self.head = model, tokenizer, adapter, head
         self.max_len = max_len
+        # adapters active under the reward adapter while scoring (the pipeline's `unfold`,
+        # which undoes a base that later training folded units into)
+        self.under: list[str] = []
 
     @classmethod
     def load(cls, model: nn.Module, tokenizer, adapter_dir: str | Path, name: str = "reward",
@@ -159,7 +162,7 @@ class RewardModel:
     def score_tokens(self, tokens: mx.array, lengths: mx.array) -> mx.array:
         """Scores (B,) of right-padded rows `tokens` (B, T), read at position lengths-1.
 
-        Only the reward adapter is active during the call; the previous active set
+        Only the reward adapter (and `under`) is active during the call; the previous active set
         comes back afterwards. Adapter dropout is off while scoring.
         """
         tokens = mx.array(tokens).astype(mx.int32)
@@ -170,7 +173,7 @@ class RewardModel:
         for a in adapters:
             a.eval()
         try:
-            with lora.active_adapters(self.model, [self.adapter]):
+            with lora.active_adapters(self.model, [*self.under, self.adapter]):
                 scores = mx.stop_gradient(self.head(_last_hidden(self.model, tokens, lengths)))
                 mx.eval(scores)
         finally:
