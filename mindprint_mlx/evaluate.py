@@ -28,7 +28,6 @@ Answers are generated greedily (temperature 0), in batches, so a score is reprod
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -37,19 +36,16 @@ from typing import Any, Callable, Collection, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .data.batching import eos_ids, pad_id  # noqa: F401 (the one EOS set and pad id; re-exported)
+# The one token layout, EOS set and pad id (training's), and the one rule for words and
+# voice markers; re-exported here for the quiz's callers.
+from .data.batching import encode_pair, encode_prompt, eos_ids, pad_id, pad_rows  # noqa: F401
 from .errors import MindprintError
-
-_WORD = re.compile(r"\w+", re.UNICODE)
+from .text import marker_count, marker_density, words  # noqa: F401
 
 Messages = Sequence[dict]
 
 
 # ---------------------------------------------------------------- text parts
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
 
 def token_f1(answer: str, reference: str) -> float:
     """SQuAD-style F1 over lower-cased word tokens; 1.0 when both are empty."""
@@ -63,28 +59,6 @@ def token_f1(answer: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(a), common / len(r)
     return 2 * precision * recall / (precision + recall)
-
-
-def _marker_pattern(marker: str) -> re.Pattern:
-    m = re.escape(marker.lower().strip())
-    # Whole-word match where the marker starts/ends with a word character ("y'know" in
-    # "y'knowing" does not count), plain substring for punctuation markers ("...").
-    left = r"(?<!\w)" if marker.strip()[:1].isalnum() else ""
-    right = r"(?!\w)" if marker.strip()[-1:].isalnum() else ""
-    return re.compile(left + m + right)
-
-
-def marker_count(text: str, markers: Sequence[str]) -> int:
-    low = text.lower()
-    return sum(len(_marker_pattern(m).findall(low)) for m in markers if m and m.strip())
-
-
-def marker_density(text: str, markers: Sequence[str]) -> float:
-    """Voice-marker occurrences per 100 words."""
-    n = len(words(text))
-    if n == 0:
-        return 0.0
-    return 100.0 * marker_count(text, markers) / n
 
 
 def target_marker_density(texts: Sequence[str], markers: Sequence[str]) -> float:
@@ -136,54 +110,25 @@ def sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-# ---------------------------------------------------------------- tokens
-
-def encode_prompt(tokenizer, messages: Messages) -> list[int]:
-    """The chat-templated prompt, laid out as training lays it out (`data.batching`)."""
-    from .data.batching import encode_prompt as _encode_prompt
-
-    return _encode_prompt(tokenizer, list(messages))
-
-
-def encode_completion(tokenizer, text: str) -> list[int]:
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:
-        return list(tokenizer.encode(text))
-
-
-def encode_pair(tokenizer, messages: Messages, completion: str, max_len: int = 1024) -> list[int]:
-    """The shared token layout: chat-templated prompt, completion tokens, the turn's end."""
-    from .data.batching import turn_end_id
-
-    toks = encode_prompt(tokenizer, messages) + encode_completion(tokenizer, completion)
-    toks = toks[:max_len - 1] + [turn_end_id(tokenizer)]
-    return toks
-
-
-def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
-    T = max(len(r) for r in rows)
-    tokens = mx.array([r + [pad_id] * (T - len(r)) for r in rows], dtype=mx.int32)
-    lengths = mx.array([len(r) for r in rows], dtype=mx.int32)
-    return tokens, lengths
-
+# ---------------------------------------------------------------- reward scores
 
 RewardFn = Callable[[mx.array, mx.array], mx.array]
 
 
-def reward_scores(reward_fn: RewardFn, tokenizer, prompts: Sequence[Messages],
-                  completions: Sequence[str], batch_size: int = 8,
-                  max_len: int = 1024) -> list[float]:
-    """Reward scores of (prompt, completion) pairs through `reward_fn(tokens, lengths)`
-    (e.g. `RewardModel.score_tokens`), in batches of `batch_size`."""
-    rows = [encode_pair(tokenizer, p, c, max_len) for p, c in zip(prompts, completions)]
-    out: list[float] = []
-    for i in range(0, len(rows), batch_size):
-        tokens, lengths = pad_rows(rows[i:i + batch_size], pad_id(tokenizer))
-        scores = reward_fn(tokens, lengths)
-        mx.eval(scores)
-        out.extend(float(s) for s in scores.tolist())
-    return out
+def reward_scores(reward: Any, tokenizer, prompts: Sequence[Messages], completions: Sequence[str],
+                  batch_size: int = 8, max_len: int | None = None) -> list[float]:
+    """Reward scores of (prompt, completion) pairs by a RewardModel, or by a plain
+    `fn(tokens, lengths)` such as `RewardModel.score_tokens`, with rows laid out exactly as
+    reward training laid them out (`train.reward.score_pairs`). `max_len`: the row length
+    rows are cut to; by default the reward model's own (its training's max_seq_length)."""
+    from .train.reward import score_pairs
+
+    fn = as_reward_fn(reward)
+    if fn is None:
+        raise MindprintError("reward_scores needs a reward model")
+    # a RewardModel, and its bound score_tokens, know the row length training used
+    max_len = max_len or getattr(getattr(fn, "__self__", reward), "max_len", None) or 2048
+    return score_pairs(fn, tokenizer, prompts, completions, max_len, batch_size)
 
 
 def as_reward_fn(reward: Any) -> RewardFn | None:
@@ -241,14 +186,15 @@ def reference_likelihood(model: nn.Module, tokenizer, prompts: Sequence[Messages
                          references: Sequence[str], batch_size: int = 16,
                          max_len: int = 1024) -> list[float]:
     """Mean log p (nats per token) of each reference answer's tokens and EOS given its
-    prompt, under the model's active adapters (teacher forcing, float32 log-softmax)."""
+    prompt, under the model's active adapters (teacher forcing, float32 log-softmax); rows
+    laid out as SFT lays them out (`data.batching.encode_pair`, cut to `max_len`)."""
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         rows, starts = [], []
         for p, r in zip(prompts[i:i + batch_size], references[i:i + batch_size]):
-            start = len(encode_prompt(tokenizer, p))
-            rows.append(encode_pair(tokenizer, p, r, max_len))
-            starts.append(min(start, len(rows[-1]) - 1))
+            row, n_prompt, _ = encode_pair(tokenizer, p, r, max_len)
+            rows.append(row)
+            starts.append(n_prompt)
         tokens, lengths = pad_rows(rows, pad_id(tokenizer))
         logits = model(tokens[:, :-1]).astype(mx.float32)
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
