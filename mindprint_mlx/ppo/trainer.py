@@ -227,22 +227,6 @@ def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
         raise MindprintError(f"the '{adapter_name}' adapter has no trainable tensors")
 
 
-def _whiten(x: mx.array, mask: mx.array, shift_mean: bool = True) -> mx.array:
-    """`masked_whiten` over the masked entries of every rank's batch (data parallel), so
-    that the statistics are those of the whole rollout batch; on one process it is
-    `masked_whiten` itself."""
-    if dist.size() == 1:
-        return masked_whiten(x, mask, shift_mean)
-    xm = mx.where(mask > 0, x, 0.0) * mask
-    s, n = dist.global_sum(mx.stack([xm.sum(), mask.sum()]))
-    mean = s / n
-    c = mx.where(mask > 0, x - mean, 0.0) * mask
-    var = dist.global_sum((c * c).sum()) / n
-    var = var * mx.where(n > 1, n / mx.maximum(n - 1, 1), 1.0)
-    out = (x - mean) * mx.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
-
-
 def _stop_if_nonfinite(step: int, values: dict) -> None:
     bad = first_nonfinite(values)
     if bad:
@@ -473,10 +457,12 @@ class PPOTrainer:
         rewards, kl = kl_penalized_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, beta,
                                            cfg.kl_estimator)
         non_score_reward = -beta * kl
+        # whitening statistics over the whole rollout batch (every rank's rows)
+        sum_ranks = dist.global_sum if dist.size() > 1 else None
         if cfg.whiten_rewards:
-            rewards = _whiten(rewards, mask, shift_mean=False) * mask
+            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_ranks=sum_ranks) * mask
         advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
-        advantages = _whiten(advantages, mask) * mask    # over the whole rollout batch (all ranks)
+        advantages = masked_whiten(advantages, mask, sum_ranks=sum_ranks) * mask
         batch = _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
                        ro["values"], mx.stop_gradient(advantages), mx.stop_gradient(returns))
         mx.eval(batch.advantages, batch.returns, kl, non_score_reward)
