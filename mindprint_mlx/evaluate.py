@@ -145,21 +145,6 @@ def as_reward_fn(reward: Any) -> RewardFn | None:
 
 # ---------------------------------------------------------------- generation
 
-def generate(model: nn.Module, tokenizer, messages: Messages, max_tokens: int = 64,
-             temp: float = 0.0, seed: int = 0) -> str:
-    """One answer to chat `messages` (greedy at temp 0)."""
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    mx.random.seed(seed)
-    sampler = make_sampler(temp=temp)
-    parts = []
-    for resp in stream_generate(model, tokenizer, encode_prompt(tokenizer, messages),
-                                max_tokens=max_tokens, sampler=sampler):
-        parts.append(resp.text)
-    return "".join(parts)
-
-
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max_tokens: int = 64,
                    batch_size: int = 16) -> list[str]:
     """Greedy answers to chat `prompts`, `batch_size` at a time in one batched KV cache,
@@ -338,6 +323,8 @@ def evaluate_generations(model: nn.Module, tokenizer, reward: Any, prompts: Sequ
     plus the overall mean score."""
     if k < 1:
         raise MindprintError(f"k must be >= 1, got {k}")
+    from .generate import generate_text
+
     fn = as_reward_fn(reward)
     if fn is None:
         raise MindprintError("evaluate-generations needs a reward model")
@@ -345,8 +332,8 @@ def evaluate_generations(model: nn.Module, tokenizer, reward: Any, prompts: Sequ
     all_scores: list[float] = []
     for i, p in enumerate(prompts):
         messages = ({"role": "user", "content": p},) if isinstance(p, str) else tuple(p)
-        texts = [generate(model, tokenizer, messages, max_tokens=max_tokens, temp=temp,
-                          seed=seed + 1000 * i + j) for j in range(k)]
+        texts = [generate_text(model, tokenizer, messages, max_tokens=max_tokens, temp=temp,
+                               seed=seed + 1000 * i + j) for j in range(k)]
         scores = reward_scores(fn, tokenizer, [messages] * k, texts)
         order = sorted(range(k), key=lambda j: -scores[j])
         ranked = [{"rank": r + 1, "text": texts[j], "score": scores[j]} for r, j in enumerate(order)]

@@ -356,6 +356,22 @@ def json_loads_strict(text: str | bytes) -> Any:
     return json.loads(text, object_pairs_hook=_no_duplicate_keys)
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold one object: unreadable, invalid, duplicate-keyed or
+    non-object JSON is a MindprintError naming the file."""
+    try:
+        data = json_loads_strict(Path(path).read_text(encoding="utf-8"))
+    except DuplicateKeyError as e:
+        raise MindprintError(f"{path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MindprintError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, RecursionError, ValueError) as e:
+        raise MindprintError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise MindprintError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_safetensors(path: str | os.PathLike) -> dict:
     """mx.load of a .safetensors file; a missing, empty, truncated or corrupt file (bad
     header length, bad offsets) is a MindprintError naming the file."""

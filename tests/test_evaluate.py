@@ -8,6 +8,7 @@ import pytest
 
 from mindprint_mlx import evaluate as ev
 from mindprint_mlx.data import batching
+from mindprint_mlx.generate import generate_text
 from mindprint_mlx.models import load, lora
 from mindprint_mlx.models.heads import ScalarHead, hidden_size
 
@@ -146,7 +147,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(model_and_reward):
     prompts = [[{"role": "user", "content": q}] for q in ("Hello!", "What does the teacher read?",
                                                            "Tell me a long story about the river.")]
     batched = ev.greedy_answers(model, tok, prompts, max_tokens=12)
-    assert batched == [ev.generate(model, tok, p, max_tokens=12) for p in prompts]
+    assert batched == [generate_text(model, tok, p, max_tokens=12, temp=0.0) for p in prompts]
 
 
 def test_evaluate_generations_ranks_best_medium_worst(model_and_reward):

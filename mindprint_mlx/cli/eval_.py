@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -21,29 +20,6 @@ def _load(model, adapters, reward, quantize):
         rm = RewardModel.load(mdl, tok, reward)
     lora.set_active(mdl, names)
     return mdl, tok, rm
-
-
-def _read_prompts(path: str) -> list:
-    from ..errors import MindprintError
-
-    out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MindprintError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            p = rec.get("messages") or rec.get("prompt") if isinstance(rec, dict) else rec
-            if isinstance(p, list) and p and p[-1].get("role") == "assistant":
-                p = p[:-1]
-            if not p:
-                raise MindprintError(f"{path}:{i}: needs a 'prompt' or 'messages' field")
-            out.append(p)
-        else:
-            out.append(line.strip())
-    return out
 
 
 def _write(obj, out):
@@ -95,7 +71,9 @@ def generations(model, adapters, quantize, max_tokens, out, reward, prompts, pro
     from ..errors import MindprintError
     from ..evaluate import evaluate_generations
 
-    items = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
+    from ._align import load_prompts
+
+    items = list(prompts) + (load_prompts(prompts_file, text_lines=True) if prompts_file else [])
     if not items:
         raise MindprintError("give --prompt or --prompts-file")
     mdl, tok, rm = _load(model, adapters, reward, quantize)

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import distributed as dist
-from ..config import ConfigError, check_values, to_dict
+from ..config import check_values, to_dict
 from ..errors import MindprintError
 from ..models import lora
 from ..models.adapters import save_adapter
