@@ -257,6 +257,22 @@ def quiz_items(questions: Sequence[tuple[str, str]], system_prompt: str | None =
     return [QuizItem(sys_msg + ({"role": "user", "content": q},), ref) for q, ref in questions]
 
 
+def topic_quiz_items(topic: Any, max_questions: int) -> list[QuizItem]:
+    """A curriculum topic's first `max_questions` quiz questions as single user turns (the
+    layout its SFT prompts have: the data loader adds no persona system prompt); a topic
+    without quiz questions is quizzed on its SFT examples."""
+    if topic.quiz:
+        return quiz_items([(q.question, q.reference_answer) for q in topic.quiz[:max_questions]])
+    return [QuizItem(tuple(r.prompt), r.completion) for r in topic.sft[:max_questions]]
+
+
+def topic_target_density(topic: Any, markers: Sequence[str]) -> float:
+    """The voice-marker density a topic's own texts show: its SFT completions and quiz
+    reference answers, pooled (`target_marker_density`)."""
+    texts = [r.completion for r in topic.sft] + [q.reference_answer for q in topic.quiz]
+    return target_marker_density(texts, markers)
+
+
 def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], markers: Sequence[str] = (),
                   target_density: float | None = None, reward: Any = None,
                   weights: QuizWeights | None = None, max_tokens: int = 64,

@@ -161,3 +161,21 @@ def test_evaluate_generations_ranks_best_medium_worst(model_and_reward):
         assert [c["rank"] for c in p["completions"]] == [1, 2, 3]
         assert p["BEST"]["score"] >= p["MEDIUM"]["score"] >= p["WORST"]["score"]
         assert p["prompt"] == [{"role": "user", "content": p["prompt"][0]["content"]}]
+
+
+def test_topic_quiz_items_and_target_density():
+    from mindprint_mlx.data import QuizRecord, SFTRecord
+    from mindprint_mlx.data.curriculum import Topic
+
+    p = ({"role": "user", "content": "Why wait?"},)
+    t = Topic("u", "c", "t", "u/c/t", "u/c/t")
+    t.sft = [SFTRecord(p, "Patience, always patience.", "u", "c", "t", "f:0")]      # 3 words, 2 markers
+    t.quiz = [QuizRecord(f"Q{i}?", "The tide turns with patience.", "u", "c", "t") for i in range(3)]
+    items = ev.topic_quiz_items(t, 2)
+    assert [it.messages for it in items] == [({"role": "user", "content": "Q0?"},),
+                                             ({"role": "user", "content": "Q1?"},)]
+    assert [it.reference for it in items] == ["The tide turns with patience."] * 2
+    # 2 + 3 markers in 3 + 3 * 5 words, pooled
+    assert ev.topic_target_density(t, ["patience"]) == pytest.approx(100 * 5 / 18)
+    t.quiz = []                                      # no quiz: the SFT examples serve
+    assert [(it.messages, it.reference) for it in ev.topic_quiz_items(t, 5)] == [(p, t.sft[0].completion)]

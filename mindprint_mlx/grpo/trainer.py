@@ -28,6 +28,7 @@ from ..guards import NonFiniteError, first_nonfinite
 from ..models import lora
 from ..models.adapters import save_adapter
 from ..ppo.rollout import Generation, batched_response_forward, generate_batch, response_forward
+from ..data.batching import eos_ids, pad_id
 from ..train import policy_adapter as pa
 from ..train.loop import gradient_checkpointing, optimizer_for
 from .advantages import group_advantages, group_std_is_zero, rloo_advantages
@@ -137,7 +138,7 @@ class GRPOTrainer:
         self.norm_start = pa.adapter_norm(model, cfg.adapter_name)
         self.optimizer = optimizer_for(cfg, cfg.learning_rate)
         self.base_bytes = pa.base_weight_bytes(model)
-        self.eos_ids, self.pad_id = pa.eos_and_pad(tokenizer)
+        self.eos_ids, self.pad_id = eos_ids(tokenizer), pad_id(tokenizer)
         self.step = 0
         self.history: list[dict] = []
         self._loss_and_grad = nn.value_and_grad(model, self._loss)

@@ -72,7 +72,7 @@ class PipelineConfig:
 
     model: str = ""                 # base model: local Hugging Face directory or hub id
     data_dir: str = ""              # curriculum data directory (JSONL files, persona)
-    run_dir: str = "runs/mindprint" # everything the run writes (see DESIGN.md: run directory)
+    run_dir: str = "runs/mindprint" # everything the run writes (layout: docs/design.md, run directory)
     quantize: Optional[int] = None  # quantize the base on load: 4 or 8 (QLoRA); null keeps it
     seed: int = 0
     units: list[str] = field(default_factory=list)    # only these units (empty: all)

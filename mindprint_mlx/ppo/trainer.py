@@ -1,6 +1,6 @@
 """PPO on one base in memory: rollout, score, advantages, clipped updates, adaptive KL.
 
-Roles are adapter sets on the same base weights (DESIGN.md, "One base in memory"):
+Roles are adapter sets on the same base weights (one copy of the base in memory):
 policy = frozen adapters (e.g. "sft") + the trainable "ppo" adapter, with a value head on
 the policy's trunk; reference = the frozen adapters only; reward model = whatever
 `reward_fn` switches in (RewardModel.score_tokens activates only its own adapter).
@@ -282,7 +282,7 @@ class PPOTrainer:
             lora.apply_lora(model, cfg.adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
                             alpha=cfg.lora_alpha, layers=layers, trainable=True, enabled=False)
             self.value_head = value_head if value_head is not None else ScalarHead(hidden_size(model))
-        model.eval()                      # dropout off in every role (PPO_DETAILS item 7)
+        model.eval()                      # dropout off in every role: rollout and update must agree
         self.norm_start = self.adapter_norm()   # (the same on resume: the init is seeded)
         self.policy = PolicyWithValue(model, self.value_head)
         _check_trainable(self.policy, cfg.adapter_name)
@@ -358,7 +358,7 @@ class PPOTrainer:
         if cfg.score_clip is not None:
             scores = mx.clip(scores, -cfg.score_clip, cfg.score_clip)
         if cfg.missing_eos_penalty is not None:
-            # Without it policies learn to ramble to the length limit (PPO_DETAILS item 6).
+            # Without it policies learn to ramble to the length limit without an EOS.
             scores = scores - cfg.missing_eos_penalty * (1 - ended.astype(mx.float32))
         return scores.astype(mx.float32)
 
@@ -502,7 +502,7 @@ class PPOTrainer:
             "ppo/memory/peak_bytes": int(mx.get_peak_memory()),
             "ppo/memory/base_weight_bytes": self.base_bytes,
             "ppo/memory/peak_over_base": mx.get_peak_memory() / max(self.base_bytes, 1),
-            "ppo/sampling/temperature": cfg.temperature,   # what the rollouts used (item 3)
+            "ppo/sampling/temperature": cfg.temperature,   # what the rollouts sampled with
             "ppo/sampling/top_p": cfg.top_p,
         }
         if self.reward_norm is not None:
@@ -517,7 +517,7 @@ class PPOTrainer:
             stats["objective/kl"] = mean_kl
         if mean_kl < -1:
             log.warning("step %d: mean KL %.3f < -1: the log-probabilities do not reproduce the "
-                        "rollout (PPO_DETAILS item 1)", self.step, mean_kl)
+                        "rollout (teacher forcing disagrees with sampling)", self.step, mean_kl)
         self.step += 1
         return stats
 

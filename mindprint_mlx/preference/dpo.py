@@ -23,6 +23,7 @@ from ..errors import MindprintError
 from ..models import lora
 from ..models.adapters import save_adapter
 from ..ppo.rollout import response_forward
+from ..data.batching import eos_ids, pad_id
 from ..train import policy_adapter as pa
 from ..train.loop import gradient_checkpointing, optimizer_for
 from .losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
@@ -181,7 +182,7 @@ class DPOTrainer:
         self.norm_start = pa.adapter_norm(model, cfg.adapter_name)
         self.optimizer = optimizer_for(cfg, cfg.learning_rate)
         self.base_bytes = pa.base_weight_bytes(model)
-        self.eos_ids, self.pad_id = pa.eos_and_pad(tokenizer)
+        self.eos_ids, self.pad_id = eos_ids(tokenizer), pad_id(tokenizer)
         self.step = 0
         self.history: list[dict] = []
         self._loss_and_grad = nn.value_and_grad(model, self._loss)

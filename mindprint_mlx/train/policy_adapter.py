@@ -72,13 +72,6 @@ def init_seed(seed: int, salt: int) -> int:
     return int(np.random.default_rng([seed, salt]).integers(0, 2 ** 62))
 
 
-def eos_and_pad(tokenizer) -> tuple[list[int], int]:
-    from ..data.batching import pad_id
-
-    eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
-    return [int(e) for e in eos], pad_id(tokenizer)
-
-
 def add_policy_adapter(model: nn.Module, cfg, frozen_adapters: Sequence[str], role: str,
                        salt: int) -> tuple[list[str], list[str]]:
     """Check the adapters, freeze every existing one, add cfg.adapter_name (trainable,
