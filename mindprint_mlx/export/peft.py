@@ -13,7 +13,6 @@ transformers' `score` layer; a value head goes beside a causal-LM adapter as TRL
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -28,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
 from ..io import (atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text,
-                  load_safetensors, read_json_object)
+                  load_safetensors, read_json_object, safetensors_header)
 from ..models import adapters as native
 from ..models.load import local_model_config
 from .names import NameMap, name_map
@@ -515,20 +514,6 @@ def _local_model_dir(where: str | None) -> Path | None:
     return None if found is None else found[1]
 
 
-def _safetensors_header(f: Path) -> dict:
-    """The JSON header of a .safetensors file (names, dtypes, shapes); {} if unreadable."""
-    import struct
-    try:
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            if n > min(100 << 20, f.stat().st_size - 8):
-                return {}
-            header = json.loads(fh.read(n))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return {}
-    return header if isinstance(header, dict) else {}
-
-
 def base_linear_shapes(config: dict, where: str | None) -> dict[str, tuple[int, int]]:
     """{weight name: (out, in)} of the 2-D weights in the base's safetensors files, read
     from the headers only; MLX-quantized (packed) widths are unpacked. {} when the base
@@ -540,7 +525,7 @@ def base_linear_shapes(config: dict, where: str | None) -> dict[str, tuple[int, 
         config.get("quantization"), dict) else None
     out = {}
     for f in sorted(d.glob("model*.safetensors")):
-        header = _safetensors_header(f)
+        header = safetensors_header(f)
         for k, v in header.items():
             shape = v.get("shape") if isinstance(v, dict) else None
             if not k.endswith(".weight") or not isinstance(shape, list) or len(shape) != 2:

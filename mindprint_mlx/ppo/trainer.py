@@ -38,7 +38,7 @@ from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
 from .reward_norm import RewardNorm, check_declared_adapters, sample_reward_norm, value_head_from_reward
-from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, step_key
+from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, step_key, take_rows
 
 # Salts of PPO's seeded draws (the prompts of a step, the rollout key, the adapter's init);
 # the adapter init's salt matters in small runs: the fast demo and test_ppo_trainer's
@@ -245,8 +245,7 @@ class _Batch:
     returns: mx.array
 
     def rows(self, idx: np.ndarray) -> "_Batch":
-        ix = mx.array(idx.astype(np.int32))
-        return _Batch(*(mx.take(getattr(self, f), ix, axis=0) for f in self.__dataclass_fields__))
+        return take_rows(self, idx)
 
 
 class PPOTrainer:
