@@ -68,8 +68,7 @@ def _fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path` (ending in `suffix`); on success fsync it and
-    rename it over `path`. A failed write (OSError, or mlx's RuntimeError) is a one-line
-    MindprintError naming `path`."""
+    rename it over `path`. An OSError is a one-line MindprintError naming `path`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +84,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
                 os.fsync(f.fileno())
             os.chmod(tmp, file_mode())   # mkstemp makes it 0600
             os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:
+        except OSError as e:
             raise _write_error(path, e) from None
         _fsync_dir(path.parent)
     finally:
@@ -149,7 +148,10 @@ def atomic_save_safetensors(path: str | os.PathLike, arrays: Mapping[str, Any],
     import mlx.core as mx
 
     with atomic_path(path, suffix=".tmp.safetensors") as tmp:
-        mx.save_safetensors(str(tmp), dict(arrays), metadata=dict(metadata or {}))
+        try:
+            mx.save_safetensors(str(tmp), dict(arrays), metadata=dict(metadata or {}))
+        except RuntimeError as e:   # mlx's "[write] Unable to write N bytes to file."
+            raise _write_error(Path(path), e) from None
     return Path(path)
 
 

@@ -20,17 +20,11 @@ from mindprint_mlx.models.heads import ScalarHead, hidden_size
 from mindprint_mlx.ppo import PPOConfig, PPOTrainer, train_ppo
 from mindprint_mlx.ppo.rollout import batched_response_forward, generate_batch, response_forward
 
+from _helpers import add_sft
+
 TEXTS = ["hi there", "the teacher reads", "why does it rain", "a small boat", "tell me a story",
          "the old clock", "my friend writes a letter", "near the river"]
 PROMPTS = [[{"role": "user", "content": t}] for t in TEXTS]
-
-
-def add_sft(model, seed=0):
-    """A frozen, non-trivial SFT adapter: the reference policy."""
-    mx.random.seed(seed)
-    lora.apply_lora(model, "sft", r=2, alpha=4.0, trainable=False)
-    for _, m in lora.lora_layers(model):
-        m.adapters["sft"].lora_b = 0.2 * mx.random.normal(m.adapters["sft"].lora_b.shape)
 
 
 def token_count_reward(tok, target):
