@@ -5,12 +5,15 @@ on its own (every part is the mean over the topic's quiz questions):
 
 - `preference`: the reward model's preference for the generated answer over the
   reference answer, sigmoid(r(answer) - r(reference)) (the Bradley-Terry probability
-  that the answer wins). 0.5 means "as good as the reference", above 0.5 better.
+  that the answer wins). 0.5 means "as good as the reference", above 0.5 better. The
+  rows it reads are laid out exactly as reward training laid them out (the same tokens,
+  cut to the reward model's max_seq_length), so the score is the reward model's own.
 - `markers`: voice-marker density of the answer against the topic's target density
   (markers per 100 words in the topic's own reference texts):
   1 - min(1, |density - target| / target); 1.0 when the topic has no markers to hit.
 - `overlap`: content overlap with the reference answer, token-level F1 (SQuAD style:
-  lower-cased word tokens, multiset overlap).
+  case-folded words as `mindprint_mlx.text.words` splits them, "don't" one word; multiset
+  overlap).
 - `likelihood`: how well the model knows the reference answer: 1 - NLL / log V, with NLL
   the mean per-token negative log-likelihood of the reference answer and its EOS given the
   question and V the vocabulary size (0: no better than a uniform guess; 1: certain). The
@@ -48,7 +51,7 @@ Messages = Sequence[dict]
 # ---------------------------------------------------------------- text parts
 
 def token_f1(answer: str, reference: str) -> float:
-    """SQuAD-style F1 over lower-cased word tokens; 1.0 when both are empty."""
+    """SQuAD-style F1 over the words (`text.words`) of both; 1.0 when both are empty."""
     a, r = words(answer), words(reference)
     if not a and not r:
         return 1.0
@@ -77,7 +80,7 @@ def marker_score(density: float, target: float) -> float:
 
 
 def real_word_fraction(text: str, lexicon: Collection[str]) -> float:
-    """The share of `text`'s word tokens (`words`: lower-cased \\w+ runs) found in `lexicon`;
+    """The share of `text`'s word tokens (`text.words`) found in `lexicon`;
     0.0 for a text with no words."""
     ws = words(text)
     if not ws:
