@@ -5,12 +5,15 @@ on its own (every part is the mean over the topic's quiz questions):
 
 - `preference`: the reward model's preference for the generated answer over the
   reference answer, sigmoid(r(answer) - r(reference)) (the Bradley-Terry probability
-  that the answer wins). 0.5 means "as good as the reference", above 0.5 better.
+  that the answer wins). 0.5 means "as good as the reference", above 0.5 better. The
+  rows it reads are laid out exactly as reward training laid them out (the same tokens,
+  cut to the reward model's max_seq_length), so the score is the reward model's own.
 - `markers`: voice-marker density of the answer against the topic's target density
   (markers per 100 words in the topic's own reference texts):
   1 - min(1, |density - target| / target); 1.0 when the topic has no markers to hit.
 - `overlap`: content overlap with the reference answer, token-level F1 (SQuAD style:
-  lower-cased word tokens, multiset overlap).
+  case-folded words as `mindprint_mlx.text.words` splits them, "don't" one word; multiset
+  overlap).
 - `likelihood`: how well the model knows the reference answer: 1 - NLL / log V, with NLL
   the mean per-token negative log-likelihood of the reference answer and its EOS given the
   question and V the vocabulary size (0: no better than a uniform guess; 1: certain). The
@@ -28,7 +31,6 @@ Answers are generated greedily (temperature 0), in batches, so a score is reprod
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -37,22 +39,19 @@ from typing import Any, Callable, Collection, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .data.batching import eos_ids, pad_id  # noqa: F401 (the one EOS set and pad id; re-exported)
+# The one token layout, EOS set and pad id (training's), and the one rule for words and
+# voice markers; re-exported here for the quiz's callers.
+from .data.batching import encode_pair, encode_prompt, eos_ids, pad_id, pad_rows  # noqa: F401
 from .errors import MindprintError
-
-_WORD = re.compile(r"\w+", re.UNICODE)
+from .text import marker_count, marker_density, words  # noqa: F401
 
 Messages = Sequence[dict]
 
 
 # ---------------------------------------------------------------- text parts
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
 def token_f1(answer: str, reference: str) -> float:
-    """SQuAD-style F1 over lower-cased word tokens; 1.0 when both are empty."""
+    """SQuAD-style F1 over the words (`text.words`) of both; 1.0 when both are empty."""
     a, r = words(answer), words(reference)
     if not a and not r:
         return 1.0
@@ -63,28 +62,6 @@ def token_f1(answer: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(a), common / len(r)
     return 2 * precision * recall / (precision + recall)
-
-
-def _marker_pattern(marker: str) -> re.Pattern:
-    m = re.escape(marker.lower().strip())
-    # Whole-word match where the marker starts/ends with a word character ("y'know" in
-    # "y'knowing" does not count), plain substring for punctuation markers ("...").
-    left = r"(?<!\w)" if marker.strip()[:1].isalnum() else ""
-    right = r"(?!\w)" if marker.strip()[-1:].isalnum() else ""
-    return re.compile(left + m + right)
-
-
-def marker_count(text: str, markers: Sequence[str]) -> int:
-    low = text.lower()
-    return sum(len(_marker_pattern(m).findall(low)) for m in markers if m and m.strip())
-
-
-def marker_density(text: str, markers: Sequence[str]) -> float:
-    """Voice-marker occurrences per 100 words."""
-    n = len(words(text))
-    if n == 0:
-        return 0.0
-    return 100.0 * marker_count(text, markers) / n
 
 
 def target_marker_density(texts: Sequence[str], markers: Sequence[str]) -> float:
@@ -103,7 +80,7 @@ def marker_score(density: float, target: float) -> float:
 
 
 def real_word_fraction(text: str, lexicon: Collection[str]) -> float:
-    """The share of `text`'s word tokens (`words`: lower-cased \\w+ runs) found in `lexicon`;
+    """The share of `text`'s word tokens (`text.words`) found in `lexicon`;
     0.0 for a text with no words."""
     ws = words(text)
     if not ws:
@@ -136,54 +113,25 @@ def sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-# ---------------------------------------------------------------- tokens
-
-def encode_prompt(tokenizer, messages: Messages) -> list[int]:
-    """The chat-templated prompt, laid out as training lays it out (`data.batching`)."""
-    from .data.batching import encode_prompt as _encode_prompt
-
-    return _encode_prompt(tokenizer, list(messages))
-
-
-def encode_completion(tokenizer, text: str) -> list[int]:
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:
-        return list(tokenizer.encode(text))
-
-
-def encode_pair(tokenizer, messages: Messages, completion: str, max_len: int = 1024) -> list[int]:
-    """The shared token layout: chat-templated prompt, completion tokens, the turn's end."""
-    from .data.batching import turn_end_id
-
-    toks = encode_prompt(tokenizer, messages) + encode_completion(tokenizer, completion)
-    toks = toks[:max_len - 1] + [turn_end_id(tokenizer)]
-    return toks
-
-
-def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[mx.array, mx.array]:
-    T = max(len(r) for r in rows)
-    tokens = mx.array([r + [pad_id] * (T - len(r)) for r in rows], dtype=mx.int32)
-    lengths = mx.array([len(r) for r in rows], dtype=mx.int32)
-    return tokens, lengths
-
+# ---------------------------------------------------------------- reward scores
 
 RewardFn = Callable[[mx.array, mx.array], mx.array]
 
 
-def reward_scores(reward_fn: RewardFn, tokenizer, prompts: Sequence[Messages],
-                  completions: Sequence[str], batch_size: int = 8,
-                  max_len: int = 1024) -> list[float]:
-    """Reward scores of (prompt, completion) pairs through `reward_fn(tokens, lengths)`
-    (e.g. `RewardModel.score_tokens`), in batches of `batch_size`."""
-    rows = [encode_pair(tokenizer, p, c, max_len) for p, c in zip(prompts, completions)]
-    out: list[float] = []
-    for i in range(0, len(rows), batch_size):
-        tokens, lengths = pad_rows(rows[i:i + batch_size], pad_id(tokenizer))
-        scores = reward_fn(tokens, lengths)
-        mx.eval(scores)
-        out.extend(float(s) for s in scores.tolist())
-    return out
+def reward_scores(reward: Any, tokenizer, prompts: Sequence[Messages], completions: Sequence[str],
+                  batch_size: int = 8, max_len: int | None = None) -> list[float]:
+    """Reward scores of (prompt, completion) pairs by a RewardModel, or by a plain
+    `fn(tokens, lengths)` such as `RewardModel.score_tokens`, with rows laid out exactly as
+    reward training laid them out (`train.reward.score_pairs`). `max_len`: the row length
+    rows are cut to; by default the reward model's own (its training's max_seq_length)."""
+    from .train.reward import score_pairs
+
+    fn = as_reward_fn(reward)
+    if fn is None:
+        raise MindprintError("reward_scores needs a reward model")
+    # a RewardModel, and its bound score_tokens, know the row length training used
+    max_len = max_len or getattr(getattr(fn, "__self__", reward), "max_len", None) or 2048
+    return score_pairs(fn, tokenizer, prompts, completions, max_len, batch_size)
 
 
 def as_reward_fn(reward: Any) -> RewardFn | None:
@@ -199,21 +147,6 @@ def as_reward_fn(reward: Any) -> RewardFn | None:
 
 
 # ---------------------------------------------------------------- generation
-
-def generate(model: nn.Module, tokenizer, messages: Messages, max_tokens: int = 64,
-             temp: float = 0.0, seed: int = 0) -> str:
-    """One answer to chat `messages` (greedy at temp 0)."""
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    mx.random.seed(seed)
-    sampler = make_sampler(temp=temp)
-    parts = []
-    for resp in stream_generate(model, tokenizer, encode_prompt(tokenizer, messages),
-                                max_tokens=max_tokens, sampler=sampler):
-        parts.append(resp.text)
-    return "".join(parts)
-
 
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max_tokens: int = 64,
                    batch_size: int = 16) -> list[str]:
@@ -241,14 +174,15 @@ def reference_likelihood(model: nn.Module, tokenizer, prompts: Sequence[Messages
                          references: Sequence[str], batch_size: int = 16,
                          max_len: int = 1024) -> list[float]:
     """Mean log p (nats per token) of each reference answer's tokens and EOS given its
-    prompt, under the model's active adapters (teacher forcing, float32 log-softmax)."""
+    prompt, under the model's active adapters (teacher forcing, float32 log-softmax); rows
+    laid out as SFT lays them out (`data.batching.encode_pair`, cut to `max_len`)."""
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         rows, starts = [], []
         for p, r in zip(prompts[i:i + batch_size], references[i:i + batch_size]):
-            start = len(encode_prompt(tokenizer, p))
-            rows.append(encode_pair(tokenizer, p, r, max_len))
-            starts.append(min(start, len(rows[-1]) - 1))
+            row, n_prompt, _ = encode_pair(tokenizer, p, r, max_len)
+            rows.append(row)
+            starts.append(n_prompt)
         tokens, lengths = pad_rows(rows, pad_id(tokenizer))
         logits = model(tokens[:, :-1]).astype(mx.float32)
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -326,6 +260,22 @@ def quiz_items(questions: Sequence[tuple[str, str]], system_prompt: str | None =
     return [QuizItem(sys_msg + ({"role": "user", "content": q},), ref) for q, ref in questions]
 
 
+def topic_quiz_items(topic: Any, max_questions: int) -> list[QuizItem]:
+    """A curriculum topic's first `max_questions` quiz questions as single user turns (the
+    layout its SFT prompts have: the data loader adds no persona system prompt); a topic
+    without quiz questions is quizzed on its SFT examples."""
+    if topic.quiz:
+        return quiz_items([(q.question, q.reference_answer) for q in topic.quiz[:max_questions]])
+    return [QuizItem(tuple(r.prompt), r.completion) for r in topic.sft[:max_questions]]
+
+
+def topic_target_density(topic: Any, markers: Sequence[str]) -> float:
+    """The voice-marker density a topic's own texts show: its SFT completions and quiz
+    reference answers, pooled (`target_marker_density`)."""
+    texts = [r.completion for r in topic.sft] + [q.reference_answer for q in topic.quiz]
+    return target_marker_density(texts, markers)
+
+
 def evaluate_quiz(model: nn.Module, tokenizer, items: Sequence[QuizItem], markers: Sequence[str] = (),
                   target_density: float | None = None, reward: Any = None,
                   weights: QuizWeights | None = None, max_tokens: int = 64,
@@ -392,6 +342,8 @@ def evaluate_generations(model: nn.Module, tokenizer, reward: Any, prompts: Sequ
     plus the overall mean score."""
     if k < 1:
         raise MindprintError(f"k must be >= 1, got {k}")
+    from .generate import generate_text
+
     fn = as_reward_fn(reward)
     if fn is None:
         raise MindprintError("evaluate-generations needs a reward model")
@@ -399,8 +351,8 @@ def evaluate_generations(model: nn.Module, tokenizer, reward: Any, prompts: Sequ
     all_scores: list[float] = []
     for i, p in enumerate(prompts):
         messages = ({"role": "user", "content": p},) if isinstance(p, str) else tuple(p)
-        texts = [generate(model, tokenizer, messages, max_tokens=max_tokens, temp=temp,
-                          seed=seed + 1000 * i + j) for j in range(k)]
+        texts = [generate_text(model, tokenizer, messages, max_tokens=max_tokens, temp=temp,
+                               seed=seed + 1000 * i + j) for j in range(k)]
         scores = reward_scores(fn, tokenizer, [messages] * k, texts)
         order = sorted(range(k), key=lambda j: -scores[j])
         ranked = [{"rank": r + 1, "text": texts[j], "score": scores[j]} for r, j in enumerate(order)]

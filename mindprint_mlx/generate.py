@@ -4,30 +4,34 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .models import lora
+
+def chat_prompt(tokenizer, prompt: Any, system: str | None = None) -> list[int]:
+    """Token ids of `prompt` through the tokenizer's chat template, ready for the answer (the
+    layout training uses, `data.batching.encode_prompt`): a string is a user turn (after a
+    `system` message, when given), chat messages go as they are. A tokenizer without a chat
+    template gets the plain text of a string prompt."""
+    from .data.batching import as_messages, encode_prompt
+
+    if isinstance(prompt, str):
+        if not getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.encode(prompt))
+        prompt = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": prompt}]
+    return encode_prompt(tokenizer, as_messages(prompt))
 
 
-def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of `prompt` as a user turn, rendered with the tokenizer's chat template."""
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        from .data.batching import encode_prompt
-
-        return encode_prompt(tokenizer, messages)
-    return list(tokenizer.encode(prompt))
-
-
-def generate_text(model: nn.Module, tokenizer, prompt: str, max_tokens: int = 128,
+def generate_text(model: nn.Module, tokenizer, prompt: Any, max_tokens: int = 128,
                   temp: float = 0.7, top_p: float = 1.0, seed: int = 0,
                   system: str | None = None,
                   on_text: Callable[[str], None] | None = None) -> str:
-    """Generate one answer with mlx-lm's streaming generator (and its KV cache)."""
+    """One answer to `prompt` (a user message, or chat messages; see `chat_prompt`) with
+    mlx-lm's streaming generator and its KV cache, with the model's active adapters; greedy
+    at temp 0. `on_text` gets each piece of text as it comes."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -40,16 +44,6 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_tokens: int = 12
         if on_text is not None:
             on_text(resp.text)
     return "".join(parts)
-
-
-def compare_answers(model: nn.Module, tokenizer, prompt: str, adapters: Sequence[str],
-                    **kwargs) -> tuple[str, str]:
-    """(base answer, adapted answer) for the same prompt and seed."""
-    with lora.active_adapters(model, []):
-        base = generate_text(model, tokenizer, prompt, **kwargs)
-    with lora.active_adapters(model, list(adapters)):
-        tuned = generate_text(model, tokenizer, prompt, **kwargs)
-    return base, tuned
 
 
 def side_by_side(left: str, right: str, titles=("base", "adapted"), width: int | None = None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -142,9 +141,6 @@ def check_lora_fits(model: Any, section: str, targets: Any, num_layers: Any) -> 
 
 # ------------------------------------------------------------------ the model reference
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def check_model_ref(model: str) -> None:
     """The model is an existing directory, or looks like a hub id (`org/name`) whose first
     part is not a local directory (then it was meant as a path, and is mistyped)."""
@@ -157,7 +153,9 @@ def check_model_ref(model: str) -> None:
         if not (p / "config.json").is_file():
             raise MindprintError(f"model {s}: the directory has no config.json (not a model directory)")
         return
-    if _HUB_ID.match(s) and ".." not in s and not Path(s.split("/")[0]).is_dir():
+    from .models.load import looks_like_hub_id
+
+    if looks_like_hub_id(s) and not Path(s.split("/")[0]).is_dir():
         return
     parent = p.parent
     near = ""

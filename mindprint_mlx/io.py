@@ -66,12 +66,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path` (ending in `suffix`); on success fsync it and
+    rename it over `path`. An OSError is a one-line MindprintError naming `path`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     os.close(fd)
@@ -142,30 +143,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def atomic_save_safetensors(path: str | os.PathLike, arrays: Mapping[str, Any],
                             metadata: Mapping[str, str] | None = None) -> Path:
-    """mx.save_safetensors through a temporary file (mlx appends the suffix itself)."""
+    """mx.save_safetensors through a temporary file (named *.tmp.safetensors: mlx appends
+    the suffix itself to any other name)."""
     import mlx.core as mx
 
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.safetensors", dir=path.parent)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
         try:
-            mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {}))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, file_mode())   # mkstemp makes it 0600
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:
-            raise _write_error(path, e) from None
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return path
+            mx.save_safetensors(str(tmp), dict(arrays), metadata=dict(metadata or {}))
+        except RuntimeError as e:   # mlx's "[write] Unable to write N bytes to file."
+            raise _write_error(Path(path), e) from None
+    return Path(path)
 
 
 def _normal_modes(root: Path) -> None:
@@ -354,6 +341,39 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 def json_loads_strict(text: str | bytes) -> Any:
     """json.loads that raises DuplicateKeyError on a repeated key in any object."""
     return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold one object: unreadable, invalid, duplicate-keyed or
+    non-object JSON is a MindprintError naming the file."""
+    try:
+        data = json_loads_strict(Path(path).read_text(encoding="utf-8"))
+    except DuplicateKeyError as e:
+        raise MindprintError(f"{path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MindprintError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, RecursionError, ValueError) as e:
+        raise MindprintError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise MindprintError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def safetensors_header(f: str | os.PathLike) -> dict:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, and
+    "__metadata__"), read without loading any weights; {} if it is unreadable."""
+    import struct
+
+    f = Path(f)
+    try:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > min(100 << 20, f.stat().st_size - 8):
+                return {}
+            header = json.loads(fh.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return {}
+    return header if isinstance(header, dict) else {}
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:

@@ -21,10 +21,8 @@ step. Checked against `mx.get_peak_memory()` on tiny models by tests/test_plan.p
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,15 +85,11 @@ def _read_config(model: str | os.PathLike | dict) -> tuple[dict, Path | None]:
 def _stored_dtype(config: dict, path: Path | None) -> str:
     """The weights' floating dtype: from the safetensors headers if we have the files."""
     if path is not None:
+        from .io import safetensors_header
+
         for f in sorted(path.glob("model*.safetensors")):
-            try:
-                with open(f, "rb") as fh:
-                    n = struct.unpack("<Q", fh.read(8))[0]
-                    header = json.loads(fh.read(n))
-            except (OSError, ValueError, struct.error):
-                continue
-            for k, v in header.items():
-                if k != "__metadata__" and v.get("dtype") in ("F32", "F16", "BF16"):
+            for k, v in safetensors_header(f).items():
+                if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in ("F32", "F16", "BF16"):
                     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[v["dtype"]]
     d = config.get("torch_dtype") or config.get("dtype")
     if isinstance(d, str) and d in ("float32", "float16", "bfloat16"):

@@ -69,18 +69,6 @@ def load_gold(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
-def heldout_prompts() -> list[str]:
-    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
-
-    path = DEMO_CURRICULUM_DIR.parent / "heldout_prompts.jsonl"
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append(row.get("prompt") or row.get("question"))
-    return out
-
-
 def user_text(messages) -> str:
     return [m["content"] for m in messages if m["role"] == "user"][-1]
 
@@ -115,6 +103,8 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     mx.random.seed(seed)
     model, tok = load(model_dir)
     ds = load_data_dir(DEMO_CURRICULUM_DIR)
+    from mindprint_mlx.demo import heldout_prompts
+
     held = [[{"role": "user", "content": p}] for p in heldout_prompts()]
     seen, train = set(), []
     for r in list(ds.sft) + list(ds.preference):
@@ -183,8 +173,8 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
                         learning_rate=1e-3, patience=2, seed=seed, compile=False)
     res = train_reward_model(model, tok, records, rcfg, work / "reward", progress=a.progress)
     rm = RewardModel.load(model, tok, res.adapter_dir)
-    sc = ev.reward_scores(rm.score_tokens, tok, [p for p, *_ in test_pairs], [c for _, c, *_ in test_pairs])
-    sr = ev.reward_scores(rm.score_tokens, tok, [p for p, *_ in test_pairs], [r for _, _, r, *_ in test_pairs])
+    sc = ev.reward_scores(rm, tok, [p for p, *_ in test_pairs], [c for _, c, *_ in test_pairs])
+    sr = ev.reward_scores(rm, tok, [p for p, *_ in test_pairs], [r for _, _, r, *_ in test_pairs])
     out["rm_pairs"], out["rm_test_pairs"] = len(records), len(test_pairs)
     out["rm_gold_agreement"] = float(np.mean([x > y for x, y in zip(sc, sr)])) if test_pairs else None
     out["rm_val_accuracy"] = res.best_val_accuracy
@@ -199,7 +189,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
         if step % a.eval_every == 0 or step == pcfg.steps:
             with lora.active_adapters(model, policy + [pcfg.adapter_name]):
                 ans = ev.greedy_answers(model, tok, held, max_tokens=a.max_tokens)
-            proxy = ev.reward_scores(rm.score_tokens, tok, held, ans)
+            proxy = ev.reward_scores(rm, tok, held, ans)
             curve.append({"step": step, "proxy": float(np.mean(proxy)),
                           "gold": float(np.mean([gold(user_text(p), x) for p, x in zip(held, ans)])),
                           "kl": stats.get("objective/kl"), "train_score": stats.get("objective/scores")})
@@ -215,7 +205,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
         ppo[k] = json.loads(v) if v[:1] in "0123456789-[{tfn\"" else v
     pcfg = from_dict(PPOConfig, ppo, "--ppo")
     base_curve_ans = sft_ans
-    curve.append({"step": 0, "proxy": float(np.mean(ev.reward_scores(rm.score_tokens, tok, held, base_curve_ans))),
+    curve.append({"step": 0, "proxy": float(np.mean(ev.reward_scores(rm, tok, held, base_curve_ans))),
                   "gold": float(np.mean(out["sft_gold"])), "kl": 0.0, "train_score": None})
     lora.set_active(model, policy)
     train_ppo(model, tok, train, rm.score_tokens, pcfg, work / "ppo", frozen_adapters=policy,
@@ -292,7 +282,9 @@ def main(argv=None) -> int:
     print("proxy vs gold over PPO steps (seed 0): " + ", ".join(
         f"step {c['step']}: proxy {c['proxy']:+.2f} gold {c['gold']:.3f}" for c in runs[0]["curve"]))
     if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+        from mindprint_mlx.io import atomic_write_json
+
+        atomic_write_json(a.json, result)
     return 0
 
 

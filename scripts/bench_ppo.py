@@ -2,7 +2,7 @@
 """Benchmark PPO: rollout tokens/s against mlx-lm's own batch generation, a PPO step's time
 split (generation / teacher forcing / scoring / update) and peak memory over base weight bytes.
 
-    python scripts/bench_ppo.py                      # builds the DESIGN.md baseline tiny llama
+    python scripts/bench_ppo.py                      # builds the baseline tiny llama (3.3M)
     python scripts/bench_ppo.py --model PATH --quantize 4 --batch 8 --new-tokens 64
 
 On Linux preload OpenBLAS first (see scripts/test.sh), as the CLI does.
@@ -27,7 +27,7 @@ PROMPTS = ["Tell me about the river.", "Why does the teacher read?", "Describe a
 def build_model(out: Path) -> Path:
     from mindprint_mlx.models.tiny import build_tiny_model
 
-    # DESIGN.md's baseline: a 3.3M llama, 4 layers, 256 wide.
+    # The baseline benchmark model: a 3.3M llama, 4 layers, 256 wide.
     return build_tiny_model(out, arch="llama", hidden_size=256, num_layers=4, num_heads=4,
                             num_kv_heads=2, intermediate_size=512, vocab_size=2048, seed=0)
 

@@ -15,7 +15,6 @@ With an empty --cache the first call pretrains the model (its wall time is print
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

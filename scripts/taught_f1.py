@@ -46,7 +46,9 @@ def main(argv=None) -> int:
     mean = sum(out.values()) / len(out)
     print(f"mean {mean:.3f}, worst {min(out.values()):.3f} over {len(out)} topics")
     if a.json:
-        a.json.write_text(json.dumps({"topics": out, "mean": mean, "worst": min(out.values())}, indent=1))
+        from mindprint_mlx.io import atomic_write_json
+
+        atomic_write_json(a.json, {"topics": out, "mean": mean, "worst": min(out.values())})
     return 0
 
 

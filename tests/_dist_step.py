@@ -11,7 +11,6 @@ Rank 0 alone saves the adapter, the averaged gradients and a small report.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -21,6 +21,8 @@ from mindprint_mlx.models import load, lora
 from mindprint_mlx.models.adapters import load_heads, save_adapter
 from mindprint_mlx.models.heads import ScalarHead
 
+from _helpers import random_factors
+
 TEXT = "the teacher reads the book near the river, because it matters"
 
 
@@ -28,11 +30,7 @@ def _random_adapter(base, out, seed=0, targets=("q_proj", "v_proj", "o_proj", "d
                     heads=None, metadata=None, r=2):
     model, tok = load(base)
     lora.apply_lora(model, "sft", targets=targets, r=r, alpha=2.0 * r)
-    rng = np.random.default_rng(seed)
-    for _, m in lora.lora_layers(model):
-        a = m.adapters["sft"]
-        a.lora_a = mx.array(rng.standard_normal(a.lora_a.shape).astype(np.float32) * 0.3)
-        a.lora_b = mx.array(rng.standard_normal(a.lora_b.shape).astype(np.float32) * 0.3)
+    random_factors(model, "sft", seed)
     ids = tok.encode(TEXT)
     logits = np.array(model(mx.array([ids])))
     save_adapter(model, "sft", out, metadata=metadata, heads=heads(model) if heads else None)

@@ -9,8 +9,8 @@ from mindprint_mlx.data import (AdaptiveBounds, Persona, PreferenceRecord, QuizR
                                 build_curriculum, decide, load_bounds, quality_report,
                                 render_markdown, topic_quality)
 from mindprint_mlx.data.curriculum import Topic
-from mindprint_mlx.data.quality import (LengthStats, TopicQuality, count_markers, jaccard_distance,
-                                        pair_score, _marker_patterns)
+from mindprint_mlx.data.quality import LengthStats, TopicQuality, jaccard_distance, pair_score
+from mindprint_mlx.text import marker_count
 
 PERSONA = Persona(name="P", voice_markers=["patience", "the cycle", "Mind the season"])
 
@@ -25,11 +25,11 @@ def _topic(completions, pairs=(), n_quiz=3) -> Topic:
 
 
 def test_marker_counting_is_case_insensitive_whole_words():
-    pats = _marker_patterns(PERSONA.voice_markers)
-    assert count_markers("Patience. PATIENCE! impatience", pats) == 2
-    assert count_markers("Watch the cycle; mind the season.", pats) == 2
-    assert count_markers("the cycles turn", pats) == 0
-    assert count_markers("patience", ["patience"]) == 1
+    pats = PERSONA.voice_markers
+    assert marker_count("Patience. PATIENCE! impatience", pats) == 2
+    assert marker_count("Watch the cycle; mind the season.", pats) == 2
+    assert marker_count("the cycles turn", pats) == 0
+    assert marker_count("patience", ["patience"]) == 1
 
 
 def test_density_and_coverage_by_hand():
@@ -45,7 +45,7 @@ def test_density_and_coverage_by_hand():
 
 
 def test_preference_score():
-    pats = _marker_patterns(PERSONA.voice_markers)
+    pats = PERSONA.voice_markers
     assert jaccard_distance("a b c", "a b c") == 0.0
     assert jaccard_distance("a b", "c d") == 1.0
     assert jaccard_distance("a b c", "a b d") == pytest.approx(0.5)

@@ -7,6 +7,8 @@ import mlx.core as mx
 import pytest
 
 from mindprint_mlx import evaluate as ev
+from mindprint_mlx.data import batching
+from mindprint_mlx.generate import generate_text
 from mindprint_mlx.models import load, lora
 from mindprint_mlx.models.heads import ScalarHead, hidden_size
 
@@ -74,6 +76,39 @@ def test_quiz_parts_are_reported_and_combine_into_the_score(model_and_reward):
         ev.target_marker_density([it.reference for it in items], markers))
 
 
+def test_quiz_scores_rows_exactly_as_reward_training_laid_them_out(model_and_reward):
+    """The quiz's preference part reads the reward model on the very rows reward training
+    builds (`data.batching.encode_pair`, cut to the reward model's max_len), so its score of a
+    (prompt, response) is the reward model's own."""
+    from mindprint_mlx.train.reward import RewardModel
+
+    model, tok, rm = model_and_reward
+    short = RewardModel(model, tok, adapter="reward", head=rm.head, max_len=24)   # rows get cut
+    prompt = [{"role": "system", "content": "You are Tove."},
+              {"role": "user", "content": "What does the teacher read, and why, in the winter?"}]
+    answers = ["The teacher reads the book, with patience, every long winter evening.", "Yes."]
+    seen = []
+
+    def recording(tokens, lengths):
+        seen.extend(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
+        return short.score_tokens(tokens, lengths)
+
+    expected = [batching.encode_pair(tok, prompt, a, 24) for a in answers]
+    assert expected[0][2]                                   # the long row is truncated
+    got = ev.reward_scores(recording, tok, [prompt] * 2, answers, max_len=24)
+    assert seen == [row for row, _, _ in expected]          # token ids: batching's, to the id
+    assert got == pytest.approx(short.score_batch([prompt] * 2, answers), abs=1e-6)
+    assert ev.reward_scores(short, tok, [prompt] * 2, answers) == pytest.approx(got, abs=1e-6)
+    assert ev.reward_scores(short.score_tokens, tok, [prompt] * 2, answers) == pytest.approx(got, abs=1e-6)
+    # and the quiz's preference is sigmoid of the reward model's own score difference
+    items = [ev.QuizItem(tuple(prompt), answers[1])]
+    res = ev.evaluate_quiz(model, tok, items, reward=short, answers=answers[:1])
+    r_ans, r_ref = short.score_batch([prompt, prompt], [answers[0], answers[1]])
+    assert res.items[0]["reward_answer"] == pytest.approx(r_ans, abs=1e-6)
+    assert res.items[0]["reward_reference"] == pytest.approx(r_ref, abs=1e-6)
+    assert res.parts["preference"] == pytest.approx(1 / (1 + math.exp(r_ref - r_ans)), abs=1e-6)
+
+
 def test_quiz_of_the_reference_itself_scores_full_overlap_and_even_preference(model_and_reward):
     model, tok, rm = model_and_reward
     items = ev.quiz_items([("Why?", "Because it matters, with patience.")])
@@ -91,8 +126,8 @@ def test_reference_likelihood_is_the_mean_token_log_probability(model_and_reward
     with lora.active_adapters(model, []):
         assert ev.reference_likelihood(model, tok, [prompt], [ref]) == pytest.approx(got[:1], rel=1e-5)
     # by hand: the completion tokens and the EOS, each predicted from everything before it
-    start = len(ev.encode_prompt(tok, prompt))
-    row = ev.encode_pair(tok, prompt, ref)
+    row, start, _ = batching.encode_pair(tok, prompt, ref, 1024)
+    assert start == len(batching.encode_prompt(tok, prompt))
     logits = model(mx.array([row[:-1]])).astype(mx.float32)[0]
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     toks = [lp[t - 1, row[t]].item() for t in range(start, len(row))]
@@ -112,7 +147,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(model_and_reward):
     prompts = [[{"role": "user", "content": q}] for q in ("Hello!", "What does the teacher read?",
                                                            "Tell me a long story about the river.")]
     batched = ev.greedy_answers(model, tok, prompts, max_tokens=12)
-    assert batched == [ev.generate(model, tok, p, max_tokens=12) for p in prompts]
+    assert batched == [generate_text(model, tok, p, max_tokens=12, temp=0.0) for p in prompts]
 
 
 def test_evaluate_generations_ranks_best_medium_worst(model_and_reward):
@@ -126,3 +161,21 @@ def test_evaluate_generations_ranks_best_medium_worst(model_and_reward):
         assert [c["rank"] for c in p["completions"]] == [1, 2, 3]
         assert p["BEST"]["score"] >= p["MEDIUM"]["score"] >= p["WORST"]["score"]
         assert p["prompt"] == [{"role": "user", "content": p["prompt"][0]["content"]}]
+
+
+def test_topic_quiz_items_and_target_density():
+    from mindprint_mlx.data import QuizRecord, SFTRecord
+    from mindprint_mlx.data.curriculum import Topic
+
+    p = ({"role": "user", "content": "Why wait?"},)
+    t = Topic("u", "c", "t", "u/c/t", "u/c/t")
+    t.sft = [SFTRecord(p, "Patience, always patience.", "u", "c", "t", "f:0")]      # 3 words, 2 markers
+    t.quiz = [QuizRecord(f"Q{i}?", "The tide turns with patience.", "u", "c", "t") for i in range(3)]
+    items = ev.topic_quiz_items(t, 2)
+    assert [it.messages for it in items] == [({"role": "user", "content": "Q0?"},),
+                                             ({"role": "user", "content": "Q1?"},)]
+    assert [it.reference for it in items] == ["The tide turns with patience."] * 2
+    # 2 + 3 markers in 3 + 3 * 5 words, pooled
+    assert ev.topic_target_density(t, ["patience"]) == pytest.approx(100 * 5 / 18)
+    t.quiz = []                                      # no quiz: the SFT examples serve
+    assert [(it.messages, it.reference) for it in ev.topic_quiz_items(t, 5)] == [(p, t.sft[0].completion)]

@@ -15,6 +15,8 @@ from mindprint_mlx.export import export_peft, fuse
 from mindprint_mlx.models import load, lora
 from mindprint_mlx.models.adapters import save_adapter
 
+from _helpers import random_factors
+
 TEXT = "my friend writes a letter after dinner, with great care"
 
 
@@ -22,11 +24,7 @@ def _adapter(base, out, seed, targets=("q_proj", "v_proj", "o_proj", "down_proj"
     """A saved adapter with random non-zero factors; returns mindprint's logits with it."""
     model, tok = load(base, quantize=quantize)
     lora.apply_lora(model, "sft", targets=targets, r=2, alpha=4.0)
-    rng = np.random.default_rng(seed)
-    for _, m in lora.lora_layers(model):
-        a = m.adapters["sft"]
-        a.lora_a = mx.array(rng.standard_normal(a.lora_a.shape).astype(np.float32) * 0.3)
-        a.lora_b = mx.array(rng.standard_normal(a.lora_b.shape).astype(np.float32) * 0.3)
+    random_factors(model, "sft", seed)
     ids = tok.encode(TEXT)
     logits = np.array(model(mx.array([ids])))
     save_adapter(model, "sft", out, metadata={

@@ -18,15 +18,10 @@ from mindprint_mlx.ppo.reward_norm import fit_reward_norm
 from mindprint_mlx.ppo.rollout import response_forward
 from mindprint_mlx.ppo.trainer import RunningMoments
 
+from _helpers import add_sft
+
 TEXTS = ["hi there", "the teacher reads", "why does it rain", "a small boat", "tell me a story"]
 PROMPTS = [[{"role": "user", "content": t}] for t in TEXTS]
-
-
-def add_sft(model, seed=0):
-    mx.random.seed(seed)
-    lora.apply_lora(model, "sft", r=2, alpha=4.0, trainable=False)
-    for _, m in lora.lora_layers(model):
-        m.adapters["sft"].lora_b = 0.2 * mx.random.normal(m.adapters["sft"].lora_b.shape)
 
 
 class Recorder:

@@ -1,5 +1,5 @@
 """Rollouts: batched KV-cache sampling, right-padding and masks after EOS, and teacher-forced
-log-probabilities that reproduce the sampling distribution (PPO_DETAILS items 1, 2, 5)."""
+log-probabilities that reproduce the sampling distribution."""
 
 import mlx.core as mx
 import numpy as np
@@ -71,8 +71,8 @@ def test_generation_stops_at_eos_and_pads_after_it(model_tok):
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0)])
 def test_teacher_forcing_reproduces_sampling_logprobs(model_tok, temperature, top_p):
-    """Left-padded KV-cache sampling and right-padded teacher forcing agree (item 1), and both
-    use logits / T (item 2): checked against the model's own full forward pass too."""
+    """Left-padded KV-cache sampling and right-padded teacher forcing agree, and both use
+    logits / T: checked against the model's own full forward pass too."""
     model, tok = model_tok
     ps = prompts(tok)
     with lora.active_adapters(model, ["sft"]):

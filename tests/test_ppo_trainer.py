@@ -20,17 +20,11 @@ from mindprint_mlx.models.heads import ScalarHead, hidden_size
 from mindprint_mlx.ppo import PPOConfig, PPOTrainer, train_ppo
 from mindprint_mlx.ppo.rollout import batched_response_forward, generate_batch, response_forward
 
+from _helpers import add_sft
+
 TEXTS = ["hi there", "the teacher reads", "why does it rain", "a small boat", "tell me a story",
          "the old clock", "my friend writes a letter", "near the river"]
 PROMPTS = [[{"role": "user", "content": t}] for t in TEXTS]
-
-
-def add_sft(model, seed=0):
-    """A frozen, non-trivial SFT adapter: the reference policy."""
-    mx.random.seed(seed)
-    lora.apply_lora(model, "sft", r=2, alpha=4.0, trainable=False)
-    for _, m in lora.lora_layers(model):
-        m.adapters["sft"].lora_b = 0.2 * mx.random.normal(m.adapters["sft"].lora_b.shape)
 
 
 def token_count_reward(tok, target):
@@ -238,7 +232,7 @@ def test_cli_trains_with_sft_adapter_and_reward_model_then_resumes(tiny_llama, t
 
 
 def test_prompts_come_from_jsonl_or_a_data_dirs_sft_records(tmp_path):
-    from mindprint_mlx.cli.ppo import load_prompts
+    from mindprint_mlx.cli._align import load_prompts
 
     d = tmp_path / "data"
     d.mkdir()

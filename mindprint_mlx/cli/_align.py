@@ -1,5 +1,6 @@
-"""What `mindprint dpo`, `mindprint ditto` and `mindprint grpo` share: loading the base once
-with its frozen adapters, and reading pairs or demonstrations from JSONL or a data dir."""
+"""What the training and evaluation commands share: loading the base once with its frozen
+adapters, and reading prompts, pairs or demonstrations from JSONL or a data dir (one JSONL
+reader, one prompt rule)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def load_base(model_ref: str, quantize: int | None, sft_adapter: str | None, ada
     return model, tok, frozen
 
 
-def _jsonl(path: Path, parse: Callable[[dict, str], object]) -> list:
+def jsonl_records(path: Path, parse: Callable[[dict, str], object]) -> list:
+    """`parse(record, "FILE:LINE")` of each non-blank line of the JSONL file `path`; a line
+    that is not one JSON object, or a file with none, is a one-line error naming the file
+    (and the line)."""
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -41,15 +45,47 @@ def _jsonl(path: Path, parse: Callable[[dict, str], object]) -> list:
     return out
 
 
-def _prompt(rec: dict, where: str):
-    p = rec.get("prompt")
+def prompt_of(rec: dict, where: str):
+    """A JSONL record's prompt: its 'prompt' (a non-empty string or a list of {role, content}
+    messages), or else its 'messages' without the trailing assistant turn (the answer)."""
+    if "prompt" in rec:
+        p = rec["prompt"]
+    elif "messages" in rec:
+        p = rec["messages"]
+        while isinstance(p, list) and p and isinstance(p[-1], dict) and p[-1].get("role") == "assistant":
+            p = p[:-1]
+    else:
+        raise MindprintError(f"{where}: needs a 'prompt' or 'messages' key "
+                             f"(has: {', '.join(sorted(rec)) or 'none'})")
     ok = isinstance(p, str) and p.strip() or isinstance(p, list) and p and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in p)
     if not ok:
-        raise MindprintError(f"{where}: 'prompt' must be a non-empty string or a list of "
+        raise MindprintError(f"{where}: the prompt must be a non-empty string or a list of "
                              "{role, content} messages")
     return p
+
+
+def load_prompts(path: str | Path, text_lines: bool = False) -> list:
+    """Prompts from a data directory (its SFT records' prompts), a JSONL file ({"prompt": ...}
+    or {"messages": [...]} a line), or, with `text_lines`, a file not named *.jsonl holding
+    one prompt per line."""
+    p = Path(path)
+    if p.is_dir():
+        from ..data import load_data_dir
+
+        prompts = [list(r.prompt) for r in load_data_dir(p, require=("sft",)).sft]
+        if not prompts:
+            raise MindprintError(f"{p}: no SFT records to take prompts from")
+        return prompts
+    if not p.is_file():
+        raise MindprintError(f"prompts file not found: {p}")
+    if text_lines and p.suffix != ".jsonl":
+        prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not prompts:
+            raise MindprintError(f"{p}: no prompts")
+        return prompts
+    return jsonl_records(p, prompt_of)
 
 
 def _text(rec: dict, key: str, where: str) -> str:
@@ -69,7 +105,8 @@ def load_pairs(path: str | Path) -> list:
         return list(load_data_dir(p, require=("preference",)).preference)
     if not p.is_file():
         raise MindprintError(f"pairs file not found: {p}")
-    return _jsonl(p, lambda r, w: (_prompt(r, w), _text(r, "chosen", w), _text(r, "rejected", w)))
+    return jsonl_records(p, lambda r, w: (prompt_of(r, w), _text(r, "chosen", w),
+                                          _text(r, "rejected", w)))
 
 
 def load_demos(path: str | Path) -> list:
@@ -89,9 +126,9 @@ def load_demos(path: str | Path) -> list:
             last = msgs[-1]
             if not (isinstance(last, dict) and last.get("role") == "assistant"):
                 raise MindprintError(f"{w}: the last message must be the assistant's answer")
-            return _prompt({"prompt": msgs[:-1]}, w), _text(last, "content", w)
-        return _prompt(r, w), _text(r, "completion", w)
-    return _jsonl(p, parse)
+            return prompt_of({"prompt": msgs[:-1]}, w), _text(last, "content", w)
+        return prompt_of(r, w), _text(r, "completion", w)
+    return jsonl_records(p, parse)
 
 
 def summary(what: str, result, base_bytes: int, peak_key: str, first: float, last: float,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -21,29 +20,6 @@ def _load(model, adapters, reward, quantize):
         rm = RewardModel.load(mdl, tok, reward)
     lora.set_active(mdl, names)
     return mdl, tok, rm
-
-
-def _read_prompts(path: str) -> list:
-    from ..errors import MindprintError
-
-    out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MindprintError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            p = rec.get("messages") or rec.get("prompt") if isinstance(rec, dict) else rec
-            if isinstance(p, list) and p and p[-1].get("role") == "assistant":
-                p = p[:-1]
-            if not p:
-                raise MindprintError(f"{path}:{i}: needs a 'prompt' or 'messages' field")
-            out.append(p)
-        else:
-            out.append(line.strip())
-    return out
 
 
 def _write(obj, out):
@@ -95,7 +71,9 @@ def generations(model, adapters, quantize, max_tokens, out, reward, prompts, pro
     from ..errors import MindprintError
     from ..evaluate import evaluate_generations
 
-    items = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
+    from ._align import load_prompts
+
+    items = list(prompts) + (load_prompts(prompts_file, text_lines=True) if prompts_file else [])
     if not items:
         raise MindprintError("give --prompt or --prompts-file")
     mdl, tok, rm = _load(model, adapters, reward, quantize)
@@ -122,8 +100,7 @@ def quiz(model, adapters, quantize, max_tokens, out, data_dir, reward, units, to
     """Quiz score per topic (preference, markers, overlap parts; see docs/pipeline.md)."""
     from ..data import load_data_dir
     from ..data.curriculum import build_curriculum
-    from ..pipeline.runner import _quiz_items, _target_density
-    from ..evaluate import evaluate_quiz
+    from ..evaluate import evaluate_quiz, topic_quiz_items, topic_target_density
 
     if data_dir == "demo":
         from ..demo import DEMO_CURRICULUM_DIR
@@ -135,10 +112,10 @@ def quiz(model, adapters, quantize, max_tokens, out, data_dir, reward, units, to
     markers = list(getattr(ds.persona, "voice_markers", []) or [])
     res = {}
     for t in cur.topics:
-        items = _quiz_items(t, ds.persona, max_questions)
+        items = topic_quiz_items(t, max_questions)
         if not items:
             continue
-        q = evaluate_quiz(mdl, tok, items, markers=markers, target_density=_target_density(t, markers),
+        q = evaluate_quiz(mdl, tok, items, markers=markers, target_density=topic_target_density(t, markers),
                           reward=rm, max_tokens=max_tokens)
         res[t.key] = {**q.summary(), "items": q.items}
         click.echo(f"{t.key:<40} {q.score:.3f}  " + ", ".join(f"{k} {v:.3f}" for k, v in q.parts.items()),

@@ -85,14 +85,17 @@ def _svd_details(res) -> dict:
     return {"SVD compression": f"rank {res.rank}, max relative error {res.max_svd_error:.3e}"}
 
 
-def _report_svd(res) -> None:
-    if not res.svd_errors:
-        return
-    errs = list(res.svd_errors.values())
-    click.echo(f"SVD to rank {res.rank}: relative error max {max(errs):.3e}, "
-               f"mean {sum(errs) / len(errs):.3e} over {len(errs)} modules")
-    for path, e in sorted(res.svd_errors.items(), key=lambda kv: -kv[1])[:5]:
-        click.echo(f"  {path}: {e:.3e}")
+def _report_and_push(res, out, repo_id, private, dry_run) -> None:
+    """A PEFT export's SVD errors (when compressed) and notes, then the optional hub push."""
+    if res.svd_errors:
+        errs = list(res.svd_errors.values())
+        click.echo(f"SVD to rank {res.rank}: relative error max {max(errs):.3e}, "
+                   f"mean {sum(errs) / len(errs):.3e} over {len(errs)} modules")
+        for path, e in sorted(res.svd_errors.items(), key=lambda kv: -kv[1])[:5]:
+            click.echo(f"  {path}: {e:.3e}")
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    push(Path(out), repo_id, private, dry_run)
 
 
 @export.command("peft")
@@ -114,10 +117,7 @@ def peft(adapter_dir, out, rank, base_model, model, no_value_head, report, repo_
                       value_head=not no_value_head, card=card)
     click.echo(f"PEFT adapter: {out} (rank {res.rank}, lora_alpha {res.lora_alpha:g}, "
                f"{res.modules} modules, base {res.base_model})")
-    _report_svd(res)
-    for n in res.notes:
-        click.echo(f"note: {n}")
-    push(Path(out), repo_id, private, dry_run)
+    _report_and_push(res, out, repo_id, private, dry_run)
 
 
 @export.command("reward")
@@ -144,7 +144,4 @@ def reward(reward_dir, out, head, drop_bias, rank, base_model, model, report, re
                         base_model=base_model, model=model, card=card)
     click.echo(f"PEFT SEQ_CLS reward model: {out} (rank {res.rank}, lora_alpha "
                f"{res.lora_alpha:g}, {res.modules} modules, base {res.base_model})")
-    _report_svd(res)
-    for n in res.notes:
-        click.echo(f"note: {n}")
-    push(Path(out), repo_id, private, dry_run)
+    _report_and_push(res, out, repo_id, private, dry_run)

@@ -44,8 +44,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False):
     from ..pipeline.interrupt import graceful_sigint
     from ..train.policy_adapter import base_weight_bytes
     from ..train.reward import RewardModel
-    from ._align import load_base
-    from .ppo import load_prompts
+    from ._align import load_base, load_prompts
 
     prompts = load_prompts(cfg.prompts)[: cfg.max_prompts]
     model, tok, frozen = load_base(cfg.model, cfg.quantize, cfg.sft_adapter, cfg.adapters)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,71 +40,15 @@ class PPORunConfig:
         self.ppo.validate()
 
 
-def _jsonl_prompts(path: Path) -> list:
-    from ..errors import MindprintError
-
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MindprintError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise MindprintError(f"{path}:{n}: expected an object with 'prompt' or 'messages'")
-        if "prompt" in rec:
-            p = rec["prompt"]
-        elif "messages" in rec:
-            p = list(rec["messages"])
-            while p and isinstance(p[-1], dict) and p[-1].get("role") == "assistant":
-                p = p[:-1]              # the prompt is everything before the answer
-        else:
-            raise MindprintError(f"{path}:{n}: needs a 'prompt' or 'messages' key "
-                                 f"(has: {', '.join(sorted(rec)) or 'none'})")
-        ok = isinstance(p, str) and p.strip() or isinstance(p, list) and p and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in p)
-        if not ok:
-            raise MindprintError(f"{path}:{n}: the prompt must be a non-empty string or a list of "
-                                 "{role, content} messages")
-        prompts.append(p)
-    if not prompts:
-        raise MindprintError(f"{path}: no prompts")
-    return prompts
-
-
-def load_prompts(path: str | Path) -> list:
-    """Prompts from a JSONL file, or the SFT prompts of a data directory."""
-    from ..errors import MindprintError
-
-    p = Path(path)
-    if p.is_dir():
-        from ..data import load_data_dir
-
-        ds = load_data_dir(p, require=("sft",))
-        prompts = [list(r.prompt) for r in ds.sft]
-        if not prompts:
-            raise MindprintError(f"{p}: no SFT records to take prompts from")
-        return prompts
-    if not p.is_file():
-        raise MindprintError(f"prompts file not found: {p}")
-    return _jsonl_prompts(p)
-
-
 def run_ppo(cfg: PPORunConfig, resume: bool = False):
     """Load the base once, add the adapters and the reward model, and train."""
     from ..config import save_config
-    from ..models import load, lora
-    from ..models.adapters import load_adapter
+    from ..models import lora
     from ..ppo import base_weight_bytes, train_ppo
     from ..train.reward import RewardModel
+    from ._align import load_base, load_prompts
 
-    model, tok = load(cfg.model, quantize=cfg.quantize)
-    frozen = []
-    for i, d in enumerate(([cfg.sft_adapter] if cfg.sft_adapter else []) + list(cfg.adapters)):
-        frozen.append(load_adapter(model, d, name="sft" if i == 0 and cfg.sft_adapter else f"frozen{i}",
-                                   trainable=False))
+    model, tok, frozen = load_base(cfg.model, cfg.quantize, cfg.sft_adapter, cfg.adapters)
     reward = RewardModel.load(model, tok, cfg.reward_model)
     lora.set_active(model, frozen)
     if cfg.value_head_init == "reward":

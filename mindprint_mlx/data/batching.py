@@ -202,26 +202,34 @@ def encode_records(tokenizer, pairs: Iterable[tuple[Any, str]], max_len: int,
     return out, n_cut
 
 
-def pad_batch(rows: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_id: int,
-              pad_to_multiple: int = 1) -> tuple[mx.array, mx.array]:
-    """Right-pad `rows` into tokens (B, T) int32 and the completion mask (B, T) float32.
-
-    mask[i, t] = 1 for n_prompt[i] <= t < len(rows[i]). T is the longest row, rounded up
-    to `pad_to_multiple` (fewer distinct shapes, fewer recompilations of a compiled step).
-    """
-    if len(rows) != len(n_prompt):
-        raise MindprintError(f"pad_batch: {len(rows)} rows but {len(n_prompt)} prompt lengths")
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int,
+             pad_to_multiple: int = 1) -> tuple[mx.array, mx.array]:
+    """Right-pad `rows` into tokens (B, T) int32 and their lengths (B,) int32. T is the longest
+    row, rounded up to `pad_to_multiple` (fewer distinct shapes, fewer recompilations of a
+    compiled step)."""
     if not rows:
-        raise MindprintError("pad_batch: empty batch")
+        raise MindprintError("pad_rows: empty batch")
     T = max(len(r) for r in rows)
     if pad_to_multiple > 1:
         T = -(-T // pad_to_multiple) * pad_to_multiple
     tokens = np.full((len(rows), T), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), T), dtype=np.float32)
-    for i, (r, p) in enumerate(zip(rows, n_prompt)):
+    for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
-        mask[i, p:len(r)] = 1.0
-    return mx.array(tokens), mx.array(mask)
+    return mx.array(tokens), mx.array(np.array([len(r) for r in rows], dtype=np.int32))
+
+
+def pad_batch(rows: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_id: int,
+              pad_to_multiple: int = 1) -> tuple[mx.array, mx.array]:
+    """Right-pad `rows` into tokens (B, T) int32 and the completion mask (B, T) float32.
+
+    mask[i, t] = 1 for n_prompt[i] <= t < len(rows[i]); T as in `pad_rows`.
+    """
+    if len(rows) != len(n_prompt):
+        raise MindprintError(f"pad_batch: {len(rows)} rows but {len(n_prompt)} prompt lengths")
+    tokens, lengths = pad_rows(rows, pad_id, pad_to_multiple)
+    pos = mx.arange(tokens.shape[1])[None, :]
+    mask = (pos >= mx.array(list(n_prompt), dtype=mx.int32)[:, None]) & (pos < lengths[:, None])
+    return tokens, mask.astype(mx.float32)
 
 
 def item_length(item: Any) -> int:

@@ -2,9 +2,9 @@
 
 Definitions (also in the README):
 
-- words: runs of letters/digits (apostrophes inside a word kept), lower-cased.
-- a voice marker is found in a text when the marker phrase occurs case-insensitively with
-  no letter or digit directly before or after it.
+- words and voice markers are counted by `mindprint_mlx.text` (one rule for the whole
+  package): a word is a case-folded run of letters/digits with inner apostrophes kept
+  ("don't" is one word); a marker counts where it does not continue a word at either end.
 - `marker_coverage` (%): the share of SFT completions that contain at least one marker.
 - `markers_per_100_words`: all marker occurrences in SFT completions / all their words * 100.
 - `preference_score` in [0, 1], the mean over a topic's preference pairs of
@@ -21,36 +21,13 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-import re
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Sequence
 
+from ..text import marker_count, marker_density, words
 from .curriculum import Curriculum, Topic
 from .records import Persona
-
-_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.casefold())
-
-
-def _marker_patterns(markers: Iterable[str]) -> list[re.Pattern]:
-    out = []
-    for m in markers:
-        m = m.strip().casefold()
-        if m:
-            out.append(re.compile(r"(?<![^\W_])" + re.escape(m) + r"(?![^\W_])"))
-    return out
-
-
-def count_markers(text: str, markers: Iterable[str] | list[re.Pattern]) -> int:
-    """Occurrences of any marker in `text` (case-insensitive, whole words)."""
-    pats = [m for m in markers if isinstance(m, re.Pattern)] or _marker_patterns(
-        m for m in markers if isinstance(m, str))
-    t = text.casefold()
-    return sum(len(p.findall(t)) for p in pats)
 
 
 def jaccard_distance(a: str, b: str) -> float:
@@ -60,16 +37,12 @@ def jaccard_distance(a: str, b: str) -> float:
     return 1.0 - len(wa & wb) / len(wa | wb)
 
 
-def _per_100(text: str, pats: list[re.Pattern]) -> float:
-    n = len(words(text))
-    return 100.0 * count_markers(text, pats) / n if n else 0.0
-
-
-def pair_score(chosen: str, rejected: str, pats: list[re.Pattern]) -> float:
+def pair_score(chosen: str, rejected: str, markers: Sequence[str]) -> float:
     d = jaccard_distance(chosen, rejected)
-    if not pats:
+    markers = [m for m in markers if m.strip()]
+    if not markers:
         return d
-    mc, mr = _per_100(chosen, pats), _per_100(rejected, pats)
+    mc, mr = marker_density(chosen, markers), marker_density(rejected, markers)
     gap = 1.0 if mc > mr else (0.5 if mc == mr else 0.0)
     return 0.5 * d + 0.5 * gap
 
@@ -131,19 +104,18 @@ class TopicQuality:
 def topic_quality(topic: Topic, persona: Persona | None = None,
                   thresholds: QualityThresholds | None = None) -> TopicQuality:
     th = thresholds or QualityThresholds()
-    markers = list(persona.voice_markers) if persona is not None else []
-    pats = _marker_patterns(markers)
+    markers = [m for m in (persona.voice_markers if persona is not None else []) if m.strip()]
     completions = [r.completion for r in topic.sft]
     lengths = [len(words(c)) for c in completions]
     coverage = per100 = None
-    if pats and completions:
-        hits = [count_markers(c, pats) for c in completions]
+    if markers and completions:
+        hits = [marker_count(c, markers) for c in completions]
         coverage = 100.0 * sum(1 for h in hits if h > 0) / len(completions)
         total_words = sum(lengths)
         per100 = 100.0 * sum(hits) / total_words if total_words else 0.0
     pref = None
     if topic.preference:
-        pref = statistics.fmean(pair_score(p.chosen, p.rejected, pats) for p in topic.preference)
+        pref = statistics.fmean(pair_score(p.chosen, p.rejected, markers) for p in topic.preference)
     signals = [s for s in (pref, None if coverage is None else coverage / 100.0) if s is not None]
     quality = statistics.fmean(signals) if signals else 0.5
     seen, dups = set(), 0
@@ -153,7 +125,7 @@ def topic_quality(topic: Topic, persona: Persona | None = None,
         seen.add(k)
 
     q = TopicQuality(topic.key, topic.rel_dir, len(topic.sft), len(topic.preference),
-                     len(topic.quiz), len(topic.distinctions), LengthStats.of(lengths), len(pats),
+                     len(topic.quiz), len(topic.distinctions), LengthStats.of(lengths), len(markers),
                      coverage, per100, pref, quality, dups)
     _flag(q, th)
     return q

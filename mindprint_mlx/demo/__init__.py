@@ -27,4 +27,12 @@ def heldout_prompts() -> list[str]:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
-__all__ = ["DEMO_CURRICULUM_DIR", "DEMO_HELDOUT_PROMPTS", "DEMO_PERSONA", "heldout_prompts"]
+def demo_voice_markers() -> list[str]:
+    """The demo persona's voice markers (its persona.json)."""
+    from ..io import read_json_object
+
+    return list(read_json_object(DEMO_CURRICULUM_DIR / "persona.json")["voice_markers"])
+
+
+__all__ = ["DEMO_CURRICULUM_DIR", "DEMO_HELDOUT_PROMPTS", "DEMO_PERSONA", "demo_voice_markers",
+           "heldout_prompts"]

@@ -9,34 +9,18 @@ learned it and whether PPO's gains on the learned reward are real. It takes
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
-from ..evaluate import words
+from ..text import marker_count, words
 
 _SENTENCE = re.compile(r"[^.!?]+")
 
 
-def _lexicon() -> frozenset[str]:
-    from ..evaluate import demo_lexicon
+@lru_cache(maxsize=1)
+def _markers() -> tuple[str, ...]:
+    from . import demo_voice_markers
 
-    global _LEXICON
-    if _LEXICON is None:
-        _LEXICON = frozenset(demo_lexicon())
-    return _LEXICON
-
-
-def _markers() -> list[str]:
-    import json
-
-    from . import DEMO_CURRICULUM_DIR
-
-    global _MARKERS
-    if _MARKERS is None:
-        _MARKERS = list(json.loads((DEMO_CURRICULUM_DIR / "persona.json").read_text())["voice_markers"])
-    return _MARKERS
-
-
-_LEXICON: frozenset[str] | None = None
-_MARKERS: list[str] | None = None
+    return tuple(demo_voice_markers())
 
 
 def voice_in_real_words(prompt: str, response: str) -> float:
@@ -44,12 +28,12 @@ def voice_in_real_words(prompt: str, response: str) -> float:
     earn the full part) and her short sentences (at most 14 words on average), counted only
     as far as the answer is made of real words (the square of the fraction of its words that
     are in the demo's lexicon). Answers of fewer than 4 words score 0."""
-    from ..evaluate import marker_count, real_word_fraction
+    from ..evaluate import demo_lexicon, real_word_fraction
 
     w = words(response)
     if len(w) < 4:
         return 0.0
-    real = real_word_fraction(response, _lexicon())
+    real = real_word_fraction(response, demo_lexicon())
     distinct = sum(1 for m in _markers() if marker_count(response, [m]) > 0)
     sentences = [s for s in _SENTENCE.findall(response) if words(s)]
     mean_len = sum(len(words(s)) for s in sentences) / max(1, len(sentences))

@@ -13,7 +13,6 @@ transformers' `score` layer; a value head goes beside a causal-LM adapter as TRL
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -28,8 +27,9 @@ from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
 from ..io import (atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text,
-                  load_safetensors)
+                  load_safetensors, read_json_object, safetensors_header)
 from ..models import adapters as native
+from ..models.load import local_model_config
 from .names import NameMap, name_map
 
 log = logging.getLogger(__name__)
@@ -74,26 +74,14 @@ class ExportResult:
 
 # ---------------------------------------------------------------- base model lookup
 
-def _read_json(path: Path) -> dict:
-    return native.read_json_object(path)
-
-
 def find_base_config(*candidates: str | None) -> tuple[dict | None, str | None]:
-    """(config.json, where) of the first candidate that is a local model directory or a
-    hub id whose config is in the local cache; never reaches the network."""
+    """(config.json, its directory) of the first candidate that is a local model directory
+    or a hub id whose config is in the local cache (`models.load.local_model_config`);
+    never reaches the network."""
     for c in candidates:
-        if not c:
-            continue
-        p = Path(str(c)).expanduser()
-        if (p / "config.json").is_file():
-            return _read_json(p / "config.json"), str(p)
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            hit = try_to_load_from_cache(str(c), "config.json")
-        except Exception:  # not a valid repo id, no cache: just not found
-            hit = None
-        if isinstance(hit, str) and Path(hit).is_file():
-            return _read_json(Path(hit)), str(c)
+        found = local_model_config(c) if c else None
+        if found is not None:
+            return found[0], str(found[1])
     return None, None
 
 
@@ -522,26 +510,8 @@ def _local_model_dir(where: str | None) -> Path | None:
     p = Path(where).expanduser()
     if p.is_dir():
         return p
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(str(where), "config.json")
-    except Exception:
-        return None
-    return Path(hit).parent if isinstance(hit, str) else None
-
-
-def _safetensors_header(f: Path) -> dict:
-    """The JSON header of a .safetensors file (names, dtypes, shapes); {} if unreadable."""
-    import struct
-    try:
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            if n > min(100 << 20, f.stat().st_size - 8):
-                return {}
-            header = json.loads(fh.read(n))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return {}
-    return header if isinstance(header, dict) else {}
+    found = local_model_config(where)
+    return None if found is None else found[1]
 
 
 def base_linear_shapes(config: dict, where: str | None) -> dict[str, tuple[int, int]]:
@@ -555,7 +525,7 @@ def base_linear_shapes(config: dict, where: str | None) -> dict[str, tuple[int, 
         config.get("quantization"), dict) else None
     out = {}
     for f in sorted(d.glob("model*.safetensors")):
-        header = _safetensors_header(f)
+        header = safetensors_header(f)
         for k, v in header.items():
             shape = v.get("shape") if isinstance(v, dict) else None
             if not k.endswith(".weight") or not isinstance(shape, list) or len(shape) != 2:
@@ -644,7 +614,7 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
                 f"under its own folder): import {d / named[0]}")
         raise MindprintError(f"{d} is not a PEFT adapter directory (needs {PEFT_CONFIG} and "
                              f"{PEFT_WEIGHTS}; pickled adapter_model.bin is not read)")
-    pcfg = _read_json(cfg_file)
+    pcfg = read_json_object(cfg_file)
     _check_peft_config(pcfg, cfg_file)
     task = pcfg.get("task_type") or "CAUSAL_LM"
     to_save = list(pcfg.get("modules_to_save") or [])
@@ -735,7 +705,7 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, model: str | None = N
         info_file = d / "mindprint_reward.json"
         bias = 0.0
         if info_file.is_file():   # our own export: put back the bias it had to drop
-            raw = _read_json(info_file).get("head_bias") or 0.0
+            raw = read_json_object(info_file).get("head_bias") or 0.0
             if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
                 raise MindprintError(f"{info_file}: 'head_bias' must be a finite number, got {raw!r}")
             bias = float(raw)

@@ -29,7 +29,7 @@ from ..models import lora
 from ..models.adapters import save_adapter
 from ..ppo.rollout import Generation, batched_response_forward, generate_batch, response_forward
 from ..train import policy_adapter as pa
-from ..train.loop import gradient_checkpointing, optimizer_for
+from ..train.loop import gradient_checkpointing
 from .advantages import group_advantages, group_std_is_zero, rloo_advantages
 from .losses import GRPO_LOSS_TYPES, grpo_loss, loss_denominator
 
@@ -120,27 +120,17 @@ class _Rows:
     advantages: mx.array
 
     def take(self, idx: np.ndarray) -> "_Rows":
-        ix = mx.array(idx.astype(np.int32))
-        return _Rows(*(mx.take(getattr(self, f), ix, axis=0) for f in self.__dataclass_fields__))
+        return pa.take_rows(self, idx)
 
 
-class GRPOTrainer:
+class GRPOTrainer(pa.PolicyTrainer):
     """One GRPO/RLOO run's state; `train_grpo` is the entry point."""
 
     def __init__(self, model: nn.Module, tokenizer, reward_fn: RewardFn, cfg: GRPOConfig,
                  frozen_adapters: Sequence[str] = ()):
-        cfg.validate()
-        self.model, self.tokenizer, self.reward_fn, self.cfg = model, tokenizer, reward_fn, cfg
         self.role = cfg.method
-        self.reference_adapters, self.policy_adapters = pa.add_policy_adapter(
-            model, cfg, frozen_adapters, self.role, SALT_INIT)
-        self.norm_start = pa.adapter_norm(model, cfg.adapter_name)
-        self.optimizer = optimizer_for(cfg, cfg.learning_rate)
-        self.base_bytes = pa.base_weight_bytes(model)
-        self.eos_ids, self.pad_id = pa.eos_and_pad(tokenizer)
-        self.step = 0
-        self.history: list[dict] = []
-        self._loss_and_grad = nn.value_and_grad(model, self._loss)
+        self.reward_fn = reward_fn
+        super().__init__(model, tokenizer, cfg, frozen_adapters, SALT_INIT)
 
     def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
         """k samples per prompt (rows grouped by prompt), their policy and reference

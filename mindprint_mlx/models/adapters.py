@@ -21,8 +21,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import MindprintError
 from ..guards import check_finite_tensors
-from ..io import (DuplicateKeyError, atomic_dir, atomic_save_safetensors, atomic_write_json,
-                  json_loads_strict, load_safetensors)
+from ..io import atomic_dir, load_safetensors, read_json_object
 from . import lora
 from .heads import ScalarHead
 
@@ -122,22 +121,6 @@ def _check_metadata_types(meta: dict, where: Path) -> None:
                                  f"got {type(v).__name__}")
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold one object: unreadable, invalid, duplicate-keyed or
-    non-object JSON is a MindprintError naming the file."""
-    try:
-        data = json_loads_strict(Path(path).read_text(encoding="utf-8"))
-    except DuplicateKeyError as e:
-        raise MindprintError(f"{path}: {e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MindprintError(f"{path}: not valid JSON ({e})") from None
-    except (OSError, RecursionError, ValueError) as e:
-        raise MindprintError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise MindprintError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 _load_safetensors = load_safetensors
 
 
@@ -235,13 +218,5 @@ def load_heads(adapter_dir: str | Path) -> dict[str, ScalarHead]:
     return heads
 
 
-def save_head_file(path: str | Path, head: ScalarHead) -> None:
-    atomic_save_safetensors(path, dict(tree_flatten(head.parameters())))
-
-
 def adapter_metadata(adapter_dir: str | Path) -> dict:
     return read_adapter_config(adapter_dir)[1]
-
-
-def write_metadata(adapter_dir: str | Path, meta: dict) -> None:
-    atomic_write_json(Path(adapter_dir) / METADATA, meta)

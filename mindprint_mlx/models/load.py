@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MindprintError
+from ..io import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,32 @@ def model_info(model: nn.Module) -> ModelInfo:
     return info
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _looks_like_hub_id(s: str) -> bool:
+def looks_like_hub_id(s: str) -> bool:
+    """`org/name` as the Hugging Face hub spells a repository id: ASCII letters, digits and
+    `._-`, each part starting with a letter or digit, no `..`."""
     return bool(_HUB_ID.match(s)) and ".." not in s
+
+
+def local_model_config(model: str | os.PathLike) -> tuple[dict, Path] | None:
+    """(config.json, the directory that holds it) of `model`: a local model directory, or a
+    hub id whose config.json is in the local hub cache; None when it is neither. Never
+    reaches the network. A config.json that is not one JSON object is a MindprintError
+    naming the file."""
+    p = Path(str(model)).expanduser()
+    if (p / "config.json").is_file():
+        return read_json_object(p / "config.json"), p
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(str(model), "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, no cache: just not found
+        return None
+    if isinstance(hit, str) and Path(hit).is_file():
+        return read_json_object(Path(hit)), Path(hit).parent
+    return None
 
 
 def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
@@ -65,7 +86,7 @@ def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
             raise MindprintError(f"model path {p} is a file; expected a model directory "
                                  "(config.json + *.safetensors)")
         return p
-    if not _looks_like_hub_id(s):
+    if not looks_like_hub_id(s):
         raise MindprintError(f"model path not found: {s}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
@@ -94,11 +115,8 @@ def read_model_config(path: Path) -> dict:
 
 def read_config_file(cfg_file: Path) -> dict:
     """A model's config.json, checked to be a JSON object with a `model_type`."""
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MindprintError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = read_json_object(cfg_file)
+    if "model_type" not in config:
         raise MindprintError(f"{cfg_file}: has no 'model_type'; is this a Hugging Face model?")
     return config
 

@@ -3,7 +3,7 @@
 Used to make the `mindprint demo` base model speak: the tiny random llama is trained on the
 neutral market primer (`mindprint_mlx.demo.neutral_corpus`) so it answers questions in its
 domain in real words before any persona training. Each pair is chat-templated (user
-question, assistant answer) in the shared layout of `evaluate.encode_pair`; the loss is the
+question, assistant answer) in the one token layout of `data.batching.encode_pair`; the loss is the
 mean cross-entropy over the answer tokens and the closing EOS (the prompt is context only).
 Every parameter trains (no LoRA) with bias-corrected AdamW, linear warm-up then cosine decay.
 
@@ -42,19 +42,12 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int) -> list[tuple[list[int], int]]:
-    """(tokens, prompt length) per pair: chat-templated question, answer tokens, EOS."""
-    from ..evaluate import encode_pair, encode_prompt
+    """(tokens, prompt length) per pair: chat-templated question, answer tokens, EOS (cut to
+    `max_len` as `data.batching.encode_pair` cuts, which always keeps some of the answer)."""
+    from ..data.batching import encode_pair
 
-    out = []
-    for q, a in pairs:
-        msgs = [{"role": "user", "content": q}]
-        n_prompt = len(encode_prompt(tokenizer, msgs))
-        toks = encode_pair(tokenizer, msgs, a, max_len=max_len)
-        if n_prompt >= len(toks):
-            raise MindprintError(f"pretrain: the question {q!r} leaves no room for its answer "
-                                 f"in {max_len} tokens")
-        out.append((toks, n_prompt))
-    return out
+    return [encode_pair(tokenizer, [{"role": "user", "content": q}], a, max_len)[:2]
+            for q, a in pairs]
 
 
 def pretrain(model_dir: str | os.PathLike, pairs: Sequence[Pair], steps: int = 300,
@@ -77,7 +70,7 @@ def pretrain(model_dir: str | os.PathLike, pairs: Sequence[Pair], steps: int = 3
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from ..evaluate import pad_id
+    from ..data.batching import pad_id
     from ..progress import Progress
     from .load import load
     from .tiny import safetensors_bytes

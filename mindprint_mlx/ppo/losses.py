@@ -57,8 +57,9 @@ def ppo_losses(logprobs: mx.array, old_logprobs: mx.array, values: mx.array, old
         "val/clipfrac": vf_clipfrac,
         "val/vpred": masked_mean(values_d, mask),
         "val/error": masked_mean(sg(vf_losses1), mask),
-        "val/mean": masked_mean(values_d, mask),
-        "val/var": masked_var(values_d, mask),
+        # the rollout's values, as TRL (0.11) logs them; the new predictions are val/vpred
+        "val/mean": masked_mean(old_values, mask),
+        "val/var": masked_var(old_values, mask),
         # 1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant.
         "val/explained_variance": 1.0 - masked_var(returns_d - values_d, mask) / (return_var + 1e-8),
         "returns/mean": masked_mean(returns_d, mask),

@@ -4,7 +4,8 @@ Sampling runs on left-padded prompts in one batched KV cache (mlx-lm's BatchKVCa
 per-row RoPE offsets put every prompt's first real token at position 0). Log-probabilities
 are then recomputed by teacher forcing on right-padded rows that start at position 0, the
 same computation the PPO update runs, so the first minibatch's ratio is 1 up to float noise
-(PPO_DETAILS item 1). Every log-probability, old, reference and new, comes from logits / T.
+(positions that differ between sampling and teacher forcing would make it drift). Every
+log-probability, old, reference and new, comes from logits / T.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """PPO on one base in memory: rollout, score, advantages, clipped updates, adaptive KL.
 
-Roles are adapter sets on the same base weights (DESIGN.md, "One base in memory"):
+Roles are adapter sets on the same base weights (one copy of the base in memory):
 policy = frozen adapters (e.g. "sft") + the trainable "ppo" adapter, with a value head on
 the policy's trunk; reference = the frozen adapters only; reward model = whatever
 `reward_fn` switches in (RewardModel.score_tokens activates only its own adapter).
@@ -38,7 +38,7 @@ from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
 from .reward_norm import RewardNorm, check_declared_adapters, sample_reward_norm, value_head_from_reward
-from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, step_key
+from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, step_key, take_rows
 
 # Salts of PPO's seeded draws (the prompts of a step, the rollout key, the adapter's init);
 # the adapter init's salt matters in small runs: the fast demo and test_ppo_trainer's
@@ -227,22 +227,6 @@ def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
         raise MindprintError(f"the '{adapter_name}' adapter has no trainable tensors")
 
 
-def _whiten(x: mx.array, mask: mx.array, shift_mean: bool = True) -> mx.array:
-    """`masked_whiten` over the masked entries of every rank's batch (data parallel), so
-    that the statistics are those of the whole rollout batch; on one process it is
-    `masked_whiten` itself."""
-    if dist.size() == 1:
-        return masked_whiten(x, mask, shift_mean)
-    xm = mx.where(mask > 0, x, 0.0) * mask
-    s, n = dist.global_sum(mx.stack([xm.sum(), mask.sum()]))
-    mean = s / n
-    c = mx.where(mask > 0, x - mean, 0.0) * mask
-    var = dist.global_sum((c * c).sum()) / n
-    var = var * mx.where(n > 1, n / mx.maximum(n - 1, 1), 1.0)
-    out = (x - mean) * mx.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
-
-
 def _stop_if_nonfinite(step: int, values: dict) -> None:
     bad = first_nonfinite(values)
     if bad:
@@ -261,8 +245,7 @@ class _Batch:
     returns: mx.array
 
     def rows(self, idx: np.ndarray) -> "_Batch":
-        ix = mx.array(idx.astype(np.int32))
-        return _Batch(*(mx.take(getattr(self, f), ix, axis=0) for f in self.__dataclass_fields__))
+        return take_rows(self, idx)
 
 
 class PPOTrainer:
@@ -298,7 +281,7 @@ class PPOTrainer:
             lora.apply_lora(model, cfg.adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
                             alpha=cfg.lora_alpha, layers=layers, trainable=True, enabled=False)
             self.value_head = value_head if value_head is not None else ScalarHead(hidden_size(model))
-        model.eval()                      # dropout off in every role (PPO_DETAILS item 7)
+        model.eval()                      # dropout off in every role: rollout and update must agree
         self.norm_start = self.adapter_norm()   # (the same on resume: the init is seeded)
         self.policy = PolicyWithValue(model, self.value_head)
         _check_trainable(self.policy, cfg.adapter_name)
@@ -374,7 +357,7 @@ class PPOTrainer:
         if cfg.score_clip is not None:
             scores = mx.clip(scores, -cfg.score_clip, cfg.score_clip)
         if cfg.missing_eos_penalty is not None:
-            # Without it policies learn to ramble to the length limit (PPO_DETAILS item 6).
+            # Without it policies learn to ramble to the length limit without an EOS.
             scores = scores - cfg.missing_eos_penalty * (1 - ended.astype(mx.float32))
         return scores.astype(mx.float32)
 
@@ -473,10 +456,12 @@ class PPOTrainer:
         rewards, kl = kl_penalized_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, beta,
                                            cfg.kl_estimator)
         non_score_reward = -beta * kl
+        # whitening statistics over the whole rollout batch (every rank's rows)
+        sum_ranks = dist.global_sum if dist.size() > 1 else None
         if cfg.whiten_rewards:
-            rewards = _whiten(rewards, mask, shift_mean=False) * mask
+            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_ranks=sum_ranks) * mask
         advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
-        advantages = _whiten(advantages, mask) * mask    # over the whole rollout batch (all ranks)
+        advantages = masked_whiten(advantages, mask, sum_ranks=sum_ranks) * mask
         batch = _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
                        ro["values"], mx.stop_gradient(advantages), mx.stop_gradient(returns))
         mx.eval(batch.advantages, batch.returns, kl, non_score_reward)
@@ -516,7 +501,7 @@ class PPOTrainer:
             "ppo/memory/peak_bytes": int(mx.get_peak_memory()),
             "ppo/memory/base_weight_bytes": self.base_bytes,
             "ppo/memory/peak_over_base": mx.get_peak_memory() / max(self.base_bytes, 1),
-            "ppo/sampling/temperature": cfg.temperature,   # what the rollouts used (item 3)
+            "ppo/sampling/temperature": cfg.temperature,   # what the rollouts sampled with
             "ppo/sampling/top_p": cfg.top_p,
         }
         if self.reward_norm is not None:
@@ -531,7 +516,7 @@ class PPOTrainer:
             stats["objective/kl"] = mean_kl
         if mean_kl < -1:
             log.warning("step %d: mean KL %.3f < -1: the log-probabilities do not reproduce the "
-                        "rollout (PPO_DETAILS item 1)", self.step, mean_kl)
+                        "rollout (teacher forcing disagrees with sampling)", self.step, mean_kl)
         self.step += 1
         return stats
 

@@ -18,13 +18,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import distributed as dist
-from ..config import ConfigError, check_values, to_dict
+from ..config import check_values, to_dict
 from ..errors import MindprintError
 from ..models import lora
 from ..models.adapters import save_adapter
 from ..ppo.rollout import response_forward
 from ..train import policy_adapter as pa
-from ..train.loop import gradient_checkpointing, optimizer_for
+from ..train.loop import gradient_checkpointing
 from .losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -162,29 +162,17 @@ def pair_batch(pairs: Sequence[EncodedPair], pad_id: int) -> PairBatch:
 
 def _split(b: PairBatch, idx: np.ndarray) -> PairBatch:
     B = b.tokens.shape[0] // 2
-    ix = mx.array(np.concatenate([idx, idx + B]).astype(np.int32))
-    return PairBatch(*(mx.take(getattr(b, f), ix, axis=0) for f in ("tokens", "prompt_lengths",
-                                                                     "response_tokens", "mask")))
+    return pa.take_rows(b, np.concatenate([idx, idx + B]))
 
 
-class DPOTrainer:
+class DPOTrainer(pa.PolicyTrainer):
     """One DPO run's state: the adapter, optimizer and step; `train_step(pairs)` is one
     optimizer step on this rank's share of a batch. `train_dpo` drives it."""
 
     role = "dpo"
 
     def __init__(self, model: nn.Module, tokenizer, cfg: DPOConfig, frozen_adapters: Sequence[str] = ()):
-        cfg.validate()
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.reference_adapters, self.policy_adapters = pa.add_policy_adapter(
-            model, cfg, frozen_adapters, self.role, SALT_INIT)
-        self.norm_start = pa.adapter_norm(model, cfg.adapter_name)
-        self.optimizer = optimizer_for(cfg, cfg.learning_rate)
-        self.base_bytes = pa.base_weight_bytes(model)
-        self.eos_ids, self.pad_id = pa.eos_and_pad(tokenizer)
-        self.step = 0
-        self.history: list[dict] = []
-        self._loss_and_grad = nn.value_and_grad(model, self._loss)
+        super().__init__(model, tokenizer, cfg, frozen_adapters, SALT_INIT)
 
     # --------------------------------------------------------------- log-probabilities
 

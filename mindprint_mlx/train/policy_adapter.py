@@ -72,13 +72,6 @@ def init_seed(seed: int, salt: int) -> int:
     return int(np.random.default_rng([seed, salt]).integers(0, 2 ** 62))
 
 
-def eos_and_pad(tokenizer) -> tuple[list[int], int]:
-    from ..data.batching import pad_id
-
-    eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
-    return [int(e) for e in eos], pad_id(tokenizer)
-
-
 def add_policy_adapter(model: nn.Module, cfg, frozen_adapters: Sequence[str], role: str,
                        salt: int) -> tuple[list[str], list[str]]:
     """Check the adapters, freeze every existing one, add cfg.adapter_name (trainable,
@@ -113,6 +106,41 @@ def add_policy_adapter(model: nn.Module, cfg, frozen_adapters: Sequence[str], ro
     check_only_adapter_trains(model, cfg.adapter_name, role)
     reference = list(frozen_adapters)
     return reference, reference + [cfg.adapter_name]
+
+
+class PolicyTrainer:
+    """The state every trainer of one LoRA policy adapter over frozen reference adapters
+    holds (DPO, DITTO, GRPO, RLOO): the adapter (`add_policy_adapter`, seeded by `salt`),
+    its optimizer, its starting norm (for the divergence guard), the base's weight bytes,
+    the EOS set and pad id, the step, the history and value_and_grad of `self._loss`.
+    `role` names the method in errors and metrics."""
+
+    role = "policy"
+
+    def __init__(self, model: nn.Module, tokenizer, cfg, frozen_adapters: Sequence[str], salt: int):
+        from ..data.batching import eos_ids, pad_id
+        from .loop import optimizer_for
+
+        cfg.validate()
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.reference_adapters, self.policy_adapters = add_policy_adapter(
+            model, cfg, frozen_adapters, self.role, salt)
+        self.norm_start = adapter_norm(model, cfg.adapter_name)
+        self.optimizer = optimizer_for(cfg, cfg.learning_rate)
+        self.base_bytes = base_weight_bytes(model)
+        self.eos_ids, self.pad_id = eos_ids(tokenizer), pad_id(tokenizer)
+        self.step = 0
+        self.history: list[dict] = []
+        self._loss_and_grad = nn.value_and_grad(model, self._loss)
+
+    def _loss(self, model: nn.Module, batch: Any):
+        raise NotImplementedError
+
+
+def take_rows(batch: Any, idx: Any) -> Any:
+    """The rows `idx` of every array field of the dataclass `batch`, as a batch of its type."""
+    ix = mx.array(np.asarray(idx).astype(np.int32))
+    return type(batch)(*(mx.take(getattr(batch, f), ix, axis=0) for f in batch.__dataclass_fields__))
 
 
 def check_only_adapter_trains(model: nn.Module, name: str, role: str) -> None:

@@ -30,7 +30,7 @@ from ..models import lora
 from ..models.adapters import load_adapter, load_heads, read_adapter_config, save_adapter
 from ..models.heads import ScalarHead, hidden_size, hidden_states
 from ..progress import Progress
-from ..data.batching import as_messages, batch_order, encode_pair, pad_id
+from ..data.batching import as_messages, batch_order, encode_pair, pad_id, pad_rows
 from .checkpoint import fingerprint, last_good, read_state_on_main, restore_everywhere, save_checkpoint
 from .loop import (Interrupted, gradient_checkpointing, lora_layer_indices, optimizer_for,
                    stop_now, training_only, use_compile)
@@ -184,28 +184,29 @@ class RewardModel:
     def score_batch(self, prompts: Sequence[Any], responses: Sequence[str],
                     batch_size: int = 8) -> list[float]:
         """Scores of (prompt, response) pairs; a prompt is a string or chat messages."""
-        if len(prompts) != len(responses):
-            raise MindprintError(f"score_batch: {len(prompts)} prompts but {len(responses)} responses")
-        pid = pad_id(self.tokenizer)
-        out: list[float] = []
-        for i in range(0, len(prompts), batch_size):
-            rows = [encode_pair(self.tokenizer, as_messages(p), r, self.max_len)[0]
-                    for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-            tokens, lengths = _pad(rows, pid)
-            out.extend(float(x) for x in self.score_tokens(tokens, lengths).tolist())
-        return out
+        return score_pairs(self.score_tokens, self.tokenizer, prompts, responses, self.max_len,
+                           batch_size)
 
     def score(self, prompt: Any, response: str) -> float:
         return self.score_batch([prompt], [response])[0]
 
 
-def _pad(rows: Sequence[Sequence[int]], pid: int, multiple: int = 1) -> tuple[mx.array, mx.array]:
-    T = max(len(r) for r in rows)
-    T = -(-T // multiple) * multiple
-    arr = np.full((len(rows), T), pid, dtype=np.int32)
-    for i, r in enumerate(rows):
-        arr[i, :len(r)] = r
-    return mx.array(arr), mx.array(np.array([len(r) for r in rows], dtype=np.int32))
+def score_pairs(score_tokens, tokenizer, prompts: Sequence[Any], responses: Sequence[str],
+                max_len: int, batch_size: int = 8) -> list[float]:
+    """Scores of (prompt, response) pairs by `score_tokens(tokens, lengths)`, each row laid
+    out as reward training lays it out (`data.batching.encode_pair`, cut to `max_len`, padded
+    with the pad id); a prompt is a string or chat messages."""
+    if len(prompts) != len(responses):
+        raise MindprintError(f"reward scores: {len(prompts)} prompts but {len(responses)} responses")
+    pid = pad_id(tokenizer)
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [encode_pair(tokenizer, p, r, max_len)[0]
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        scores = score_tokens(*pad_rows(rows, pid))
+        mx.eval(scores)
+        out.extend(float(x) for x in scores.tolist())
+    return out
 
 
 # ------------------------------------------------------------------ training
@@ -371,7 +372,7 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
 
     def arrays(pairs_rows):
         rows = [c for c, _ in pairs_rows] + [r for _, r in pairs_rows]
-        return _pad(rows, pid, multiple=8)
+        return pad_rows(rows, pid, pad_to_multiple=8)
 
     def local_pairs(group):
         """This rank's pairs of a batch, padded with zero-weight copies to equal counts."""
