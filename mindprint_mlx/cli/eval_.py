@@ -122,7 +122,7 @@ def quiz(model, adapters, quantize, max_tokens, out, data_dir, reward, units, to
     """Quiz score per topic (preference, markers, overlap parts; see README)."""
     from ..data import load_data_dir
     from ..data.curriculum import build_curriculum
-    from ..pipeline.runner import _quiz_items, _target_density
+    from ..pipeline.phases import topic_quiz_items, topic_target_density
     from ..evaluate import evaluate_quiz
 
     if data_dir == "demo":
@@ -135,10 +135,10 @@ def quiz(model, adapters, quantize, max_tokens, out, data_dir, reward, units, to
     markers = list(getattr(ds.persona, "voice_markers", []) or [])
     res = {}
     for t in cur.topics:
-        items = _quiz_items(t, ds.persona, max_questions)
+        items = topic_quiz_items(t, max_questions)
         if not items:
             continue
-        q = evaluate_quiz(mdl, tok, items, markers=markers, target_density=_target_density(t, markers),
+        q = evaluate_quiz(mdl, tok, items, markers=markers, target_density=topic_target_density(t, markers),
                           reward=rm, max_tokens=max_tokens)
         res[t.key] = {**q.summary(), "items": q.items}
         click.echo(f"{t.key:<40} {q.score:.3f}  " + ", ".join(f"{k} {v:.3f}" for k, v in q.parts.items()),
