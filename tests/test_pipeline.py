@@ -1,7 +1,7 @@
 """The curriculum pipeline on a tiny model: 1 unit, 2 topics, very few steps.
 
 One run is interrupted twice (Ctrl-C after the first SFT, SIGKILL during PPO) and resumed;
-it must end with every topic done and every artefact where DESIGN.md puts it.
+it must end with every topic done and every artefact in its place in the run directory.
 """
 
 import json

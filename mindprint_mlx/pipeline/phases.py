@@ -185,7 +185,7 @@ def copy_metrics(work: Path, metrics_dir: Path, prefix: str) -> list[str]:
 
 def quiz_many(run: Run, topics: list, active: list[str]) -> dict[str, ev.QuizResult]:
     """The quiz of each topic with the `active` adapters; greedy answers in one batch."""
-    markers = list(getattr(run.dataset.persona, "voice_markers", []) or [])
+    markers = list(run.dataset.persona.voice_markers)
     items = {t.key: topic_quiz_items(t, run.cfg.eval.max_questions) for t in topics}
     flat = [it.messages for t in topics for it in items[t.key]]
     out = {}
