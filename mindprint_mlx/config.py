@@ -307,6 +307,7 @@ def load_run_config(path: str | os.PathLike | None, run_cls: type, trainer_cls: 
         source += " (with overrides)"
     run_keys = [f.name for f in dataclasses.fields(run_cls) if f.init]
     trainer_keys = [f.name for f in dataclasses.fields(trainer_cls) if f.init]
+    assert not set(run_keys) & set(trainer_keys), "a key must belong to one of the two"
     run, flat, nested = {}, {}, {}
     for k, v in data.items():
         k = str(k)
