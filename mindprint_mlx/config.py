@@ -130,6 +130,31 @@ RENAMED_KEYS = {"lr": "learning_rate", "lora_r": "lora_rank",
                 "grad_accumulation": "gradient_accumulation_steps", "max_len": "max_seq_length"}
 
 
+def unknown_key(source: str, k: str, known: Iterable[str], prefix: str = "") -> ConfigError:
+    """The error for key `k` that is none of `known`: a renamed key names its new name, any
+    other the closest known one."""
+    known = list(known)
+    key = f"{prefix}.{k}" if prefix else k
+    if RENAMED_KEYS.get(k) in known:
+        new = f"{prefix}.{RENAMED_KEYS[k]}" if prefix else RENAMED_KEYS[k]
+        return ConfigError(f"{source}: key '{key}' was renamed to '{new}' (one vocabulary "
+                           "across SFT, reward and PPO: the names TRL and mlx-lm use)")
+    close = difflib.get_close_matches(k, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{source}: unknown key '{key}'{hint}; known keys: {', '.join(sorted(known))}")
+
+
+def _default_changes(f: dataclasses.Field, cls: type) -> dict:
+    """Where a section's default (its field's default_factory) differs from `cls()`: a YAML
+    section is merged over those values, so that e.g. the pipeline's own PPO default stays
+    unless the section sets the key."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    default, plain = f.default_factory(), cls()
+    return {g.name: to_dict(getattr(default, g.name)) for g in dataclasses.fields(cls)
+            if g.init and getattr(default, g.name) != getattr(plain, g.name)}
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>",
               prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping; unknown keys are errors."""
@@ -138,15 +163,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>",
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields and RENAMED_KEYS.get(str(k)) in fields:
-            new = f"{prefix}.{RENAMED_KEYS[k]}" if prefix else RENAMED_KEYS[k]
-            raise ConfigError(f"{source}: key '{key}' was renamed to '{new}' (one vocabulary "
-                              "across SFT, reward and PPO: the names TRL and mlx-lm use)")
         if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}; known keys: "
-                              f"{', '.join(sorted(fields))}")
+            raise unknown_key(source, str(k), fields, prefix)
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, Mapping):
+            v = {**_default_changes(fields[k], hints[k]), **v}
         kwargs[k] = _coerce(v, hints[k], source, key)
     try:
         obj = cls(**kwargs)
@@ -270,6 +290,46 @@ def load_config(path: str | os.PathLike | None, cls: type[T],
         data = deep_merge(data, extra)
         source += " (with overrides)" if overrides else ""
     return from_dict(cls, data, source)
+
+
+def load_run_config(path: str | os.PathLike | None, run_cls: type, trainer_cls: type,
+                    overrides: Iterable[str] | Mapping | None = None,
+                    section: str | None = None) -> tuple[Any, Any]:
+    """(run, trainer) configs from one YAML file holding both: each top-level key goes to the
+    dataclass that has a field of that name (the two share none), and with `section` (e.g.
+    "ppo") a mapping under that key holds trainer keys too. Unknown keys are errors naming
+    the file and the closest known key of either."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        data = deep_merge(data, extra)
+        source += " (with overrides)"
+    run_keys = [f.name for f in dataclasses.fields(run_cls) if f.init]
+    trainer_keys = [f.name for f in dataclasses.fields(trainer_cls) if f.init]
+    assert not set(run_keys) & set(trainer_keys), "a key must belong to one of the two"
+    run, flat, nested = {}, {}, {}
+    for k, v in data.items():
+        k = str(k)
+        if section is not None and k == section:
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: key '{k}': expected a mapping, got {v!r}")
+            for sk in v:
+                if str(sk) not in trainer_keys:
+                    raise unknown_key(source, str(sk), trainer_keys, prefix=section)
+            nested = dict(v)
+        elif k in run_keys:
+            run[k] = v
+        elif k in trainer_keys:
+            flat[k] = v
+        else:
+            known = run_keys + trainer_keys + ([section] if section else [])
+            raise unknown_key(source, k, known)
+    for k in flat:
+        if k in nested:
+            raise ConfigError(f"{source}: key '{k}' is set both at the top level and as "
+                              f"'{section}.{k}'; keep one")
+    return from_dict(run_cls, run, source), from_dict(trainer_cls, {**flat, **nested}, source)
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:

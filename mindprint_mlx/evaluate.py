@@ -209,10 +209,13 @@ def taught_f1(model: nn.Module, tokenizer, records: Sequence[Any], max_tokens: i
 class QuizWeights:
     """Weights of the quiz score's parts (any non-negative numbers; normalised)."""
 
-    preference: float = 0.25    # the judge (a reward model): answer vs reference answer
-    markers: float = 0.25       # voice-marker density vs the topic's target
-    overlap: float = 0.25       # token F1 with the reference answer
-    likelihood: float = 0.25    # 1 - NLL / log V of the reference answer
+    preference: float = field(
+        default=0.25, metadata={"help": "the judge (a reward model): answer vs reference answer"})
+    markers: float = field(
+        default=0.25, metadata={"help": "voice-marker density vs the topic's target"})
+    overlap: float = field(default=0.25, metadata={"help": "token F1 with the reference answer"})
+    likelihood: float = field(
+        default=0.25, metadata={"help": "1 - NLL / log V of the reference answer"})
 
     def validate(self) -> None:
         from .config import ConfigError

@@ -201,3 +201,94 @@ def test_old_keys_are_errors_naming_the_new_key(tmp_path, section, old, new):
         load_pipeline_config(p)
     msg = str(e.value)
     assert str(p) in msg and f"'{section}.{old}' was renamed to '{section}.{new}'" in msg
+
+
+def test_pipeline_sections_are_the_trainers_configs_and_ppo_keeps_the_pipeline_default(tmp_path):
+    from mindprint_mlx.data.adaptive import AdaptiveBounds
+    from mindprint_mlx.pipeline.config import load_pipeline_config
+    from mindprint_mlx.ppo import PPOConfig
+    from mindprint_mlx.train.reward import RewardConfig
+    from mindprint_mlx.train.sft import SFTConfig
+
+    base = ["model=m", "data_dir=d"]
+    cfg = load_pipeline_config(None, base)
+    assert (type(cfg.sft), type(cfg.ppo), type(cfg.reward.train), type(cfg.adaptive)) == \
+        (SFTConfig, PPOConfig, RewardConfig, AdaptiveBounds)
+    # the pipeline normalises PPO's scores; the standalone trainer keeps the classic default
+    assert PPOConfig().reward_norm == "none" and cfg.ppo.reward_norm == "sft_samples"
+    # a `ppo:` section is merged over that default, and may still change it
+    cfg = load_pipeline_config(None, base + ["ppo.steps=3"])
+    assert (cfg.ppo.steps, cfg.ppo.reward_norm) == (3, "sft_samples")
+    assert load_pipeline_config(None, base + ["ppo.reward_norm=none"]).ppo.reward_norm == "none"
+    # one style of error for every section, naming file, key and the closest key
+    p = tmp_path / "run.yaml"
+    p.write_text("model: m\ndata_dir: d\nadaptive:\n  min_epoch: 2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'adaptive.min_epoch' \(did you "
+                                          r"mean 'min_epochs'\?\)"):
+        load_pipeline_config(p)
+    with pytest.raises(ConfigError, match=r"sft.num_layers \(2\) and ppo.num_layers \(all\) must match"):
+        load_pipeline_config(None, base + ["sft.num_layers=2"])
+
+
+def test_a_trainer_yaml_holds_run_keys_and_trainer_keys(tmp_path):
+    from mindprint_mlx.config import load_run_config
+    from mindprint_mlx.ppo import PPOConfig
+    from mindprint_mlx.ppo.run import PPORun
+    from mindprint_mlx.train.sft import SFTConfig, SFTRun
+
+    p = tmp_path / "sft.yaml"
+    p.write_text("model: m\ndata_dir: d\neval_fraction: 0.2\nlora_rank: 4\nepochs: 2\n")
+    run, cfg = load_run_config(p, SFTRun, SFTConfig, ["out_dir=o", "learning_rate=2e-4"])
+    assert (run.model, run.data_dir, run.out_dir, run.eval_fraction) == ("m", "d", "o", 0.2)
+    assert (cfg.lora_rank, cfg.epochs, cfg.learning_rate) == (4, 2, 2e-4)
+    with pytest.raises(ConfigError, match=r"unknown key 'eval_fracton' \(did you mean 'eval_fraction'\?\)"):
+        load_run_config(p, SFTRun, SFTConfig, ["eval_fracton=0.1"])
+    with pytest.raises(ConfigError, match=r"key 'lr' was renamed to 'learning_rate'"):
+        load_run_config(p, SFTRun, SFTConfig, ["lr=0.1"])
+    with pytest.raises(ConfigError, match=r"key 'model' is required"):
+        load_run_config(None, SFTRun, SFTConfig, ["data_dir=d"])
+    with pytest.raises(ConfigError, match=r"key 'eval_fraction': invalid value 1.0"):
+        load_run_config(p, SFTRun, SFTConfig, ["eval_fraction=1.0"])
+    # PPO: trainer keys under `ppo:` (the usual layout) or at the top level, not both
+    p = tmp_path / "ppo.yaml"
+    p.write_text("model: m\nprompts: p.jsonl\nreward_model: rm\nvalue_head_init: reward\n"
+                 "ppo:\n  steps: 5\n")
+    run, cfg = load_run_config(p, PPORun, PPOConfig, ["ppo.top_p=0.9"], section="ppo")
+    assert (run.model, run.prompts, run.reward_model) == ("m", "p.jsonl", "rm")
+    assert (cfg.steps, cfg.top_p, cfg.value_head_init) == (5, 0.9, "reward")
+    with pytest.raises(ConfigError, match=r"key 'steps' is set both at the top level and as 'ppo.steps'"):
+        load_run_config(p, PPORun, PPOConfig, ["steps=3"], section="ppo")
+    with pytest.raises(ConfigError, match=r"unknown key 'ppo.stpes' \(did you mean 'steps'\?\)"):
+        load_run_config(p, PPORun, PPOConfig, ["ppo.stpes=3"], section="ppo")
+
+
+def test_every_setting_a_user_sets_has_one_line_of_help():
+    import typing
+
+    from mindprint_mlx.cli.ditto import DITTORunConfig
+    from mindprint_mlx.cli.dpo import DPORunConfig
+    from mindprint_mlx.cli.grpo import GRPORunConfig
+    from mindprint_mlx.evaluate import QuizWeights
+    from mindprint_mlx.grpo import GRPOConfig
+    from mindprint_mlx.pipeline.config import PipelineConfig
+    from mindprint_mlx.ppo.run import PPORun
+    from mindprint_mlx.preference import DITTOConfig, DPOConfig
+    from mindprint_mlx.train.reward import RewardRun
+    from mindprint_mlx.train.sft import SFTRun
+
+    seen, todo = set(), [PipelineConfig, SFTRun, RewardRun, PPORun, DPOConfig, DITTOConfig,
+                         GRPOConfig, QuizWeights, DPORunConfig, GRPORunConfig, DITTORunConfig]
+    while todo:                 # PipelineConfig brings its sections: SFTConfig, PPOConfig, ...
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            h = f.metadata.get("help")
+            assert isinstance(h, str) and h.strip() and "\n" not in h, f"{cls.__name__}.{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                todo.append(hints[f.name])
+    assert {c.__name__ for c in seen} >= {"SFTConfig", "PPOConfig", "RewardConfig", "AdaptiveBounds",
+                                          "RewardSection", "EvalSettings", "VerifySettings",
+                                          "EstimateSettings", "QuizWeights"}

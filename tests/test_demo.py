@@ -22,7 +22,7 @@ def test_configs_demo_yaml_holds_the_embedded_demo_settings():
 
 def test_pipeline_yaml_is_a_valid_config_for_a_real_model():
     cfg = load_pipeline_config(CONFIGS / "pipeline.yaml")
-    assert "Instruct-4bit" in cfg.model and cfg.ppo["steps"] >= 50
+    assert "Instruct-4bit" in cfg.model and cfg.ppo.steps >= 50
 
 
 def test_demo_plan_runs_ppo_below_a_threshold_and_trains_nothing(tmp_path, monkeypatch,

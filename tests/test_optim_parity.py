@@ -102,7 +102,7 @@ def test_sft_accumulation_is_the_token_mean_of_one_batch(tiny_llama, tmp_path):
         model, tok = load(tiny_llama)
         cfg = SFTConfig(lora_rank=2, lora_alpha=4.0, epochs=1, batch_size=batch_size,
                         gradient_accumulation_steps=accum, max_steps=1, learning_rate=1e-3, warmup_ratio=0.0,
-                        max_grad_norm=0.0, eval_fraction=0.0, compile=False)
+                        max_grad_norm=0.0, compile=False)
         train_sft(model, tok, RECORDS, cfg, out, progress=False)
         return model, _first_moments(out / "checkpoint"), lora.adapter_state(model, "sft")
 

@@ -186,8 +186,12 @@ def test_interrupted_and_killed_run_resumes_to_the_same_result(setup):
     # the headline grades the final adapter as saved, on every trained topic
     fin = st["final_eval"]
     assert sorted(fin) == sorted(f"{UNIT}/{CHAPTER}/{t}" for t in TOPICS)
-    passed = sum(v["passed"] for v in fin.values())
-    assert f"Pass rate of the final adapter: {passed}/2 " in report
+    # the threshold is 1.0 and no answer of the tiny model is perfect: every topic fails,
+    # its own final quiz as much as the final adapter's
+    for key, v in fin.items():
+        assert 0.0 <= v["score"] < 1.0 and v["passed"] is False
+        assert st["topics"][key]["phases"]["final"]["passed"] is False
+    assert "Pass rate of the final adapter: 0/2 = 0% of trained topics (1 skipped, 0 not run yet)." in report
     # the retention matrix: a row after each topic; the final adapter (one unit: the same
     # weights as the last row) scores what the last row scored
     ret = st["retention"]

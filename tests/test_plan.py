@@ -127,12 +127,21 @@ def test_plan_cli(tiny_llama, tmp_path):
     from mindprint_mlx.cli import cli
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {tiny_llama}\nsft:\n  batch_size: 2\n  max_seq_len: 32\n"
-                   "lora:\n  rank: 4\nppo:\n  max_new_tokens: 16\n")
+    cfg.write_text(f"model: {tiny_llama}\nsft:\n  batch_size: 2\n  max_seq_length: 32\n"
+                   "  lora_rank: 4\nppo:\n  max_new_tokens: 16\n")
     res = CliRunner().invoke(cli, ["plan", "--config", str(cfg), "--quantize", "4"])
     assert res.exit_code == 0, res.output
     assert "| sft |" in res.output and "| reward |" in res.output and "| ppo |" in res.output
     assert "4-bit" in res.output and "usable" in res.output and "fits" in res.output
+    # each phase is planned with its own section's settings, exactly as the pipeline reads them
+    sft = memory.estimate(tiny_llama, "sft", batch=2, seq_len=32, lora_rank=4, quantize=4)
+    ppo = memory.estimate(tiny_llama, "ppo", batch=4, seq_len=32, max_new_tokens=16, lora_rank=1,
+                          mini_batch=4, quantize=4)
+    assert f"sft: {memory.fmt_bytes(sft.total)} fits" in res.output
+    assert f"ppo: {memory.fmt_bytes(ppo.total)} fits" in res.output
+    cfg.write_text(f"model: {tiny_llama}\nsft:\n  max_seq_len: 32\n")
+    res = CliRunner().invoke(cli, ["plan", "--config", str(cfg)])
+    assert res.exit_code == 1 and "sft.max_seq_len" in res.output and "max_seq_length" in res.output
     res = CliRunner().invoke(cli, ["plan", "--model", str(tmp_path / "nope")])
     assert res.exit_code == 1 and "error:" in res.output
 

@@ -232,7 +232,7 @@ def test_cli_trains_with_sft_adapter_and_reward_model_then_resumes(tiny_llama, t
 
 
 def test_prompts_come_from_jsonl_or_a_data_dirs_sft_records(tmp_path):
-    from mindprint_mlx.cli._align import load_prompts
+    from mindprint_mlx.ppo.run import load_prompts
 
     d = tmp_path / "data"
     d.mkdir()

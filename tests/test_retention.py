@@ -4,7 +4,8 @@ import pytest
 
 from mindprint_mlx.data import PreferenceRecord
 from mindprint_mlx.pipeline.retention import continual_metrics, replay_count
-from mindprint_mlx.pipeline.runner import score_trend, split_pairs
+from mindprint_mlx.pipeline.decide import score_trend
+from mindprint_mlx.pipeline.phases import split_pairs
 from mindprint_mlx.train.sft import epoch_order
 
 
@@ -64,7 +65,7 @@ def test_training_records_that_repeat_a_quiz_question_are_warned_about_and_dropp
     import json
 
     from mindprint_mlx.data import build_curriculum, load_data_dir
-    from mindprint_mlx.pipeline.runner import _ppo_prompts, drop_quiz_repeats
+    from mindprint_mlx.pipeline.phases import drop_quiz_repeats, ppo_prompts
 
     def write(name, rows):
         (tmp_path / name).write_text("".join(json.dumps({"topic": "t", **r}) + "\n" for r in rows))
@@ -83,4 +84,4 @@ def test_training_records_that_repeat_a_quiz_question_are_warned_about_and_dropp
     (topic,) = cur.topics
     assert [r.completion for r in topic.sft] == ["A season."] and len(ds.preference) == 1
     # PPO's prompts never include the quiz questions
-    assert [p[-1]["content"] for p in _ppo_prompts(topic, None)] == ["What is a cycle?", "Why wait?"]
+    assert [p[-1]["content"] for p in ppo_prompts(topic)] == ["What is a cycle?", "Why wait?"]

@@ -15,14 +15,21 @@ from ..preference import DITTOConfig
 class DITTORunConfig:
     """What `mindprint ditto --config FILE` reads; DITTO's settings live under `ditto:`."""
 
-    model: str = ""
-    demos: str = ""                       # a data dir (its SFT records) or JSONL {prompt, completion}
-    sft_adapter: str | None = None
-    adapters: list[str] = field(default_factory=list)
-    out_dir: str = "runs/ditto"
-    quantize: int | None = None
-    max_demos: int | None = None
-    ditto: DITTOConfig = field(default_factory=DITTOConfig)
+    model: str = field(default="", metadata={"help": "base model: local directory or hub id"})
+    demos: str = field(
+        default="", metadata={"help": "a data dir (its SFT records) or JSONL {prompt, completion}"})
+    sft_adapter: str | None = field(
+        default=None, metadata={"help": "the SFT adapter: the reference, frozen in the policy"})
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "more frozen adapters (e.g. merged units)"})
+    out_dir: str = field(
+        default="runs/ditto", metadata={"help": "adapter, checkpoint and metrics go here"})
+    quantize: int | None = field(
+        default=None, metadata={"help": "4 or 8: quantize the base on load (QLoRA); null keeps it"})
+    max_demos: int | None = field(
+        default=None, metadata={"help": "use only the first N demonstrations (null: all)"})
+    ditto: DITTOConfig = field(
+        default_factory=DITTOConfig, metadata={"help": "DITTO's settings (DITTOConfig)"})
 
     def validate(self) -> None:
         from ..config import ConfigError

@@ -14,14 +14,20 @@ from ..preference import DPOConfig
 class DPORunConfig:
     """What `mindprint dpo --config FILE` reads; DPO hyperparameters live under `dpo:`."""
 
-    model: str = ""                       # base model: local directory or hub id
-    pairs: str = ""                       # JSONL {prompt, chosen, rejected} or a data dir
-    sft_adapter: str | None = None        # the reference, frozen in the policy
-    adapters: list[str] = field(default_factory=list)   # more frozen adapters
-    out_dir: str = "runs/dpo"
-    quantize: int | None = None
-    max_pairs: int | None = None
-    dpo: DPOConfig = field(default_factory=DPOConfig)
+    model: str = field(default="", metadata={"help": "base model: local directory or hub id"})
+    pairs: str = field(
+        default="", metadata={"help": "JSONL {prompt, chosen, rejected} or a data dir"})
+    sft_adapter: str | None = field(
+        default=None, metadata={"help": "the reference, frozen in the policy"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "more frozen adapters"})
+    out_dir: str = field(
+        default="runs/dpo", metadata={"help": "adapter, checkpoint and metrics go here"})
+    quantize: int | None = field(
+        default=None, metadata={"help": "4 or 8: quantize the base on load (QLoRA); null keeps it"})
+    max_pairs: int | None = field(
+        default=None, metadata={"help": "use only the first N pairs (null: all)"})
+    dpo: DPOConfig = field(
+        default_factory=DPOConfig, metadata={"help": "DPO hyperparameters (DPOConfig)"})
 
     def validate(self) -> None:
         from ..config import ConfigError

@@ -15,15 +15,24 @@ from ..grpo import GRPOConfig
 class GRPORunConfig:
     """What `mindprint grpo --config FILE` reads; the settings live under `grpo:`."""
 
-    model: str = ""
-    prompts: str = ""                     # JSONL ({"prompt": ...} or {"messages": [...]}) or a data dir
-    reward_model: str = ""                # reward-model directory (adapter "reward" + head)
-    sft_adapter: str | None = None
-    adapters: list[str] = field(default_factory=list)
-    out_dir: str = "runs/grpo"
-    quantize: int | None = None
-    max_prompts: int | None = None
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    model: str = field(default="", metadata={"help": "base model: local directory or hub id"})
+    prompts: str = field(
+        default="",
+        metadata={"help": "JSONL ({\"prompt\": ...} or {\"messages\": [...]}) or a data dir"})
+    reward_model: str = field(
+        default="", metadata={"help": "reward-model directory (adapter \"reward\" + head)"})
+    sft_adapter: str | None = field(
+        default=None, metadata={"help": "the SFT adapter: the reference, frozen in the policy"})
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "more frozen adapters (e.g. merged units)"})
+    out_dir: str = field(
+        default="runs/grpo", metadata={"help": "adapter, checkpoint and metrics go here"})
+    quantize: int | None = field(
+        default=None, metadata={"help": "4 or 8: quantize the base on load (QLoRA); null keeps it"})
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "use only the first N prompts (null: all)"})
+    grpo: GRPOConfig = field(
+        default_factory=GRPOConfig, metadata={"help": "GRPO / RLOO hyperparameters (GRPOConfig)"})
 
     def validate(self) -> None:
         from ..config import ConfigError

@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import click
-
-from ..ppo.trainer import PPOConfig
-
-
-@dataclass
-class PPORunConfig:
-    """What `mindprint ppo --config FILE` reads; PPO hyperparameters live under `ppo:`."""
-
-    model: str = ""                       # base model: local directory or hub id
-    prompts: str = ""                     # JSONL ({"prompt": ...} or {"messages": [...]}) or a data dir
-    reward_model: str = ""                # reward-model directory (adapter "reward" + head)
-    sft_adapter: str | None = None        # the SFT adapter: the reference, frozen in the policy
-    adapters: list[str] = field(default_factory=list)   # more frozen adapters (e.g. merged units)
-    out_dir: str = "runs/ppo"
-    quantize: int | None = None           # 4 or 8: quantize the base on load (QLoRA)
-    max_prompts: int | None = None
-    value_head_init: str = "zero"         # zero | reward: the same as ppo.value_head_init (either turns it on)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-
-    def validate(self) -> None:
-        from ..config import ConfigError
-
-        for key in ("model", "prompts", "reward_model"):
-            if not getattr(self, key):
-                raise ConfigError(f"key '{key}' is required")
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"key 'quantize': must be 4, 8 or null, got {self.quantize!r}")
-        if self.value_head_init not in ("zero", "reward"):
-            raise ConfigError(f"key 'value_head_init': must be zero or reward, got {self.value_head_init!r}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"key 'max_prompts': must be >= 1, got {self.max_prompts!r}")
-        self.ppo.validate()
-
-
-def run_ppo(cfg: PPORunConfig, resume: bool = False):
-    """Load the base once, add the adapters and the reward model, and train."""
-    from ..config import save_config
-    from ..models import lora
-    from ..ppo import base_weight_bytes, train_ppo
-    from ..train.reward import RewardModel
-    from ._align import load_base, load_prompts
-
-    model, tok, frozen = load_base(cfg.model, cfg.quantize, cfg.sft_adapter, cfg.adapters)
-    reward = RewardModel.load(model, tok, cfg.reward_model)
-    lora.set_active(model, frozen)
-    if cfg.value_head_init == "reward":
-        cfg.ppo.value_head_init = "reward"
-    prompts = load_prompts(cfg.prompts)[: cfg.max_prompts]
-    out = Path(cfg.out_dir)
-    save_config(cfg, out / "ppo_config.yaml")
-    from ..pipeline.interrupt import graceful_sigint
-
-    with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
-        result = train_ppo(model, tok, prompts, reward.score_tokens, cfg.ppo, out,
-                           frozen_adapters=frozen, resume=resume, reward_head=reward.head)
-    return result, base_weight_bytes(model)
 
 
 @click.command("ppo")
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config (model, prompts, reward_model, sft_adapter, out_dir, ppo: {...}).")
+              help="YAML of PPORun keys (model, prompts, reward_model, sft_adapter, out_dir, ...) "
+                   "and PPOConfig keys, at the top level or under `ppo:`.")
 @click.option("--resume", is_flag=True, help="Continue from out_dir/checkpoint if there is one.")
 @click.argument("overrides", nargs=-1)
 def ppo(config_path, resume, overrides):
@@ -74,10 +16,12 @@ def ppo(config_path, resume, overrides):
 
     OVERRIDES are KEY=VALUE pairs, e.g. `ppo.steps=50 ppo.learning_rate=1e-5 out_dir=runs/x`.
     """
-    from ..config import load_config
+    from ..config import load_run_config
+    from ..ppo import PPOConfig
+    from ..ppo.run import PPORun, run_ppo
 
-    cfg = load_config(config_path, PPORunConfig, list(overrides))
-    result, base_bytes = run_ppo(cfg, resume=resume)
+    run, cfg = load_run_config(config_path, PPORun, PPOConfig, list(overrides), section="ppo")
+    result, base_bytes = run_ppo(run, cfg, resume=resume)
     last = result.history[-1] if result.history else {}
     click.echo(f"PPO: {result.steps} steps; mean score {result.mean_score_first:.4g} -> "
                f"{result.mean_score_last:.4g}; KL {last.get('objective/kl', float('nan')):.4g}; "

@@ -14,7 +14,7 @@ def reward() -> None:
 
 @reward.command("train")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of RewardConfig keys (model, data_dir, out_dir, learning_rate, patience, ...).")
+              help="YAML file of RewardRun keys (model, data_dir, out_dir) and RewardConfig keys (learning_rate, patience, ...).")
 @click.option("--resume", is_flag=True, help="Continue from out_dir/checkpoint.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load.")
 @click.argument("overrides", nargs=-1)
@@ -22,21 +22,17 @@ def train(config, resume, quantize, overrides):
     """Train on DATA_DIR's preference pairs (plus critical distinctions when
     include_distinctions=true). OVERRIDES are key=value pairs, e.g. `learning_rate=5e-5 patience=2`.
     The best epoch's adapter and head go to OUT_DIR/adapter."""
-    from ..config import ConfigError, load_config, save_config
+    from ..config import load_run_config, save_config, to_dict
     from ..data import load_data_dir
     from ..models import load
-    from ..train.reward import RewardConfig, train_reward_model
+    from ..train.reward import RewardConfig, RewardRun, train_reward_model
 
-    cfg = load_config(config, RewardConfig, list(overrides))
-    for key in ("model", "data_dir"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{config or '<defaults>'}: key '{key}' is required "
-                              f"(set it in the file or pass {key}=...)")
-    ds = load_data_dir(cfg.data_dir, require=("preference",))
+    run, cfg = load_run_config(config, RewardRun, RewardConfig, list(overrides))
+    ds = load_data_dir(run.data_dir, require=("preference",))
     pairs = list(ds.preference) + (list(ds.distinctions) if cfg.include_distinctions else [])
-    out = Path(cfg.out_dir)
-    save_config(cfg, out / "config.yaml")
-    model, tok = load(cfg.model, quantize=int(quantize) if quantize else None)
+    out = Path(run.out_dir)
+    save_config({**to_dict(run), **to_dict(cfg)}, out / "config.yaml")
+    model, tok = load(run.model, quantize=int(quantize) if quantize else None)
     click.echo(f"reward: {len(pairs)} preference pairs -> {out}", err=True)
     from ..pipeline.interrupt import graceful_sigint
 

@@ -19,7 +19,7 @@ def held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
 
 @click.command("sft")
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of SFTConfig keys (model, data_dir, out_dir, lora_rank, learning_rate, ...).")
+              help="YAML file of SFTRun keys (model, data_dir, out_dir, eval_fraction) and SFTConfig keys (lora_rank, learning_rate, ...).")
 @click.option("--resume", is_flag=True, help="Continue from out_dir/checkpoint exactly.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load (QLoRA).")
 @click.argument("overrides", nargs=-1)
@@ -29,21 +29,17 @@ def sft(config, resume, quantize, overrides):
     OVERRIDES are key=value pairs applied over the config, e.g. `learning_rate=2e-4 epochs=1`.
     Writes OUT_DIR/adapter (mlx-lm adapter), OUT_DIR/checkpoint, OUT_DIR/metrics.jsonl.
     """
-    from ..config import ConfigError, load_config, save_config
+    from ..config import load_run_config, save_config, to_dict
     from ..data import load_data_dir
     from ..models import load
-    from ..train.sft import SFTConfig, train_sft
+    from ..train.sft import SFTConfig, SFTRun, train_sft
 
-    cfg = load_config(config, SFTConfig, list(overrides))
-    for key in ("model", "data_dir"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{config or '<defaults>'}: key '{key}' is required "
-                              f"(set it in the file or pass {key}=...)")
-    ds = load_data_dir(cfg.data_dir, require=("sft",))
-    train, held = held_out(list(ds.sft), cfg.eval_fraction, cfg.seed)
-    out = Path(cfg.out_dir)
-    save_config(cfg, out / "config.yaml")
-    model, tok = load(cfg.model, quantize=int(quantize) if quantize else None)
+    run, cfg = load_run_config(config, SFTRun, SFTConfig, list(overrides))
+    ds = load_data_dir(run.data_dir, require=("sft",))
+    train, held = held_out(list(ds.sft), run.eval_fraction, cfg.seed)
+    out = Path(run.out_dir)
+    save_config({**to_dict(run), **to_dict(cfg)}, out / "config.yaml")
+    model, tok = load(run.model, quantize=int(quantize) if quantize else None)
     click.echo(f"sft: {len(train)} training and {len(held)} held-out records -> {out}", err=True)
     from ..pipeline.interrupt import graceful_sigint
 

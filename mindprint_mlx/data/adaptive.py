@@ -31,22 +31,34 @@ from .quality import TopicQuality
 
 @dataclass
 class AdaptiveBounds:
-    min_epochs: int = 3
-    max_epochs: int = 5
-    epochs_few_examples: int = 8       # at or below: max_epochs
-    epochs_many_examples: int = 64     # at or above: min_epochs
-    min_batch_size: int = 2
-    max_batch_size: int = 8
-    batch_few_examples: int = 8        # at or below: min_batch_size
-    batch_many_examples: int = 64      # at or above: max_batch_size
-    min_lr_multiplier: float = 0.5
-    max_lr_multiplier: float = 1.0
-    min_pass_threshold: float = 0.75
-    max_pass_threshold: float = 0.85
-    density_low: float = 20.0          # marker coverage (%) at or below: min_pass_threshold
-    density_high: float = 80.0         # marker coverage (%) at or above: max_pass_threshold
-    min_sft_examples: int = 2
-    min_quiz_questions: int = 1
+    min_epochs: int = field(
+        default=3, metadata={"help": "SFT epochs of a topic with many examples"})
+    max_epochs: int = field(default=5, metadata={"help": "SFT epochs of a topic with few examples"})
+    epochs_few_examples: int = field(default=8, metadata={"help": "at or below: max_epochs"})
+    epochs_many_examples: int = field(default=64, metadata={"help": "at or above: min_epochs"})
+    min_batch_size: int = field(default=2, metadata={"help": "SFT batch size of a small topic"})
+    max_batch_size: int = field(default=8, metadata={"help": "SFT batch size of a large topic"})
+    batch_few_examples: int = field(default=8, metadata={"help": "at or below: min_batch_size"})
+    batch_many_examples: int = field(default=64, metadata={"help": "at or above: max_batch_size"})
+    min_lr_multiplier: float = field(
+        default=0.5, metadata={"help": "learning-rate multiplier at data quality 0"})
+    max_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "learning-rate multiplier at data quality 1"})
+    min_pass_threshold: float = field(
+        default=0.75,
+        metadata={"help": "quiz score to pass (and skip PPO) for data poor in voice markers"})
+    max_pass_threshold: float = field(
+        default=0.85,
+        metadata={"help": "quiz score to pass (and skip PPO) for data rich in voice markers"})
+    density_low: float = field(
+        default=20.0, metadata={"help": "marker coverage (%) at or below: min_pass_threshold"})
+    density_high: float = field(
+        default=80.0, metadata={"help": "marker coverage (%) at or above: max_pass_threshold"})
+    min_sft_examples: int = field(
+        default=2, metadata={"help": "fewer SFT examples: the topic is skipped, with the reason"})
+    min_quiz_questions: int = field(
+        default=1,
+        metadata={"help": "fewer quiz questions: the topic is skipped (it cannot be graded)"})
 
     def validate(self) -> None:
         pairs = [("min_epochs", "max_epochs"), ("min_batch_size", "max_batch_size"),

@@ -43,36 +43,57 @@ SALT_INIT, SALT_ORDER, SALT_KEY = 61, 67, 71
 class GRPOConfig:
     """GRPO / RLOO hyperparameters (defaults: TRL's GRPO, with a LoRA-sized learning rate)."""
 
-    method: Literal["grpo", "rloo"] = "grpo"
-    steps: int = 100                      # rollout batches
-    batch_size: int = 4                   # prompts per step
-    group_size: int = 4                   # samples per prompt (k)
-    num_iterations: int = 1               # optimizer steps per rollout batch (GRPO's mu)
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (divides batch_size)
-    learning_rate: float = 1e-5
-    beta: float = 0.04                    # KL coefficient (grpo: k3 in the loss; rloo: on the score)
-    epsilon: float = 0.2                  # clip range below 1 (and above, unless epsilon_high)
-    epsilon_high: float | None = None     # DAPO's clip-higher (e.g. 0.28); None = epsilon
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"   # sequence or token averaging
-    scale_rewards: bool = True            # grpo: divide by the group std (False: Dr. GRPO)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    missing_eos_penalty: float | None = None   # subtracted from scores of responses without EOS
-    forward_batch_size: int | None = None # rows per no-grad teacher-forced pass (None: all)
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-    adam_bias_correction: bool = True
-    adam_epsilon: float = 1e-8
-    seed: int = 0
-    adapter_name: str = ""                # "" = the method's name
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
-    num_layers: int = 0
-    grad_checkpoint: bool = False
-    save_every: int = 10
-    progress: bool = True
+    method: Literal["grpo", "rloo"] = field(
+        default="grpo",
+        metadata={"help": "grpo (group-normalised advantages) or rloo (leave-one-out baseline)"})
+    steps: int = field(default=100, metadata={"help": "rollout batches"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per step"})
+    group_size: int = field(default=4, metadata={"help": "samples per prompt (k)"})
+    num_iterations: int = field(
+        default=1, metadata={"help": "optimizer steps per rollout batch (GRPO's mu)"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step (divides batch_size)"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate (Adam)"})
+    beta: float = field(
+        default=0.04,
+        metadata={"help": "KL coefficient (grpo: k3 in the loss; rloo: on the score)"})
+    epsilon: float = field(
+        default=0.2, metadata={"help": "clip range below 1 (and above, unless epsilon_high)"})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "DAPO's clip-higher (e.g. 0.28); None = epsilon"})
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(
+        default="grpo", metadata={"help": "sequence or token averaging"})
+    scale_rewards: bool = field(
+        default=True, metadata={"help": "grpo: divide by the group std (False: Dr. GRPO)"})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "response length of samples (tokens)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1.0: off)"})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "subtracted from scores of responses without EOS"})
+    forward_batch_size: int | None = field(
+        default=None, metadata={"help": "rows per no-grad teacher-forced pass (None: all)"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "global gradient-norm clip (null: off)"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW's decoupled weight decay (0: plain Adam)"})
+    adam_bias_correction: bool = field(
+        default=True, metadata={"help": "bias-corrected Adam, as torch.optim.Adam"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam's epsilon (torch's default)"})
+    seed: int = field(default=0, metadata={"help": "prompt order, sampling, adapter init"})
+    adapter_name: str = field(default="", metadata={"help": "\"\" = the method's name"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(lora.DEFAULT_TARGETS),
+        metadata={"help": "linear layers that get LoRA (names inside a decoder layer)"})
+    num_layers: int = field(
+        default=0, metadata={"help": "LoRA on the last N decoder layers; 0 = all"})
+    grad_checkpoint: bool = field(
+        default=False, metadata={"help": "recompute layer activations in backward (less memory)"})
+    save_every: int = field(
+        default=10, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
         if not self.adapter_name:

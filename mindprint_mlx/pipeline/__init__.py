@@ -6,11 +6,11 @@ threshold -> final quiz; after each unit merge, verify, continue on the merged w
     result = run_pipeline(cfg, resume=True)
 """
 
-from .config import (EvalSettings, PipelineConfig, RewardSettings, VerifySettings,
+from .config import (EvalSettings, PipelineConfig, RewardSection, VerifySettings,
                      load_pipeline_config, resolved_dict)
 from .runner import PipelineResult, run_pipeline, summary
 from .state import ResumeError, RunState
 
-__all__ = ["PipelineConfig", "RewardSettings", "EvalSettings", "VerifySettings",
+__all__ = ["PipelineConfig", "RewardSection", "EvalSettings", "VerifySettings",
            "load_pipeline_config", "resolved_dict", "run_pipeline", "PipelineResult", "summary",
            "RunState", "ResumeError"]

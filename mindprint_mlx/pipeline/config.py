@@ -1,42 +1,56 @@
 """`PipelineConfig`: everything a curriculum run needs, loaded from YAML with checked keys.
 
-The trainers' own settings (`sft`, `ppo`, `reward.train`, `adaptive`) are kept here as
-plain mappings and turned into the trainers' dataclasses (`SFTConfig`, `PPOConfig`,
-`RewardConfig`, the adaptive bounds) by `resolve_sections`, so a mistyped key there is
-an error naming `sft.<key>` and the file, exactly like a key of this file.
+Every section is a typed dataclass: the trainers' own configs (`sft: SFTConfig`,
+`ppo: PPOConfig`, `reward.train: RewardConfig`, `adaptive: AdaptiveBounds`) and the
+pipeline's settings, so a mistyped key anywhere is an error naming the key and the file.
+Where the pipeline's default differs from a trainer's (`ppo.reward_norm`), the field's
+default says so and a YAML section is merged over it (`config.from_dict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..config import ConfigError, from_dict, to_dict
+from ..data.adaptive import AdaptiveBounds
 from ..evaluate import QuizWeights
+from ..ppo.trainer import PPOConfig
+from ..train.reward import RewardConfig
+from ..train.sft import SFTConfig
 
 
 @dataclass
-class RewardSettings:
+class RewardSection:
     """The reward model: trained once per run (into run_dir/reward_model) or reused."""
 
-    path: Optional[str] = None      # an existing reward model directory to reuse (no training)
-    train: dict[str, Any] = field(default_factory=dict)   # RewardConfig keys (train.reward)
-    continue_at_chance: bool = False  # go on to PPO with a reward model at chance validation accuracy
+    path: Optional[str] = field(
+        default=None, metadata={"help": "an existing reward-model directory to reuse (no training)"})
+    train: RewardConfig = field(
+        default_factory=RewardConfig, metadata={"help": "how it is trained (RewardConfig)"})
+    continue_at_chance: bool = field(
+        default=False,
+        metadata={"help": "go on to PPO with a reward model at chance validation accuracy"})
 
 
 @dataclass
 class EvalSettings:
     """The quiz evaluation of each topic (see mindprint_mlx.evaluate)."""
 
-    max_tokens: int = 64            # answer length per quiz question (greedy)
-    max_questions: int = 16         # quiz questions used per topic (the first N)
-    weights: QuizWeights = field(default_factory=QuizWeights)
-    reward_samples: int = 2         # sampled answers per prompt for the before/after-PPO mean reward
-    judge: str = "split"            # quiz preference part: split (own reward model on the other half of the pairs) | reward | a reward-model dir
-    retention: bool = True          # re-quiz every earlier topic after each topic (the retention matrix)
+    max_tokens: int = field(default=64, metadata={"help": "answer length per quiz question (greedy)"})
+    max_questions: int = field(
+        default=16, metadata={"help": "quiz questions used per topic (the first N)"})
+    weights: QuizWeights = field(
+        default_factory=QuizWeights, metadata={"help": "weights of the quiz score's parts"})
+    reward_samples: int = field(
+        default=2, metadata={"help": "sampled answers per prompt for the mean reward around PPO"})
+    judge: str = field(
+        default="split",
+        metadata={"help": "quiz preference part: split (a second reward model), reward, or a dir"})
+    retention: bool = field(
+        default=True, metadata={"help": "re-quiz every earlier topic after each topic"})
 
     def validate(self) -> None:
         if self.max_tokens < 1 or self.max_questions < 1 or self.reward_samples < 1:
@@ -53,16 +67,20 @@ class EvalSettings:
 class VerifySettings:
     """After a unit's adapters are merged: re-evaluate the unit's topics."""
 
-    tolerance: float = 0.05         # a quiz score drop larger than this is a regression
-    stop_on_regression: bool = False  # stop the run on a regression (else report it and go on)
+    tolerance: float = field(
+        default=0.05, metadata={"help": "a quiz score drop larger than this is a regression"})
+    stop_on_regression: bool = field(
+        default=False, metadata={"help": "stop the run on a regression (else report it, go on)"})
 
 
 @dataclass
 class MergeSettings:
     """How each unit's adapters are merged, and so how big the final adapter is (pipeline/merge.py)."""
 
-    mode: str = "concat"            # concat (ranks add up) | svd (compress to `rank`) | fold_into_base
-    rank: int = 0                   # svd's target rank; 0: the most one topic adds (sft.lora_rank + ppo.lora_rank)
+    mode: str = field(default="concat", metadata={
+        "help": "concat (ranks add up) | svd (compress each unit to `rank`) | fold_into_base"})
+    rank: int = field(default=0, metadata={
+        "help": "svd's target rank; 0: the most one topic adds (sft.lora_rank + ppo.lora_rank)"})
 
     def validate(self) -> None:
         modes = ("concat", "svd", "fold_into_base")
@@ -79,8 +97,16 @@ class MergeSettings:
 class EstimateSettings:
     """Assumptions of the dry run's time estimate (no effect on training)."""
 
-    tflops: float = 0.0             # sustained training TFLOP/s; 0: 8 on Apple silicon, 0.05 elsewhere
-    ppo_gen_tokens: int = 64        # tokens generated per PPO rollout (when ppo has no such key)
+    tflops: float = field(
+        default=0.0,
+        metadata={"help": "sustained training TFLOP/s; 0: 8 on Apple silicon, 0.05 elsewhere"})
+
+
+def _pipeline_ppo() -> PPOConfig:
+    # PPO's scores are normalised (gain and bias fitted on SFT-policy samples at the start of
+    # the phase): value clipping and the KL coefficient assume scores of order 1, and a reward
+    # model's raw scale is arbitrary. The standalone trainer keeps the classic default (off).
+    return PPOConfig(reward_norm="sft_samples")
 
 
 @dataclass
@@ -88,22 +114,37 @@ class PipelineConfig:
     """A curriculum run: reward model once; per topic SFT -> quiz -> PPO if below the
     threshold -> final quiz; after each unit merge, verify, continue on merged weights."""
 
-    model: str = ""                 # base model: local Hugging Face directory or hub id
-    data_dir: str = ""              # curriculum data directory (JSONL files, persona)
-    run_dir: str = "runs/mindprint" # everything the run writes (docs/pipeline.md: the run directory)
-    quantize: Optional[int] = None  # quantize the base on load: 4 or 8 (QLoRA); null keeps it
-    seed: int = 0
-    units: list[str] = field(default_factory=list)    # only these units (empty: all)
-    topics: list[str] = field(default_factory=list)   # only these topics (empty: all)
-    reward: RewardSettings = field(default_factory=RewardSettings)
-    sft: dict[str, Any] = field(default_factory=dict)       # SFTConfig defaults (train.sft)
-    ppo: dict[str, Any] = field(default_factory=dict)       # PPOConfig defaults (ppo)
-    adaptive: dict[str, Any] = field(default_factory=dict)  # adaptive bounds (data.adaptive)
-    run_ppo: bool = True            # false: never run PPO (SFT + quiz only)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    verify: VerifySettings = field(default_factory=VerifySettings)
-    merge: MergeSettings = field(default_factory=MergeSettings)
-    estimate: EstimateSettings = field(default_factory=EstimateSettings)
+    model: str = field(
+        default="", metadata={"help": "base model: local Hugging Face directory or hub id"})
+    data_dir: str = field(
+        default="", metadata={"help": "curriculum data directory (JSONL files, persona)"})
+    run_dir: str = field(
+        default="runs/mindprint", metadata={"help": "everything the run writes goes here"})
+    quantize: Optional[int] = field(
+        default=None, metadata={"help": "quantize the base on load: 4 or 8 (QLoRA); null keeps it"})
+    seed: int = field(default=0, metadata={"help": "the run's seed (model load, splits, sampling)"})
+    units: list[str] = field(
+        default_factory=list, metadata={"help": "only these units (empty: all)"})
+    topics: list[str] = field(
+        default_factory=list, metadata={"help": "only these topics (empty: all)"})
+    reward: RewardSection = field(
+        default_factory=RewardSection, metadata={"help": "the reward model PPO climbs"})
+    sft: SFTConfig = field(
+        default_factory=SFTConfig,
+        metadata={"help": "SFT of every topic (adaptive sets epochs, batch size, lr scale)"})
+    ppo: PPOConfig = field(
+        default_factory=_pipeline_ppo,
+        metadata={"help": "PPO of a topic below its threshold (default reward_norm: sft_samples)"})
+    adaptive: AdaptiveBounds = field(
+        default_factory=AdaptiveBounds, metadata={"help": "per-topic settings from data quality"})
+    run_ppo: bool = field(default=True, metadata={"help": "false: never run PPO (SFT + quiz only)"})
+    eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "the quiz"})
+    verify: VerifySettings = field(
+        default_factory=VerifySettings, metadata={"help": "the check after each unit's merge"})
+    merge: MergeSettings = field(
+        default_factory=MergeSettings, metadata={"help": "how each unit's adapters merge (docs/merge.md)"})
+    estimate: EstimateSettings = field(
+        default_factory=EstimateSettings, metadata={"help": "the dry run's time estimate"})
 
     def validate(self) -> None:
         if not self.model:
@@ -118,63 +159,20 @@ class PipelineConfig:
         if self.merge.mode == "fold_into_base" and self.quantize:
             raise ConfigError("key 'merge.mode': fold_into_base writes full-precision base checkpoints; "
                               "it cannot fold into a base quantized on load (quantize: null)")
-
-
-# Where each free-form section's dataclass lives (module, candidate class names).
-SECTIONS = {
-    "sft": ("mindprint_mlx.train.sft", ("SFTConfig",)),
-    "ppo": ("mindprint_mlx.ppo", ("PPOConfig",)),
-    "reward.train": ("mindprint_mlx.train.reward", ("RewardConfig",)),
-    "adaptive": ("mindprint_mlx.data.adaptive", ("AdaptiveBounds", "Bounds", "AdaptiveConfig")),
-}
-
-
-def section_class(section: str) -> type | None:
-    """The dataclass for a section, or None while its module is not installed."""
-    mod_name, names = SECTIONS[section]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError:
-        return None
-    for n in names:
-        cls = getattr(mod, n, None)
-        if cls is not None and dataclasses.is_dataclass(cls):
-            return cls
-    return None
-
-
-# Where the pipeline's default differs from the trainer's own (the section's keys win):
-# PPO's scores are normalised (gain and bias fitted on SFT-policy samples at the start of the
-# phase), since value clipping and the KL coefficient assume scores of order 1 and a reward
-# model's raw scale is arbitrary; the standalone trainer keeps the classic default (off).
-PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {"ppo": {"reward_norm": "sft_samples"}}
-
-
-def section_values(cfg: PipelineConfig, section: str) -> dict:
-    vals = cfg.reward.train if section == "reward.train" else getattr(cfg, section)
-    return {**PIPELINE_DEFAULTS.get(section, {}), **vals}
-
-
-def resolve_section(cfg: PipelineConfig, section: str, source: str = "<config>",
-                    strict: bool = True) -> Any:
-    """The section as its trainer's dataclass (unknown keys are errors naming the key)."""
-    cls = section_class(section)
-    if cls is None:
-        if strict:
-            raise ConfigError(f"{source}: section '{section}' needs {SECTIONS[section][0]}, "
-                              "which is not available in this installation")
-        return dict(section_values(cfg, section))
-    return from_dict(cls, section_values(cfg, section), source, prefix=section)
-
-
-def check_sections(cfg: PipelineConfig, source: str) -> None:
-    """Validate every section whose trainer is installed."""
-    for s in SECTIONS:
-        resolve_section(cfg, s, source, strict=False)
+        # Topic adapters are folded into one unit adapter per layer (ranks concatenate), and
+        # an mlx-lm adapter file has one rank for every layer: SFT and PPO cover the same layers.
+        if sorted(self.sft.lora_targets) != sorted(self.ppo.lora_targets):
+            raise ConfigError(f"sft.lora_targets {sorted(self.sft.lora_targets)} and ppo.lora_targets "
+                              f"{sorted(self.ppo.lora_targets)} must be equal: each unit's adapters "
+                              "are combined into one adapter, which needs the same layers")
+        if self.sft.num_layers != self.ppo.num_layers:
+            raise ConfigError(f"sft.num_layers ({self.sft.num_layers}) and ppo.num_layers "
+                              f"({self.ppo.num_layers or 'all'}) must match: each unit's adapters "
+                              "are combined into one adapter, which needs the same layers")
 
 
 def load_pipeline_config(path: str | Path | None, overrides=None, base: dict | None = None) -> PipelineConfig:
-    """YAML (and `a.b=v` overrides) -> PipelineConfig; sections checked against the trainers.
+    """YAML (and `a.b=v` overrides) -> PipelineConfig, every section checked.
 
     `base` gives defaults under the file (the demo embeds its config this way)."""
     from ..config import deep_merge, parse_overrides, read_yaml
@@ -186,9 +184,7 @@ def load_pipeline_config(path: str | Path | None, overrides=None, base: dict | N
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         data = deep_merge(data, extra)
     source = str(path) if path is not None else "<defaults>"
-    cfg = from_dict(PipelineConfig, data, source)
-    check_sections(cfg, source)
-    return resolve_demo_aliases(cfg)
+    return resolve_demo_aliases(from_dict(PipelineConfig, data, source))
 
 
 def resolve_demo_aliases(cfg: PipelineConfig) -> PipelineConfig:
@@ -209,17 +205,9 @@ def resolve_demo_aliases(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def resolved_dict(cfg: PipelineConfig) -> dict:
-    """The config with every trainer section expanded to its full set of defaults."""
-    d = to_dict(cfg)
-    for s in SECTIONS:
-        val = resolve_section(cfg, s, strict=False)
-        val = to_dict(val) if dataclasses.is_dataclass(val) else val
-        if s == "reward.train":
-            d["reward"]["train"] = val
-        else:
-            d[s] = val
-    return d
+    """The config as run.json records it: every section with its full set of values."""
+    return to_dict(cfg)
 
 
-__all__ = ["PipelineConfig", "RewardSettings", "EvalSettings", "VerifySettings",
-           "EstimateSettings", "MergeSettings", "load_pipeline_config", "resolve_section", "resolved_dict"]
+__all__ = ["PipelineConfig", "RewardSection", "EvalSettings", "VerifySettings",
+           "EstimateSettings", "MergeSettings", "load_pipeline_config", "resolved_dict"]

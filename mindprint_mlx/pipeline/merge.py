@@ -176,10 +176,7 @@ def final_size(mode: str, rank: int, units: list[list[tuple[int, int]]], per_ran
 def plan_final_sizes(cfg, plan: list[dict], shape) -> list[dict]:
     """`final_size` of every mode for a pipeline config, its topic plan and a ModelShape."""
     from ..memory import _lora_params
-    from .config import resolve_section
-
-    sft = resolve_section(cfg, "sft")
-    ppo = resolve_section(cfg, "ppo")
+    sft, ppo = cfg.sft, cfg.ppo
     r_sft = sft.lora_rank
     r_ppo = ppo.lora_rank if cfg.run_ppo else 0
     targets = sft.lora_targets
@@ -243,11 +240,9 @@ class Merger:
         self.folded: str | None = None      # run_dir-relative folded checkpoint, when any
 
     def rank(self) -> int:
-        from .config import resolve_section
-
         cfg = self.run.cfg
-        r_ppo = resolve_section(cfg, "ppo").lora_rank if cfg.run_ppo else 0
-        return cfg.merge.rank or default_rank(resolve_section(cfg, "sft").lora_rank, r_ppo)
+        r_ppo = cfg.ppo.lora_rank if cfg.run_ppo else 0
+        return cfg.merge.rank or default_rank(cfg.sft.lora_rank, r_ppo)
 
     def check(self) -> None:
         """Before anything trains: fold_into_base needs a full-precision checkpoint."""
@@ -273,15 +268,16 @@ class Merger:
     def _requiz_retention(self, topics: list, active: list[str]) -> None:
         """The retention row of the unit's last topic, graded again on the compressed adapter
         (the uncompressed row is kept under retention.before_svd)."""
+        from .phases import quiz_many
         from .retention import continual_metrics
 
         run = self.run
         ret = run.state.data.get("retention")
-        done = [t for t in topics if run._trained(t.key)]
+        done = [t for t in topics if run.state.phase(t.key, "final") is not None]
         if not run.cfg.eval.retention or not ret or not done or done[-1].key not in ret["rows"]:
             return
         last = done[-1].key
-        res = run.quiz_many(list(run.trained), active)
+        res = quiz_many(run, list(run.trained), active)
         ret.setdefault("before_svd", {}).setdefault(last, ret["rows"][last])
         ret["rows"][last] = {k: q.score for k, q in res.items()}
         ret["metrics"] = continual_metrics(ret["rows"], ret["order"])

@@ -26,7 +26,11 @@ STATE_VERSION = 1
 
 # Keys whose change does not alter what a run computes (may differ on resume), with what
 # is under them.
-RESUME_FREE_KEYS = ("run_dir", "estimate", "reward.continue_at_chance")
+RESUME_FREE_KEYS = ("run_dir", "estimate", "reward.continue_at_chance",
+                    # run I/O of the standalone trainers, in the sections of earlier versions
+                    # (now SFTRun, RewardRun); the pipeline never read them
+                    "sft.model", "sft.data_dir", "sft.out_dir", "sft.eval_fraction",
+                    "reward.train.model", "reward.train.data_dir", "reward.train.out_dir")
 
 
 def _resume_free(key: str) -> bool:

@@ -55,58 +55,90 @@ RewardFn = Callable[[mx.array, mx.array], Any]
 class PPOConfig:
     """PPO hyperparameters; defaults are the classic ones (Ziegler et al. 2019, TRL <= 0.11)."""
 
-    steps: int = 100                      # PPO steps (one rollout batch each)
-    learning_rate: float = 1.41e-5
-    batch_size: int = 4                   # prompts (rollouts) per step
-    mini_batch_size: int = 4              # rollouts per optimizer step
-    gradient_accumulation_steps: int = 1  # micro-batches per minibatch
-    ppo_epochs: int = 4                   # passes over the rollout batch, reshuffled each time
-    max_grad_norm: float | None = 1.0     # global gradient-norm clip (None: off)
-    adam_bias_correction: bool = True     # bias-corrected Adam, as torch.optim.Adam (TRL's lr assumes it)
-    adam_epsilon: float = 1e-8            # Adam's epsilon (torch's default)
-    seed: int = 0
+    steps: int = field(default=100, metadata={"help": "PPO steps (one rollout batch each)"})
+    learning_rate: float = field(default=1.41e-5, metadata={"help": "peak learning rate (Adam)"})
+    batch_size: int = field(default=4, metadata={"help": "prompts (rollouts) per step"})
+    mini_batch_size: int = field(default=4, metadata={"help": "rollouts per optimizer step"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per minibatch"})
+    ppo_epochs: int = field(
+        default=4, metadata={"help": "passes over the rollout batch, reshuffled each time"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "global gradient-norm clip (None: off)"})
+    adam_bias_correction: bool = field(
+        default=True,
+        metadata={"help": "bias-corrected Adam, as torch.optim.Adam (TRL's lr assumes it)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam's epsilon (torch's default)"})
+    seed: int = field(
+        default=0, metadata={"help": "prompt order, rollout sampling, adapter and value-head init"})
     # KL penalty
-    adap_kl_ctrl: bool = True             # adaptive (Ziegler) or fixed beta
-    init_kl_coef: float = 0.2
-    target: float = 6.0                   # target summed KL per response (nats)
-    horizon: float = 10000.0
-    kl_estimator: Literal["k1", "abs", "mse", "k3"] = "k1"
+    adap_kl_ctrl: bool = field(default=True, metadata={"help": "adaptive (Ziegler) or fixed beta"})
+    init_kl_coef: float = field(
+        default=0.2, metadata={"help": "KL penalty coefficient beta (start value)"})
+    target: float = field(default=6.0, metadata={"help": "target summed KL per response (nats)"})
+    horizon: float = field(
+        default=10000.0, metadata={"help": "adaptive KL controller's horizon (in responses)"})
+    kl_estimator: Literal["k1", "abs", "mse", "k3"] = field(
+        default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio), abs, mse or k3"})
     # advantages and losses
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    value_trunk_grad: bool = True         # the value loss also trains the shared trunk's PPO adapter
-    whiten_rewards: bool = False
-    ratio_threshold: float = 10.0         # skip a minibatch (and its optimizer step) above this mean ratio
-    early_stopping: bool = False          # stop the epochs when policy KL > 1.5 * target_kl
-    target_kl: float = 1.0
+    gamma: float = field(default=1.0, metadata={"help": "discount factor of the advantages"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip (1 +- cliprange)"})
+    cliprange_value: float = field(
+        default=0.2, metadata={"help": "value clip around the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    value_trunk_grad: bool = field(
+        default=True,
+        metadata={"help": "the value loss also trains the shared trunk's PPO adapter"})
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "whiten the per-token rewards of each batch"})
+    ratio_threshold: float = field(
+        default=10.0,
+        metadata={"help": "skip a minibatch (and its optimizer step) above this mean ratio"})
+    early_stopping: bool = field(
+        default=False, metadata={"help": "stop the epochs when policy KL > 1.5 * target_kl"})
+    target_kl: float = field(default=1.0, metadata={"help": "early_stopping's KL bound"})
     # rollouts
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0                    # 1.0 = pure sampling (recommended for PPO)
-    missing_eos_penalty: float | None = None   # subtracted from the score of responses without EOS
-    score_norm: Literal["none", "scale", "running"] = "none"   # running std / running mean+std
-    score_clip: float | None = None
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "response length of rollouts (tokens)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling; 1.0 = pure sampling (recommended for PPO)"})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "subtracted from the score of responses without EOS"})
+    score_norm: Literal["none", "scale", "running"] = field(
+        default="none", metadata={"help": "none | scale (by a running std) | running (running mean and std)"})
+    score_clip: float | None = field(
+        default=None, metadata={"help": "clip scores to +-score_clip (null: off)"})
     # OpenAI's reward normalisation (lm-human-preferences): at the start, sample the frozen SFT
     # policy on the prompts, score, and map every score through gain * score + bias so that
     # those samples have mean 0 and std 1 (applied before score_norm, clip and EOS penalty)
-    reward_norm: Literal["none", "sft_samples"] = "none"
-    reward_norm_samples: int = 64         # SFT-policy samples the gain and bias are fitted on
-    value_head_init: Literal["zero", "reward"] = "zero"   # reward: start the value head from the
-                                          # reward model's head (gain and bias folded in)
-    forward_batch_size: int | None = None # rows per teacher-forced pass in rollouts (None: all)
+    reward_norm: Literal["none", "sft_samples"] = field(
+        default="none",
+        metadata={"help": "sft_samples: fit gain and bias on SFT-policy samples (mean 0, std 1)"})
+    reward_norm_samples: int = field(
+        default=64, metadata={"help": "SFT-policy samples the gain and bias are fitted on"})
+    value_head_init: Literal["zero", "reward"] = field(
+        default="zero",
+        metadata={"help": "reward: start the value head from the reward head (gain, bias folded in)"})
+    forward_batch_size: int | None = field(
+        default=None, metadata={"help": "rows per teacher-forced pass in rollouts (None: all)"})
     # the trainable adapter and the value head
-    adapter_name: str = "ppo"
-    lora_rank: int = 1
-    lora_alpha: float = 1.0
-    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
-    num_layers: int = 0                   # LoRA on the last N decoder layers; 0 = all (as SFTConfig)
-    grad_checkpoint: bool = False         # recompute decoder-layer activations in the update's backward
+    adapter_name: str = field(default="ppo", metadata={"help": "name of the trained LoRA adapter"})
+    lora_rank: int = field(default=1, metadata={"help": "LoRA rank of the PPO adapter"})
+    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(lora.DEFAULT_TARGETS),
+        metadata={"help": "linear layers that get LoRA (names inside a decoder layer)"})
+    num_layers: int = field(
+        default=0, metadata={"help": "LoRA on the last N decoder layers; 0 = all (as SFTConfig)"})
+    grad_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "recompute decoder-layer activations in the update's backward"})
     # bookkeeping
-    save_every: int = 10                  # checkpoint every N steps (0: only at the end)
-    progress: bool = True
+    save_every: int = field(
+        default=10, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:

@@ -35,15 +35,20 @@ SALT_SAMPLE = 59
 class DITTOConfig(DPOConfig):
     """DPO's settings (`steps` = DPO steps per round) plus the rounds of sampling."""
 
-    steps: int = 10                       # DPO steps per round
-    rounds: int = 3                       # sample-then-DPO rounds
-    samples_per_prompt: int = 2           # policy samples per demonstration per round
-    replay: bool = True                   # earlier rounds' samples stay in as rejected answers
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    sample_batch_size: int = 16           # prompts per batched sampling call
-    adapter_name: str = "ditto"
+    steps: int = field(default=10, metadata={"help": "DPO steps per round"})
+    rounds: int = field(default=3, metadata={"help": "sample-then-DPO rounds"})
+    samples_per_prompt: int = field(
+        default=2, metadata={"help": "policy samples per demonstration per round"})
+    replay: bool = field(
+        default=True, metadata={"help": "earlier rounds' samples stay in as rejected answers"})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "length of the policy's samples (tokens)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1.0: off)"})
+    sample_batch_size: int = field(
+        default=16, metadata={"help": "prompts per batched sampling call"})
+    adapter_name: str = field(
+        default="ditto", metadata={"help": "name of the trained LoRA adapter"})
 
     def validate(self) -> None:
         check_values(self, self._checks() + [

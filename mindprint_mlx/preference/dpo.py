@@ -36,27 +36,41 @@ SALT_INIT, SALT_ORDER = 47, 53
 class DPOConfig:
     """DPO hyperparameters (defaults: TRL's beta and loss; a LoRA-sized learning rate)."""
 
-    steps: int = 100                      # optimizer steps; pairs are cycled in seeded epochs
-    batch_size: int = 4                   # preference pairs per optimizer step
-    gradient_accumulation_steps: int = 1  # micro-batches per step (must divide batch_size)
-    learning_rate: float = 5e-5
-    beta: float = 0.1                     # strength of the implicit KL to the reference
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0          # conservative DPO (sigmoid only), in [0, 0.5)
-    max_seq_length: int = 512                    # tokens per row (prompt + answer + EOS)
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-    adam_bias_correction: bool = True
-    adam_epsilon: float = 1e-8
-    seed: int = 0
-    adapter_name: str = "dpo"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
-    num_layers: int = 0                   # LoRA on the last N decoder layers; 0 = all
-    grad_checkpoint: bool = False
-    save_every: int = 10                  # checkpoint every N steps (0: only at the end)
-    progress: bool = True
+    steps: int = field(
+        default=100, metadata={"help": "optimizer steps; pairs are cycled in seeded epochs"})
+    batch_size: int = field(default=4, metadata={"help": "preference pairs per optimizer step"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per step (must divide batch_size)"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (Adam)"})
+    beta: float = field(
+        default=0.1, metadata={"help": "strength of the implicit KL to the reference"})
+    loss_type: Literal["sigmoid", "ipo"] = field(
+        default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "conservative DPO (sigmoid only), in [0, 0.5)"})
+    max_seq_length: int = field(
+        default=512, metadata={"help": "tokens per row (prompt + answer + EOS)"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "global gradient-norm clip (null: off)"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW's decoupled weight decay (0: plain Adam)"})
+    adam_bias_correction: bool = field(
+        default=True, metadata={"help": "bias-corrected Adam, as torch.optim.Adam"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam's epsilon (torch's default)"})
+    seed: int = field(default=0, metadata={"help": "pair order and adapter init"})
+    adapter_name: str = field(default="dpo", metadata={"help": "name of the trained LoRA adapter"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(lora.DEFAULT_TARGETS),
+        metadata={"help": "linear layers that get LoRA (names inside a decoder layer)"})
+    num_layers: int = field(
+        default=0, metadata={"help": "LoRA on the last N decoder layers; 0 = all"})
+    grad_checkpoint: bool = field(
+        default=False, metadata={"help": "recompute layer activations in backward (less memory)"})
+    save_every: int = field(
+        default=10, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def _checks(self) -> list[tuple[str, bool]]:
         n = dist.size()

@@ -45,32 +45,51 @@ HEAD_NAME = "reward"
 class RewardConfig:
     """Reward-model training. LoRA on the base plus a scalar head, Bradley-Terry loss."""
 
-    model: str = ""  # base model (directory or hub id); used by the CLI
-    data_dir: str = ""  # curriculum data directory with preference pairs; used by the CLI
-    out_dir: str = "runs/reward"  # adapter/, checkpoint/, metrics.jsonl go here (CLI)
-    seed: int = 0  # split, data order, LoRA init and head init
-    lora_rank: int = 8  # LoRA rank
-    lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
-    num_layers: int = 0  # LoRA on the last N decoder layers; 0 = all
-    epochs: int = 10  # upper bound; early stopping usually ends sooner
-    batch_size: int = 4  # preference pairs per step (2x rows)
-    max_seq_length: int = 512  # tokens per row (prompt + response + EOS); longer rows are cut and counted
-    learning_rate: float = 1e-4  # peak learning rate
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
-    adam_bias_correction: bool = True  # bias-corrected Adam as torch/TRL assume (mlx's default is off)
-    adam_epsilon: float = 1e-8  # Adam's epsilon (torch's default)
-    warmup_ratio: float = 0.1  # linear warmup over this fraction of all steps, then cosine decay
-    max_grad_norm: float = 1.0  # clip gradients by global norm
-    margin: float = 0.0  # loss -log sigmoid(r_c - r_r - margin)
-    val_fraction: float = 0.2  # seeded held-out share of the pairs
-    patience: int = 3  # epochs without a val-loss improvement of at least min_delta before stopping
-    min_delta: float = 0.01
-    log_every: int = 5  # batches between metric lines
-    include_distinctions: bool = False  # add critical distinctions (correct > incorrect) as pairs
-    compile: bool | None = None  # mx.compile the step; None = on a GPU only (no gain measured on CPU)
-    grad_checkpoint: bool = False  # recompute layer activations in backward (less memory)
+    seed: int = field(default=0, metadata={"help": "split, data order, LoRA init and head init"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the LoRA input (0: none)"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(lora.DEFAULT_TARGETS),
+        metadata={"help": "linear layers that get LoRA (names inside a decoder layer)"})
+    num_layers: int = field(
+        default=0, metadata={"help": "LoRA on the last N decoder layers; 0 = all"})
+    epochs: int = field(
+        default=10, metadata={"help": "upper bound; early stopping usually ends sooner"})
+    batch_size: int = field(default=4, metadata={"help": "preference pairs per step (2x rows)"})
+    max_seq_length: int = field(
+        default=512,
+        metadata={"help": "tokens per row (prompt + response + EOS); longer rows are cut"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW's decoupled weight decay (0: plain Adam)"})
+    adam_bias_correction: bool = field(
+        default=True,
+        metadata={"help": "bias-corrected Adam as torch/TRL assume (mlx's default is off)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam's epsilon (torch's default)"})
+    warmup_ratio: float = field(
+        default=0.1,
+        metadata={"help": "linear warmup over this fraction of all steps, then cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip gradients by global norm"})
+    margin: float = field(default=0.0, metadata={"help": "loss -log sigmoid(r_c - r_r - margin)"})
+    val_fraction: float = field(
+        default=0.2, metadata={"help": "seeded held-out share of the pairs"})
+    patience: int = field(
+        default=3,
+        metadata={"help": "epochs without a val-loss gain of min_delta before stopping"})
+    min_delta: float = field(
+        default=0.01,
+        metadata={"help": "smallest val-loss improvement that counts (early stopping)"})
+    log_every: int = field(default=5, metadata={"help": "batches between metric lines"})
+    include_distinctions: bool = field(
+        default=False,
+        metadata={"help": "add critical distinctions (correct > incorrect) as pairs"})
+    compile: bool | None = field(
+        default=None,
+        metadata={"help": "mx.compile the step; None = on a GPU only (no gain measured on CPU)"})
+    grad_checkpoint: bool = field(
+        default=False, metadata={"help": "recompute layer activations in backward (less memory)"})
 
     def validate(self) -> None:
         from ..config import check_values
@@ -85,6 +104,24 @@ class RewardConfig:
                             ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
                             ("max_grad_norm", self.max_grad_norm > 0), ("log_every", self.log_every >= 1)])
+
+
+@dataclass
+class RewardRun:
+    """What a standalone reward-model run reads and writes (`mindprint reward train`)."""
+
+    model: str = field(default="", metadata={"help": "base model (directory or hub id)"})
+    data_dir: str = field(
+        default="", metadata={"help": "data directory whose preference pairs are trained on"})
+    out_dir: str = field(
+        default="runs/reward", metadata={"help": "adapter/, checkpoint/, metrics.jsonl go here"})
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        for key in ("model", "data_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"key '{key}' is required (set it in the file or pass {key}=...)")
 
 
 @dataclass
@@ -298,8 +335,7 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     total_steps = steps_per_epoch * cfg.epochs
     run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items()
                                   if k not in ("epochs", "patience", "min_delta", "log_every",
-                                               "model", "data_dir", "out_dir", "compile",
-                                               "grad_checkpoint")},
+                                               "compile", "grad_checkpoint")},
                           "rows": rows})
 
     mx.random.seed(cfg.seed)

@@ -46,35 +46,56 @@ LOSS_WINDOW = 8   # optimizer steps averaged by the loss-divergence check
 class SFTConfig:
     """LoRA SFT. Loss covers the completion and its EOS; the prompt only conditions."""
 
-    model: str = ""  # base model (directory or hub id); used by the CLI
-    data_dir: str = ""  # curriculum data directory (SFT records); used by the CLI
-    out_dir: str = "runs/sft"  # adapter/, checkpoint/, metrics.jsonl go here (CLI)
-    seed: int = 0  # data order, LoRA init, dropout
-    lora_rank: int = 8  # LoRA rank
-    lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
-    num_layers: int = 0  # LoRA on the last N decoder layers; 0 = all
-    epochs: int = 3
-    batch_size: int = 4  # rows per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_seq_length: int = 512  # tokens per row; longer rows are cut, counted and reported
-    learning_rate: float = 1e-4  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay (0: plain Adam)
-    adam_bias_correction: bool = True  # bias-corrected Adam as torch/PEFT recipes assume (mlx's default is off)
-    adam_epsilon: float = 1e-8  # Adam's epsilon (torch's default)
-    warmup_ratio: float = 0.05  # linear warmup over this fraction of optimizer steps
-    max_grad_norm: float = 1.0  # clip by global norm; 0 disables
-    grad_checkpoint: bool = False  # recompute layer activations in backward (less memory)
-    eval_fraction: float = 0.1  # CLI: held-out share of the records for eval loss (0 = none)
-    eval_every: int = 0  # optimizer steps between eval-loss measurements; 0 = end of each epoch
-    save_every: int = 50  # optimizer steps between checkpoints (and always at the end)
-    log_every: int = 1  # optimizer steps between metric lines
-    max_steps: int = 0  # cap on optimizer steps (the schedule spans the cap); 0 = epochs decide
-    pad_to_multiple: int = 8  # round batch length up (fewer shapes for the compiled step)
-    compile: bool | None = None  # mx.compile the step; None = on a GPU only (no gain measured on CPU)
-    replay_fraction: float = 0.75  # pipeline: share of a topic's SFT rows replayed from earlier topics (keeps them); the standalone trainer has no earlier topics
+    seed: int = field(default=0, metadata={"help": "data order, LoRA init, dropout"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the LoRA input (0: none)"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(lora.DEFAULT_TARGETS),
+        metadata={"help": "linear layers that get LoRA (names inside a decoder layer)"})
+    num_layers: int = field(
+        default=0, metadata={"help": "LoRA on the last N decoder layers; 0 = all"})
+    epochs: int = field(
+        default=3,
+        metadata={"help": "passes over the records (the pipeline sets it per topic: adaptive)"})
+    batch_size: int = field(default=4, metadata={"help": "rows per micro-batch"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_seq_length: int = field(
+        default=512, metadata={"help": "tokens per row; longer rows are cut, counted and reported"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(
+        default=0.0, metadata={"help": "cosine decays to learning_rate * min_lr_ratio"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW's decoupled weight decay (0: plain Adam)"})
+    adam_bias_correction: bool = field(
+        default=True,
+        metadata={"help": "bias-corrected Adam, as torch/PEFT recipes assume (mlx: off)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam's epsilon (torch's default)"})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "linear warmup over this fraction of optimizer steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip by global norm; 0 disables"})
+    grad_checkpoint: bool = field(
+        default=False, metadata={"help": "recompute layer activations in backward (less memory)"})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "optimizer steps between eval-loss measurements; 0 = end of each epoch"})
+    save_every: int = field(
+        default=50,
+        metadata={"help": "optimizer steps between checkpoints (and always at the end)"})
+    log_every: int = field(default=1, metadata={"help": "optimizer steps between metric lines"})
+    max_steps: int = field(
+        default=0,
+        metadata={"help": "cap on optimizer steps (the schedule spans the cap); 0 = epochs decide"})
+    pad_to_multiple: int = field(
+        default=8, metadata={"help": "round batch length up (fewer shapes for the compiled step)"})
+    compile: bool | None = field(
+        default=None,
+        metadata={"help": "mx.compile the step; None = on a GPU only (no gain measured on CPU)"})
+    replay_fraction: float = field(
+        default=0.75,
+        metadata={"help": "pipeline: share of a topic's SFT rows replayed from earlier topics"})
 
     def validate(self) -> None:
         from ..config import check_values
@@ -92,10 +113,30 @@ class SFTConfig:
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
                             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0),
                             ("max_grad_norm", self.max_grad_norm >= 0),
-                            ("eval_fraction", 0.0 <= self.eval_fraction < 1.0),
                             ("save_every", self.save_every >= 1), ("log_every", self.log_every >= 1),
                             ("eval_every", self.eval_every >= 0), ("max_steps", self.max_steps >= 0),
                             ("pad_to_multiple", self.pad_to_multiple >= 1)])
+
+
+@dataclass
+class SFTRun:
+    """What a standalone SFT run reads and writes (`mindprint sft`); the pipeline has its own."""
+
+    model: str = field(default="", metadata={"help": "base model (directory or hub id)"})
+    data_dir: str = field(
+        default="", metadata={"help": "data directory whose SFT records are trained on"})
+    out_dir: str = field(
+        default="runs/sft", metadata={"help": "adapter/, checkpoint/, metrics.jsonl go here"})
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "held-out share of the records for the eval loss (0: none)"})
+
+    def validate(self) -> None:
+        from ..config import ConfigError, check_values
+
+        for key in ("model", "data_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"key '{key}' is required (set it in the file or pass {key}=...)")
+        check_values(self, [("eval_fraction", 0.0 <= self.eval_fraction < 1.0)])
 
 
 @dataclass
@@ -201,8 +242,8 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     if not train_rows:
         raise MindprintError("SFT needs at least one record")
     run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items() if k not in (
-        "model", "data_dir", "out_dir", "compile", "log_every", "save_every", "eval_every",
-        "eval_fraction", "grad_checkpoint")}, "rows": train_rows, "adapter": adapter_name,
+        "compile", "log_every", "save_every", "eval_every", "grad_checkpoint")},
+        "rows": train_rows, "adapter": adapter_name,
         **({"replay": list(replay)} if replay[1] else {})})
 
     mx.random.seed(cfg.seed)

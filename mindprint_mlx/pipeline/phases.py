@@ -1,0 +1,592 @@
+"""The pipeline's phases, as functions over one small run context (`Run`).
+
+Reward model (and judge) once; per topic SFT -> quiz -> refine (PPO, when `decide` says so)
+-> final quiz; per unit merge -> verify; at the end the final adapter and its grade. Every
+topic phase goes through `step`: skip it when state.json says it is done (restoring what
+it left in memory), else run it and record it, then stop if a stop was requested. The
+decisions themselves are `decide`'s pure functions.
+
+Composition (one base in memory, adapters stacked by name):
+- prior units: one frozen adapter each, `u0`, `u1`, ... (loaded from
+  merged_adapters/{unit}_merged on resume), always active;
+- the current unit: a running frozen adapter `u{i}` into which each finished topic's
+  `sft` (and `ppo`) adapters are folded with `models.lora.combine_adapters` (exact: ranks
+  concatenate), so the next topic of the unit trains on top of everything before it;
+- the topic being trained: `sft` (trainable during SFT, then frozen), then `ppo`
+  (trainable, with `sft` and everything below frozen: the reference policy is the model
+  without `ppo`).
+After the unit's last topic, `merge_unit` saves `u{i}` as the unit's merged adapter (an
+mlx-lm adapter directory, loadable on its own on the base after the prior units' merged
+adapters); `verify` re-grades the unit's topics with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from .. import evaluate as ev
+from ..config import to_dict
+from ..data.batching import eos_ids, pad_id
+from ..errors import MindprintError
+from ..io import append_jsonl, atomic_write_text, safe_name, topic_slug
+from ..models import lora
+from . import decide, interrupt
+from .config import PipelineConfig
+from .report import write_report
+from .retention import continual_metrics, replay_count
+from .state import RunState
+
+PIPELINE_METRICS = "pipeline.jsonl"
+
+
+class Stopped(Exception):
+    """Raised inside the run when Ctrl-C asked it to stop (after saving)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What the phases share: the config, the run's record, the data, the model in memory."""
+
+    cfg: PipelineConfig
+    state: RunState
+    dataset: Any
+    curriculum: Any
+    plan: list[dict]
+    resolved: dict                  # the config as run.json holds it (for report.md)
+    echo: Callable[[str], None]
+    resume: bool = False
+    model: Any = None
+    tok: Any = None
+    rm: Any = None                  # the reward model PPO climbs
+    judge: Any = None               # the reward model that grades the quiz's preference part
+    merger: Any = None              # merge.Merger: what merge.mode does at each unit's merge
+    trained: list = dataclasses.field(default_factory=list)  # topics trained, curriculum order
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state.run_dir
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics"
+
+    @property
+    def work(self) -> Path:
+        return self.run_dir / "work"
+
+
+def check_stop() -> None:
+    if interrupt.requested():
+        raise Stopped
+
+
+def step(run: Run, key: str, name: str, compute: Callable[[], dict], *,
+         saved: Callable[[dict], None] | None = None,
+         restore: Callable[[dict], None] | None = None,
+         report: Callable[[dict], None] | None = None) -> dict:
+    """Phase `name` of topic `key`: when state.json holds it as done, `restore(record)` puts
+    back what it left in memory; else `compute()` runs it, its record is saved and then
+    `saved(record)` runs. Then `report(record)`, and a requested stop stops the run."""
+    rec = run.state.phase(key, name)
+    if rec is None:
+        run.state.finish_phase(key, name, compute())
+        rec = run.state.phase(key, name)
+        if saved is not None:
+            saved(rec)
+    elif restore is not None:
+        restore(rec)
+    if report is not None:
+        report(rec)
+    check_stop()
+    return rec
+
+
+# ---------------------------------------------------------------- data
+
+def drop_quiz_repeats(dataset, curriculum) -> dict[str, int]:
+    """Remove training records whose prompt repeats a quiz question (any topic's), from the
+    dataset (reward model) and every topic (SFT, PPO prompts); returns the counts dropped."""
+    from ..data.records import quiz_repeats
+
+    counts = {}
+    for kind in ("sft", "preference", "distinctions"):
+        bad = {id(r) for r, _ in quiz_repeats(getattr(dataset, kind), dataset.quiz)}
+        counts[kind] = len(bad)
+        setattr(dataset, kind, [r for r in getattr(dataset, kind) if id(r) not in bad])
+        for t in curriculum.topics:
+            setattr(t, kind, [r for r in getattr(t, kind) if id(r) not in bad])
+    return counts
+
+
+def split_pairs(pairs: list, seed: int) -> tuple[list, list]:
+    """Two disjoint halves of the preference pairs, each covering every topic (alternating
+    within a topic after a seeded shuffle): one trains the reward model PPO climbs, the
+    other the judge that grades the quiz."""
+    by_topic: dict[tuple, list] = {}
+    for p in pairs:
+        by_topic.setdefault((p.unit, p.chapter, p.topic), []).append(p)
+    rng = random.Random(seed)
+    a, b = [], []
+    flip = 0
+    for k in by_topic:
+        group = list(by_topic[k])
+        rng.shuffle(group)
+        for i, p in enumerate(group):
+            (a if (i + flip) % 2 == 0 else b).append(p)
+        flip += len(group) % 2     # odd groups alternate which half gets the extra pair
+    return a, b
+
+
+def ppo_prompts(topic) -> list[list[dict]]:
+    """PPO's prompts: the topic's SFT and preference prompts (unique). Never its quiz
+    questions: the quiz grades PPO's result, so it must stay held out."""
+    out, seen = [], set()
+    prompts = [list(r.prompt) for r in topic.sft] + [list(r.prompt) for r in topic.preference]
+    for p in prompts:
+        key = repr(p)
+        if key not in seen:
+            seen.add(key)
+            out.append([dict(m) for m in p])
+    return out
+
+
+def copy_metrics(work: Path, metrics_dir: Path, prefix: str) -> list[str]:
+    """A trainer's *.jsonl files from its work dir into metrics/, atomically."""
+    out = []
+    for f in sorted(work.rglob("*.jsonl")) if work.exists() else []:
+        stem = f.stem if f.stem not in ("metrics", "log") else ""
+        name = safe_name(f"{prefix}{'-' + stem if stem else ''}") + ".jsonl"
+        atomic_write_text(metrics_dir / name, f.read_text(encoding="utf-8", errors="replace"))
+        out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------- grading
+
+def quiz_many(run: Run, topics: list, active: list[str]) -> dict[str, ev.QuizResult]:
+    """The quiz of each topic with the `active` adapters; greedy answers in one batch."""
+    markers = list(run.dataset.persona.voice_markers)
+    items = {t.key: ev.topic_quiz_items(t, run.cfg.eval.max_questions) for t in topics}
+    flat = [it.messages for t in topics for it in items[t.key]]
+    out = {}
+    with lora.active_adapters(run.model, active):
+        answers = ev.greedy_answers(run.model, run.tok, flat, max_tokens=run.cfg.eval.max_tokens)
+        i = 0
+        for t in topics:
+            n = len(items[t.key])
+            out[t.key] = ev.evaluate_quiz(
+                run.model, run.tok, items[t.key], markers=markers,
+                target_density=ev.topic_target_density(t, markers), reward=run.judge,
+                weights=run.cfg.eval.weights, max_tokens=run.cfg.eval.max_tokens,
+                answers=answers[i:i + n])
+            i += n
+    return out
+
+
+def quiz(run: Run, topic, active: list[str]) -> ev.QuizResult:
+    return quiz_many(run, [topic], active)[topic.key]
+
+
+def log_eval(run: Run, index: int, key: str, name: str, score: float, parts: dict) -> None:
+    append_jsonl(run.metrics / PIPELINE_METRICS, {
+        "step": index, "topic": key, f"eval/{name}_score": score,
+        **{f"eval/{name}_{k}": v for k, v in parts.items()}})
+
+
+def policy_reward(run: Run, prompts: list, active: list[str]) -> float:
+    """Mean reward of sampled answers to all `prompts` (fixed sampling keys, so the
+    numbers before and after PPO compare the same draws): PPO's effect, measured. Sampled
+    as PPO samples: its length, temperature and top_p, the full EOS set."""
+    from ..ppo.rollout import generate_batch
+
+    pcfg = run.cfg.ppo
+    enc = [ev.encode_prompt(run.tok, p) for p in prompts]
+    eos, pad = eos_ids(run.tok), pad_id(run.tok)
+    scores = []
+    with lora.active_adapters(run.model, active):
+        for k in range(run.cfg.eval.reward_samples):
+            for i in range(0, len(enc), 16):
+                g = generate_batch(run.model, enc[i:i + 16], pcfg.max_new_tokens, eos, pad,
+                                   pcfg.temperature, pcfg.top_p,
+                                   mx.random.key(run.cfg.seed * 1000 + 7919 + k * 101 + i))
+                scores.extend(float(x) for x in run.rm.score_tokens(g.tokens, g.lengths).tolist())
+    return float(sum(scores) / max(1, len(scores)))
+
+
+# ---------------------------------------------------------------- reward model and judge
+
+def reward_models(run: Run) -> None:
+    """The reward model PPO climbs (`run.rm`) and the judge that grades the quiz's
+    preference part (`run.judge`).
+
+    eval.judge: `split` trains them on two disjoint halves of the pairs (the gate is
+    not graded by the reward PPO optimises); `reward` uses the reward model for both;
+    any other value is the directory of a reward model to judge with."""
+    from ..train.reward import RewardModel
+
+    cfg, st = run.cfg, run.state
+    pairs = list(run.dataset.preference) + list(run.dataset.distinctions)
+    judge = cfg.eval.judge
+    reward_pairs, judge_pairs = split_pairs(pairs, cfg.seed) if judge == "split" else (pairs, [])
+    if cfg.reward.path:
+        adapter_dir = Path(cfg.reward.path)
+        st.data["reward_model"] = {"done": True, "adapter_dir": str(adapter_dir), "reused": True}
+        st.save()
+    else:
+        adapter_dir = train_scorer(run, "reward_model", "reward", reward_pairs)
+    judge_dir = train_scorer(run, "judge_model", "judge", judge_pairs) if judge == "split" else None
+    run.rm = RewardModel.load(run.model, run.tok, adapter_dir)
+    if judge_dir is not None:
+        run.judge = RewardModel.load(run.model, run.tok, judge_dir, name="judge")
+    elif judge == "reward":
+        run.judge = run.rm
+    else:
+        run.judge = RewardModel.load(run.model, run.tok, Path(judge), name="judge")
+        st.data["judge_model"] = {"done": True, "adapter_dir": str(judge), "reused": True}
+    lora.set_active(run.model, [])
+
+
+def train_scorer(run: Run, key: str, label: str, pairs: list) -> Path:
+    """Train (or find done) a Bradley-Terry scorer into run_dir/{key}; its adapter dir."""
+    from ..train.reward import train_reward_model
+
+    st = run.state
+    rec = st.data.get(key)
+    if rec and (run.run_dir / rec["adapter_dir"]).exists():
+        run.echo(f"{label} model: done ({rec['adapter_dir']})")
+        return run.run_dir / rec["adapter_dir"]
+    if not pairs:
+        raise MindprintError(f"{run.cfg.data_dir}: no preference pairs or distinctions to train "
+                             f"the {label} model on (or set reward.path / eval.judge)")
+    # distinctions go in as such: RewardConfig.include_distinctions decides
+    run.echo(f"{label} model: training on {len(pairs)} pairs")
+    lora.set_active(run.model, [])
+    res = train_reward_model(run.model, run.tok, pairs, run.cfg.reward.train, run.run_dir / key,
+                             resume=run.resume)
+    adapter_dir = Path(res.adapter_dir)
+    st.data[key] = {
+        "done": True, "adapter_dir": st.rel(adapter_dir),
+        "metrics": copy_metrics(run.run_dir / key, run.metrics, label), "pairs": len(pairs),
+        "best_val_loss": res.best_val_loss, "best_val_accuracy": res.best_val_accuracy,
+        "stopped_early": res.stopped_early, "epochs": res.epochs}
+    st.save()
+    run.echo(f"{label} model: validation accuracy {res.best_val_accuracy:.3f}")
+    return adapter_dir
+
+
+def chance_stop(run: Run) -> str | None:
+    rec = run.state.data.get("reward_model") or {}
+    return decide.chance_stop(run.cfg.run_ppo, bool(rec.get("reused")),
+                              run.cfg.reward.continue_at_chance, rec.get("best_val_accuracy"))
+
+
+# ---------------------------------------------------------------- a topic
+
+@dataclasses.dataclass
+class TopicRun:
+    """One topic's place in the run: where its files go, what it trains on top of."""
+
+    index: int                      # 1-based position in the curriculum (metrics' step)
+    topic: Any
+    plan: dict                      # its row of the run plan
+    frozen: list[str]               # the adapters below it (prior units, earlier topics)
+
+    @property
+    def key(self) -> str:
+        return self.topic.key
+
+    @property
+    def threshold(self) -> float:
+        return self.plan["plan"]["pass_threshold"]
+
+    def adapter_dir(self, run: Run) -> Path:
+        return run.run_dir / "adapters" / Path(*[safe_name(p, "topic path")
+                                                 for p in Path(self.topic.rel_dir).parts])
+
+    def work(self, run: Run) -> Path:
+        return run.work / self.topic.rel_dir
+
+    @property
+    def slug(self) -> str:
+        return topic_slug(self.topic.rel_dir, self.key)   # hashed: a/b__c and a__b/c differ
+
+    @property
+    def meta(self) -> dict:
+        t = self.topic
+        return {"unit": t.unit, "chapter": t.chapter, "topic": t.name, "frozen_below": self.frozen}
+
+
+def run_topic(run: Run, t: TopicRun) -> list[str]:
+    """Train one topic on top of its frozen adapters: SFT -> quiz -> refine -> final.
+    Returns the adapters to fold into the unit (none for a skipped topic)."""
+    if not t.plan["plan"]["trainable"]:
+        reason = "; ".join(t.plan["reasons"])
+        step(run, t.key, "skip", lambda: {"reason": reason},
+             saved=lambda rec: run.echo(f"[{t.key}] skipped: {reason}"))
+        return []
+    sft(run, t)
+    q = quiz_phase(run, t, t.frozen + ["sft"])
+    ppo = refine(run, t, t.frozen + ["sft"], q["score"])
+    names = ["sft"] + ([] if ppo.get("skipped") else ["ppo"])
+    final(run, t, names, q)
+    return names
+
+
+def sft(run: Run, t: TopicRun) -> dict:
+    from ..models.adapters import load_adapter, save_adapter
+    from ..train.sft import train_sft
+
+    adir, work = t.adapter_dir(run), t.work(run) / "sft"
+    lora.set_active(run.model, t.frozen)
+
+    def compute() -> dict:
+        scfg = decide.topic_sft_config(run.cfg.sft, t.plan["plan"])
+        records = list(t.topic.sft)
+        pool = [r for x in run.trained for r in x.sft]
+        n_replay = replay_count(len(records), scfg.replay_fraction, len(pool))
+        run.echo(f"[{t.key}] SFT on {len(records)} examples"
+                 + (f" + {n_replay} an epoch replayed from {len(pool)} of {len(run.trained)} "
+                    "earlier topics" if n_replay else ""))
+        res = train_sft(run.model, run.tok, records, scfg, work, adapter_name="sft",
+                        resume=run.resume, replay_records=pool, replay_per_epoch=n_replay)
+        save_adapter(run.model, "sft", adir / "sft_adapter", metadata={**t.meta, "phase": "sft"})
+        rel = run.state.rel(adir / "sft_adapter")
+        return {"adapter": rel, "artefacts": [rel], "train_loss": res.train_loss,
+                "eval_loss": res.eval_loss, "steps": res.steps,
+                "metrics": copy_metrics(work, run.metrics, f"sft-{t.slug}"),
+                "replay_per_epoch": n_replay, "config": to_dict(scfg)}
+
+    return step(run, t.key, "sft", compute,
+                saved=lambda rec: shutil.rmtree(work, ignore_errors=True),
+                restore=lambda rec: load_adapter(run.model, run.run_dir / rec["adapter"], name="sft"))
+
+
+def quiz_phase(run: Run, t: TopicRun, active: list[str]) -> dict:
+    """The topic's quiz right after its SFT (decides whether PPO refines it)."""
+    def compute() -> dict:
+        q = quiz(run, t.topic, active)
+        return {"score": q.score, "parts": q.parts, "items": q.items,
+                "target_marker_density": q.target_marker_density}
+
+    def report(rec: dict) -> None:
+        run.echo(f"[{t.key}] quiz {rec['score']:.3f} (threshold {t.threshold:.2f}; "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in rec["parts"].items()) + ")")
+
+    return step(run, t.key, "quiz", compute, report=report,
+                saved=lambda rec: log_eval(run, t.index, t.key, "quiz", rec["score"], rec["parts"]))
+
+
+def refine(run: Run, t: TopicRun, active: list[str], quiz_score: float) -> dict:
+    """PPO on the topic's prompts when `decide.ppo_skip_reason` gives no reason not to."""
+    from ..models.adapters import adapter_metadata, load_adapter, load_heads, save_adapter
+    from ..ppo import train_ppo
+
+    adir, work = t.adapter_dir(run), t.work(run) / "ppo"
+    prompts = ppo_prompts(t.topic)
+
+    def compute() -> dict:
+        reason = decide.ppo_skip_reason(quiz_score, t.threshold, run.cfg.run_ppo, len(prompts))
+        if reason:
+            run.echo(f"[{t.key}] PPO skipped: {reason}")
+            return {"skipped": True, "reason": reason}
+        pcfg = run.cfg.ppo
+        run.echo(f"[{t.key}] PPO on {len(prompts)} prompts (quiz {quiz_score:.3f} < {t.threshold:.2f})")
+        reward_before = policy_reward(run, prompts, active)
+        lora.set_active(run.model, active)
+        res = train_ppo(run.model, run.tok, prompts, run.rm.score_tokens, pcfg, work,
+                        frozen_adapters=active, resume=run.resume)
+        reward_after = policy_reward(run, prompts, active + ["ppo"])
+        # keep the trainer's value head and metadata (stack, steps, config) beside ours
+        save_adapter(run.model, "ppo", adir / "ppo_adapter",
+                     metadata={**adapter_metadata(res.adapter_dir), **t.meta, "phase": "ppo"},
+                     heads=load_heads(res.adapter_dir) or None)
+        mfiles = copy_metrics(work, run.metrics, f"ppo-{t.slug}")
+        if not mfiles and res.history:
+            mfiles = [f"ppo-{t.slug}.jsonl"]
+            atomic_write_text(run.metrics / mfiles[0], "".join(
+                json.dumps(h, default=float) + "\n" for h in res.history))
+        trend = decide.score_trend(res.history)
+        run.echo(f"[{t.key}] PPO: mean reward on the topic's prompts {reward_before:.3f} -> "
+                 f"{reward_after:.3f}; training batches, mean of the first 3 -> last 3: "
+                 f"{trend['first']:.3f} -> {trend['last']:.3f} "
+                 f"({'rises' if trend['rises'] else 'DOES NOT RISE'})")
+        rel = run.state.rel(adir / "ppo_adapter")
+        return {"adapter": rel, "artefacts": [rel], "steps": res.steps,
+                "mean_score_first": res.mean_score_first, "mean_score_last": res.mean_score_last,
+                "metrics": mfiles, "reward_before": reward_before, "reward_after": reward_after,
+                "reward_gain": res.reward_gain, "reward_bias": res.reward_bias, "trend": trend,
+                "config": to_dict(pcfg)}
+
+    def restore(rec: dict) -> None:
+        if not rec.get("skipped"):
+            load_adapter(run.model, run.run_dir / rec["adapter"], name="ppo")
+
+    return step(run, t.key, "ppo", compute, restore=restore,
+                saved=lambda rec: shutil.rmtree(work, ignore_errors=True))
+
+
+def final(run: Run, t: TopicRun, names: list[str], quiz_rec: dict) -> dict:
+    """The topic's grade with its own adapters: a new quiz after PPO, else the first one."""
+    def compute() -> dict:
+        if "ppo" in names:
+            q = quiz(run, t.topic, t.frozen + names)
+            rec = {"score": q.score, "parts": q.parts, "items": q.items}
+            log_eval(run, t.index, t.key, "final", q.score, q.parts)
+        else:
+            rec = {k: quiz_rec[k] for k in ("score", "parts")}
+        rec["passed"] = decide.passed(rec["score"], t.threshold)
+        return rec
+
+    def saved(rec: dict) -> None:
+        write_report(run.run_dir, run.state.data, run.resolved)
+        run.echo(f"[{t.key}] final {rec['score']:.3f}: {'pass' if rec['passed'] else 'FAIL'}")
+
+    return step(run, t.key, "final", compute, saved=saved)
+
+
+def restore_topic(run: Run, key: str) -> list[str]:
+    """A finished topic's adapters loaded back (to fold into its unit); their names."""
+    from ..models.adapters import load_adapter
+
+    names = []
+    for ph in ("sft", "ppo"):
+        rec = run.state.phase(key, ph)
+        if rec and rec.get("adapter"):
+            load_adapter(run.model, run.run_dir / rec["adapter"], name=ph)
+            names.append(ph)
+    return names
+
+
+def fold(run: Run, acc: str | None, unit_name: str, names: list[str]) -> str | None:
+    """Fold a topic's adapters into the unit's running adapter (exact: ranks concatenate)."""
+    if not names:
+        return acc
+    lora.combine_adapters(run.model, ([acc] if acc else []) + names, unit_name)
+    return unit_name
+
+
+def retention_row(run: Run, after: str, active: list[str]) -> None:
+    """Quiz every topic trained so far with everything up to `after` (one matrix row)."""
+    ret = run.state.data.setdefault("retention", {"rows": {}, "order": []})
+    if not run.cfg.eval.retention or after in ret["rows"]:
+        return
+    # the topic itself was just graded with these same adapters (its final quiz)
+    res = quiz_many(run, [t for t in run.trained if t.key != after], active)
+    own = run.state.phase(after, "final")["score"]
+    ret["rows"][after] = {t.key: res[t.key].score if t.key in res else own for t in run.trained}
+    ret["order"] = [t.key for t in run.trained]
+    ret["metrics"] = continual_metrics(ret["rows"], ret["order"])
+    run.state.save()
+    earlier = [k for k in ret["order"] if k != after]
+    if earlier:
+        m = ret["metrics"]
+        run.echo(f"[{after}] retention: earlier topics now "
+                 + ", ".join(f"{ret['rows'][after][k]:.2f}" for k in earlier)
+                 + f" (average {m['average']:.3f}, backward transfer {m['backward_transfer']:+.3f})")
+
+
+# ---------------------------------------------------------------- a unit
+
+def merged_dir(run: Run, unit: str) -> Path:
+    return run.run_dir / "merged_adapters" / f"{safe_name(unit, 'unit')}_merged"
+
+
+def merge_unit(run: Run, unit: str, unit_name: str, topics: list, acc: str | None,
+               prior: list[str]) -> str | None:
+    """Merge the unit: the one place its topics' adapters become the unit's adapter. They
+    were folded, in curriculum order, into `acc` (ranks concatenated: exact); it is saved to
+    merged_adapters/{unit}_merged and stays in memory, frozen, as `unit_name`. Returns that
+    name, or None when the unit trained nothing."""
+    from ..models.adapters import save_adapter
+
+    if not acc:
+        return None
+    d = merged_dir(run, unit)
+    rec = run.state.unit(unit)
+    rec.update(run.merger.unit_merged(unit, acc, prior, topics))
+    save_adapter(run.model, acc, d, metadata={
+        "unit": unit, "topics": [t.key for t in topics], "frozen_below": list(prior),
+        "composition": "sft (+ppo) of each topic, in curriculum order, ranks concatenated",
+        "merge": {"mode": run.merger.mode, **({"svd": rec["svd"]} if "svd" in rec else {})}})
+    rec["merged"] = run.state.rel(d)
+    rec["artefacts"] = [rec["merged"]]
+    return unit_name
+
+
+def verify(run: Run, unit: str, topics: list, active: list[str], index: int) -> str | None:
+    """Re-grade the unit's topics with the merged adapters `active`; record the unit as
+    done. Returns the regression message when a topic dropped more than the tolerance."""
+    tol = run.cfg.verify.tolerance
+    rows = []
+    for t in topics:
+        fin = run.state.phase(t.key, "final")
+        if fin is not None:
+            q = quiz(run, t, active)
+            rows.append(decide.verify_row(t.key, fin["score"], q.score, tol, q.parts))
+    rec = run.state.unit(unit)
+    rec.update(verify=rows, done=True, tolerance=tol)
+    run.state.save()
+    for v in rows:
+        append_jsonl(run.metrics / PIPELINE_METRICS, {
+            "step": index, "topic": v["key"], "eval/merged_score": v["merged"],
+            "eval/merge_drop": v["drop"]})
+    run.echo(f"[unit {unit}] merged -> {rec.get('merged', '(nothing to merge)')}; verify: "
+             + (", ".join(f"{v['key']} {v['final']:.3f}->{v['merged']:.3f}" for v in rows)
+                or "no topics"))
+    msg = decide.regression_message(unit, rows, tol)
+    if msg:
+        run.echo("WARNING: " + msg)
+    return msg
+
+
+# ---------------------------------------------------------------- the result
+
+def ship(run: Run, unit_names: list[str], units: list[str]) -> None:
+    """The whole curriculum as one adapter (every unit's merged adapter, ranks concatenated):
+    what `mindprint export peft` and `mlx_lm.generate --adapter-path` take; then its grade."""
+    from ..models.adapters import save_adapter
+
+    st = run.state
+    final_dir = run.run_dir / "final_adapter"
+    lora.combine_adapters(run.model, list(unit_names), "final")
+    fmeta = run.merger.final("final")    # svd compresses it; which base it sits on
+    if not st.data.get("final_adapter"):
+        save_adapter(run.model, "final", final_dir, metadata={
+            "units": units, "composition": "all units' merged adapters, in order", **fmeta})
+        st.data["final_adapter"] = st.rel(final_dir)
+        st.data["final_merge"] = fmeta["merge"]
+        st.save()
+    final_eval(run, final_dir)
+
+
+def final_eval(run: Run, final_dir: Path) -> None:
+    """Grade what the user takes home: the final adapter, loaded back from disk, on every
+    trained topic's quiz. Its pass rate is the run's headline."""
+    from ..models.adapters import load_adapter
+
+    st = run.state
+    if st.data.get("final_eval"):
+        return
+    load_adapter(run.model, final_dir, name="final_check")
+    res = quiz_many(run, list(run.trained), ["final_check"])
+    lora.remove_adapter(run.model, "final_check")
+    plans = {p["key"]: p for p in run.plan}
+    st.data["final_eval"] = {
+        k: {"score": q.score, "parts": q.parts, "items": q.items,
+            "passed": decide.passed(q.score, plans[k]["plan"]["pass_threshold"])}
+        for k, q in res.items()}
+    ret = st.data.setdefault("retention", {"rows": {}, "order": []})
+    ret["order"] = ret["order"] or [t.key for t in run.trained]
+    ret["final"] = {k: q.score for k, q in res.items()}
+    ret["metrics"] = continual_metrics(ret["rows"], ret["order"], final=ret["final"])
+    st.save()
+    n = sum(v["passed"] for v in st.data["final_eval"].values())
+    run.echo(f"final adapter: {n}/{len(res)} topics pass their quiz "
+             f"(average {ret['metrics']['average']:.3f})")
