@@ -113,7 +113,7 @@ def run_ppo(cfg: PPORunConfig, resume: bool = False):
     prompts = load_prompts(cfg.prompts)[: cfg.max_prompts]
     out = Path(cfg.out_dir)
     save_config(cfg, out / "ppo_config.yaml")
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
 
     with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
         result = train_ppo(model, tok, prompts, reward.score_tokens, cfg.ppo, out,

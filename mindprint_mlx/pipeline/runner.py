@@ -30,11 +30,10 @@ import mlx.core as mx
 
 from .. import evaluate as ev
 from ..config import to_dict
-from ..errors import MindprintError
+from ..errors import Interrupted, MindprintError
 from ..io import append_jsonl, atomic_write_text, safe_name, topic_slug
 from ..models import lora
-from ..train.loop import Interrupted
-from . import interrupt
+from ..stop import graceful_sigint, stop_requested
 from .config import PipelineConfig, resolve_section, resolved_dict
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
 from .report import summary_table, write_metrics_csv, write_report
@@ -44,10 +43,6 @@ from .state import RunState, check_resume, data_hashes, has_progress, write_run_
 log = logging.getLogger(__name__)
 
 PIPELINE_METRICS = "pipeline.jsonl"
-
-
-class Stopped(Exception):
-    """Raised inside the run when Ctrl-C asked it to stop (after saving)."""
 
 
 @dataclasses.dataclass
@@ -274,8 +269,8 @@ class _Run:
         self.model, self.tok = load(self.cfg.model, quantize=self.cfg.quantize)
 
     def check_stop(self) -> None:
-        if interrupt.requested():
-            raise Stopped
+        if stop_requested():
+            raise Interrupted("pipeline")
 
     # -- reward model and judge
     def reward_model(self) -> Any:
@@ -742,11 +737,11 @@ def _run_pipeline(cfg: PipelineConfig, resume: bool, dry_run: bool,
         return early
     t0 = time.time()
     status = "interrupted"
-    with interrupt.graceful_sigint():
+    with graceful_sigint():
         try:
             run.load_model()
             status = run.run()
-        except (Stopped, Interrupted):   # Interrupted: a trainer stopped mid-phase, checkpointed
+        except Interrupted:   # between phases, or a trainer mid-phase (checkpointed)
             status = "interrupted"
             echo("interrupted: state saved; continue with --resume")
         except BaseException as e:

@@ -5,7 +5,8 @@
 model scores responses through `RewardModel.load(model, tokenizer, dir)`.
 """
 
-from .loop import Interrupted, request_stop, stop_requested
+from ..errors import Interrupted
+from ..stop import request_stop, stop_requested
 from .reward import RewardConfig, RewardModel, RewardResult, train_reward_model
 from .sft import SFTConfig, SFTResult, train_sft
 
