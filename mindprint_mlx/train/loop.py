@@ -78,6 +78,18 @@ def early_stopping(best: float, value: float, bad_epochs: int, patience: int,
     return False, bad_epochs + 1, bad_epochs + 1 >= patience
 
 
+def stop_if_requested(role: str, step: int, ckpt_dir: Path, save: Callable[[], None],
+                      saved: bool, write: Callable[[str], None]) -> None:
+    """The agreed stop after optimizer step `step` (`stop.stop_now`): when any rank asked,
+    checkpoint (unless this step just did), say where, and raise `Interrupted`."""
+    if not stop_now():
+        return
+    if not saved:
+        save()
+    write(f"{role}: stopped at step {step}; checkpoint in {ckpt_dir}")
+    raise Interrupted(role, step, ckpt_dir)
+
+
 def global_norm(tree: Any) -> mx.array:
     """The global L2 norm of a gradient tree (lazy; fp32)."""
     return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(tree)))
@@ -378,11 +390,9 @@ class TrainingLoop:
                 if on_step is not None:
                     on_step(state.step, line or {"step": state.step,
                                                  spec.log_keys.get("loss", "loss"): step_loss})
-                if not finished and stop_now():
-                    if not saved_now:
-                        self.checkpoint(state)
-                    self.write(f"{role}: stopped at step {state.step}; checkpoint in {self.ckpt_dir}")
-                    raise Interrupted(role, state.step, self.ckpt_dir)
+                if not finished:
+                    stop_if_requested(role, state.step, self.ckpt_dir, lambda: self.checkpoint(state),
+                                      bool(saved_now), self.write)
                 grad, parts, tokens, items = None, [], 0, 0
                 window_start, clock = state.micro, time.perf_counter()
         finally:

@@ -4,7 +4,8 @@ last non-padding token, trained on preference pairs with the Bradley-Terry loss
 
 Rows are laid out exactly as SFT lays them out (`data.batching.encode_pair`: chat-templated
 prompt, response, EOS), so the head reads the score at the response's EOS, and
-`RewardModel.score` sees exactly what training saw.
+`RewardModel.score` sees exactly what training saw. Training runs on `train.loop.TrainingLoop`:
+this module gives it the pairs, the loss and the end-of-epoch validation with early stopping.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
 
     Data parallel (under `mlx.launch`): each rank scores its share of every batch of pairs
     (`rank::size`), gradients are averaged weighted by pair count, validation metrics are
-    summed over ranks, and rank 0 alone writes. A stop request (`train.loop.request_stop`)
+    summed over ranks, and rank 0 alone writes. A stop request (`mindprint_mlx.stop.request_stop`)
     checkpoints after the current step (mid-epoch) and raises `Interrupted`.
     """
     out = Path(out_dir)

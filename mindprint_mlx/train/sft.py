@@ -1,9 +1,10 @@
 """Supervised fine-tuning with a named LoRA adapter, loss on the completion tokens only.
 
-One obvious path: encode rows (chat template, completion, EOS), walk a seeded,
-length-sorted batch order epoch by epoch, take a (compiled) step that accumulates
-gradients and applies AdamW with a warmup+cosine schedule and global-norm clipping, log,
-evaluate, checkpoint. The data order is a pure function of (seed, epoch), so a
+One obvious path: encode rows (chat template, completion, EOS), hand the training loop
+(`train.loop.TrainingLoop`) a seeded, length-sorted batch order per epoch, the completion
+loss weighted by its target tokens and the held-out loss as evaluation; the loop takes
+the (compiled, accumulated, clipped) AdamW steps on a warmup+cosine schedule, logs,
+evaluates and checkpoints. The data order is a pure function of (seed, epoch), so a
 checkpoint only needs the position in it to resume exactly.
 """
 
@@ -179,7 +180,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     its share of every batch (rows `rank::size`; a rank left short gets a fully masked row,
     so the token weighting stays exact), gradients are averaged weighted by token count,
     and rank 0 alone writes files and shows progress. A stop request
-    (`train.loop.request_stop`, the pipeline's first Ctrl-C) saves a checkpoint after the
+    (`mindprint_mlx.stop.request_stop`, the first Ctrl-C) saves a checkpoint after the
     current optimizer step and raises `Interrupted`; `resume=True` continues exactly.
     """
     out = Path(out_dir)
