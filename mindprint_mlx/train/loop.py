@@ -161,7 +161,7 @@ class TrainState:
 class LoopSpec:
     """What a trainer asks of `TrainingLoop` (from its config)."""
 
-    role: str                     # the run in messages and on the progress bar: "sft[unit1]"
+    role: str                     # the trainer in error messages and logs: "sft", "reward"
     per_epoch: int                # micro-batches an epoch
     epochs: int
     accumulation: int = 1         # micro-batches per optimizer step
@@ -178,6 +178,11 @@ class LoopSpec:
     # peak_memory_gb and the aux names; a value without a name is not written
     log_keys: Mapping[str, str] = field(default_factory=dict)
     hint: str = "lower learning_rate or check the data"   # ends a divergence message
+    label: str = ""               # the run on the progress bar and in stop messages; "": role
+
+    @property
+    def name(self) -> str:
+        return self.label or self.role
 
     def totals(self) -> tuple[int, int]:
         return plan_steps(self.per_epoch, self.epochs, self.accumulation, self.max_steps)
@@ -194,7 +199,7 @@ class TrainingLoop:
         self.ckpt_dir, self.metrics, self.fingerprint = Path(ckpt_dir), Path(metrics), fingerprint
         self.main = dist.is_main()
         self.history: list[dict] = []       # every metric line this call wrote
-        self.bar = Progress(spec.totals()[1], spec.role, enabled=progress and self.main)
+        self.bar = Progress(spec.totals()[1], spec.name, enabled=progress and self.main)
 
     # -- state, files
     def start(self, fresh: TrainState, resume: bool) -> TrainState:
@@ -324,7 +329,7 @@ class TrainingLoop:
         """
         spec, model = self.spec, self.model
         total_micro, _ = spec.totals()
-        per_epoch, role = spec.per_epoch, spec.role
+        per_epoch, name = spec.per_epoch, spec.name
         step = self._step_fn()
         order_epoch, order = -1, []
         grad, parts, tokens, items = None, [], 0, 0
@@ -374,7 +379,7 @@ class TrainingLoop:
                     line = line or {"step": state.step, "epoch": epoch + 1}
                     got = evaluate()
                     line.update(got)
-                    self.write(f"{role} step {state.step}: "
+                    self.write(f"{name} step {state.step}: "
                                + ", ".join(f"{k} {v:.4f}" for k, v in got.items()))
                 if line is not None:
                     self.log(line)
@@ -391,7 +396,7 @@ class TrainingLoop:
                     on_step(state.step, line or {"step": state.step,
                                                  spec.log_keys.get("loss", "loss"): step_loss})
                 if not finished:
-                    stop_if_requested(role, state.step, self.ckpt_dir, lambda: self.checkpoint(state),
+                    stop_if_requested(name, state.step, self.ckpt_dir, lambda: self.checkpoint(state),
                                       bool(saved_now), self.write)
                 grad, parts, tokens, items = None, [], 0, 0
                 window_start, clock = state.micro, time.perf_counter()

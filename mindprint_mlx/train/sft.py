@@ -227,7 +227,7 @@ def _train(model, name, cfg, out, metrics, train_rows, n_main, n_replay, eval_ro
     """SFT's data and loss on the training loop: epoch_order's batches, this rank's rows of
     each, the completion loss weighted by its target tokens, held-out loss as evaluation."""
     lengths = [len(t) for t, _ in train_rows]
-    spec = LoopSpec(role=f"sft[{name}]", per_epoch=-(-(n_main + n_replay) // cfg.batch_size),
+    spec = LoopSpec(role="sft", label=f"sft[{name}]", per_epoch=-(-(n_main + n_replay) // cfg.batch_size),
                     epochs=cfg.epochs, accumulation=cfg.gradient_accumulation_steps,
                     max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, compile=cfg.compile,
                     log_every=cfg.log_every, eval_every=cfg.eval_every, save_every=cfg.save_every,
