@@ -10,10 +10,12 @@ class MindprintError(Exception):
 
 
 class Interrupted(MindprintError):
-    """A trainer stopped between steps because a stop was requested; its checkpoint at
-    `step` is complete, so the same call with `resume=True` continues exactly."""
+    """A run stopped because a stop was requested (`mindprint_mlx.stop`): a trainer between
+    optimizer steps, its checkpoint at `step` complete, or the pipeline between phases
+    (`step` None); the same call with resume continues exactly."""
 
-    def __init__(self, what: str, step: int, checkpoint: str | Path | None):
+    def __init__(self, what: str, step: int | None = None, checkpoint: str | Path | None = None):
         self.what, self.step, self.checkpoint = what, step, checkpoint
+        at = f" at step {step}" if step is not None else ""
         where = f"; checkpoint in {checkpoint}" if checkpoint else ""
-        super().__init__(f"{what}: stopped at step {step} on request{where}; resume to continue")
+        super().__init__(f"{what}: stopped{at} on request{where}; resume to continue")

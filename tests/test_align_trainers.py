@@ -14,7 +14,7 @@ from mindprint_mlx.models import load, lora
 from mindprint_mlx.ppo.rollout import generate_batch, response_forward
 from mindprint_mlx.preference import DITTOConfig, DPOConfig, DPOTrainer, encode_pairs, train_ditto, train_dpo
 from mindprint_mlx.preference.dpo import pair_batch
-from mindprint_mlx.train.loop import clear_stop, request_stop
+from mindprint_mlx.stop import clear_stop, request_stop
 
 TEXTS = ["hi there", "the teacher reads", "why does it rain", "a small boat"]
 PAIRS = [(t, "yes it is a good day", "no") for t in TEXTS]

@@ -12,7 +12,6 @@ from _helpers import forward_logits, randomize
 from mindprint_mlx.config import ConfigError
 from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 from mindprint_mlx.models import load, lora
-from mindprint_mlx.models.adapters import load_adapter, save_adapter
 from mindprint_mlx.pipeline import load_pipeline_config, run_pipeline
 from mindprint_mlx.pipeline.merge import (compress_adapter, final_size, negate_into,
                                           set_base_weights, svd_lora)
@@ -161,15 +160,15 @@ def _config(model, data, run_dir, mode, rank=0) -> dict:
 
 
 def _stop_after_first_unit(line: str) -> None:
-    from mindprint_mlx.pipeline import interrupt
+    from mindprint_mlx.stop import request_stop
 
     if line.startswith("[unit unit-1-foundations] merged"):
-        interrupt.request()
+        request_stop()
 
 
 @pytest.fixture()
 def clear_stop():
-    from mindprint_mlx.train.loop import clear_stop
+    from mindprint_mlx.stop import clear_stop
 
     clear_stop()
     yield

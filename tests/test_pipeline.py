@@ -64,8 +64,8 @@ def _config(model: Path, data: Path, run_dir: Path) -> dict:
 
 @pytest.fixture(autouse=True)
 def _no_stop_left_over():
-    """Tests that stop a run in process (interrupt.request) leave no stop request behind."""
-    from mindprint_mlx.train.loop import clear_stop
+    """Tests that stop a run in process (request_stop) leave no stop request behind."""
+    from mindprint_mlx.stop import clear_stop
 
     clear_stop()
     yield
@@ -252,7 +252,7 @@ def _files(d: Path, pattern: str) -> dict:
 def test_a_run_stopped_between_sft_and_ppo_resumes_to_the_same_bits(setup, tmp_path):
     """PPO's LoRA and value head come from ppo.seed, not from the global random state that
     the phases before it (run or skipped on resume) leave behind."""
-    from mindprint_mlx.pipeline import interrupt
+    from mindprint_mlx.stop import request_stop
 
     cfg_file, _, run_dir = setup
     whole = run_pipeline(load_pipeline_config(cfg_file, [f"run_dir={tmp_path / 'whole'}"]),
@@ -261,7 +261,7 @@ def test_a_run_stopped_between_sft_and_ppo_resumes_to_the_same_bits(setup, tmp_p
 
     def stop_after_the_first_quiz(line: str) -> None:
         if line.startswith(f"[{UNIT}/{CHAPTER}/{TOPICS[0]}] quiz "):
-            interrupt.request()         # what the first Ctrl-C does: stop after this phase
+            request_stop()         # what the first Ctrl-C does: stop after this phase
     cut = run_pipeline(load_pipeline_config(cfg_file), echo=stop_after_the_first_quiz)
     assert cut.status == "interrupted"
     phases = cut.state["topics"][f"{UNIT}/{CHAPTER}/{TOPICS[0]}"]["phases"]
@@ -308,12 +308,12 @@ def test_guards_stop_the_run_before_harm(setup):
     res = run_pipeline(load_pipeline_config(cfg_file, at_chance), echo=lambda s: None)
     assert res.status.startswith("stopped: the reward model's validation accuracy is 0.0 (chance: 0.5)")
     assert not res.state["topics"].get(f"{UNIT}/{CHAPTER}/{TOPICS[0]}", {}).get("phases")
-    from mindprint_mlx.pipeline import interrupt
+    from mindprint_mlx.stop import request_stop
 
     def stop_at_the_first_quiz(line: str) -> None:
         lines.append(line)
         if "] quiz " in line:
-            interrupt.request()
+            request_stop()
     lines: list[str] = []
     res = run_pipeline(load_pipeline_config(cfg_file, ["reward.continue_at_chance=true"]),
                        resume=True, echo=stop_at_the_first_quiz)
@@ -333,7 +333,7 @@ def test_guards_stop_the_run_before_harm(setup):
 def test_two_runs_on_one_run_dir(setup):
     """A run holds run_dir/.lock: a concurrent --resume is refused naming it; once the holder
     is killed, the next run takes the lock over with a note."""
-    from mindprint_mlx.pipeline import interrupt
+    from mindprint_mlx.stop import request_stop
 
     cfg_file, _, run_dir = setup
     first = _cli("pipeline", "run", str(cfg_file))
@@ -351,7 +351,7 @@ def test_two_runs_on_one_run_dir(setup):
     def stop_at_the_first_quiz(line: str) -> None:
         lines.append(line)
         if "] quiz " in line:
-            interrupt.request()
+            request_stop()
     res = run_pipeline(load_pipeline_config(cfg_file), resume=True, echo=stop_at_the_first_quiz)
     assert res.status == "interrupted"
     assert any(f"took over the lock of {run_dir} from pid {first.pid}" in x for x in lines), lines

@@ -25,7 +25,7 @@ from mindprint_mlx.runlock import LOCK_NAME, RunLocked, acquire
 
 @pytest.fixture(autouse=True)
 def _no_stop_left_over():
-    from mindprint_mlx.train.loop import clear_stop
+    from mindprint_mlx.stop import clear_stop
 
     clear_stop()
     yield
@@ -162,7 +162,7 @@ def test_sft_and_reward_metrics_hold_each_step_once_after_a_resume(tiny_llama, t
     # Replay epoch 2 as if killed before its checkpoint: rewind the checkpoint to epoch 1.
     ep1 = [r for r in first if r.get("epoch") == 1 and "reward/val_loss" in r][0]
     st = json.loads((rout / "checkpoint" / "state.json").read_text())
-    st.update(epoch=1, step=ep1["step"], done=False, history=st["history"][:1])
+    st.update(micro=ep1["step"], step=ep1["step"], done=False, history=st["history"][:1])
     (rout / "checkpoint" / "state.json").write_text(json.dumps(st))
     model, tok = load(tiny_llama)
     train_reward_model(model, tok, pairs, rcfg, rout, progress=False, resume=True)

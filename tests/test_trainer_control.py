@@ -14,10 +14,10 @@ import pytest
 from mindprint_mlx.data import load_data_dir
 from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 from mindprint_mlx.models import load, lora
-from mindprint_mlx.pipeline import interrupt
 from mindprint_mlx.ppo import PPOConfig, train_ppo
 from mindprint_mlx.train.checkpoint import read_checkpoint_state
-from mindprint_mlx.train.loop import Interrupted, clear_stop, stop_requested
+from mindprint_mlx.errors import Interrupted
+from mindprint_mlx.stop import clear_stop, request_stop, stop_requested
 from mindprint_mlx.train.reward import RewardConfig, train_reward_model
 from mindprint_mlx.train.sft import SFTConfig, train_sft
 
@@ -53,14 +53,14 @@ def test_sft_stop_request_checkpoints_at_that_step_and_resumes_identically(tiny_
 
     def stop_after_2(step, _):
         if step == 2:
-            interrupt.request()             # what the pipeline's SIGINT handler does
+            request_stop()             # what the pipeline's SIGINT handler does
 
     model, tok = load(tiny_llama)
     with pytest.raises(Interrupted, match="stopped at step 2") as e:
         train_sft(model, tok, records, cfg, tmp_path / "cut", progress=False, on_step=stop_after_2)
     assert stop_requested() and e.value.step == 2
     assert read_checkpoint_state(tmp_path / "cut" / "checkpoint")["step"] == 2   # save_every=100
-    interrupt.clear()
+    clear_stop()
     model, tok = load(tiny_llama)
     resumed = train_sft(model, tok, records, cfg, tmp_path / "cut", resume=True, progress=False)
     assert resumed.steps == full.steps == 5
@@ -81,7 +81,7 @@ def test_reward_stop_request_mid_epoch_resumes_identically(tiny_llama, demo, tmp
     def counting(scores, margin):       # the stop arrives during step 3 (mid-epoch 1)
         calls["n"] += 1
         if calls["n"] == 3:
-            interrupt.request()
+            request_stop()
         return orig(scores, margin)
 
     model, tok = load(tiny_llama)
@@ -93,8 +93,8 @@ def test_reward_stop_request_mid_epoch_resumes_identically(tiny_llama, demo, tmp
         reward_mod.bradley_terry = orig
     assert e.value.step == 3
     st = read_checkpoint_state(tmp_path / "cut" / "checkpoint")
-    assert st["step"] == 3 and st["batch"] == 3 and st["epoch"] == 0
-    interrupt.clear()
+    assert st["step"] == 3 and st["micro"] == 3       # 3 of epoch 1's 4 batches
+    clear_stop()
     model, tok = load(tiny_llama)
     resumed = train_reward_model(model, tok, pairs, cfg, tmp_path / "cut", resume=True, progress=False)
     assert resumed.epochs == full.epochs == 2
@@ -117,7 +117,7 @@ def _ppo_run(tiny_llama, out, steps=3, resume=False, stop_at_call=None, **kw):
     def reward_fn(tokens, lengths):
         calls["n"] += 1
         if calls["n"] == stop_at_call:
-            interrupt.request()
+            request_stop()
         return (tokens == 40).astype(mx.float32).sum(axis=1)
 
     cfg = PPOConfig(steps=steps, batch_size=4, mini_batch_size=2, max_new_tokens=4, ppo_epochs=1,
@@ -133,7 +133,7 @@ def test_ppo_stop_request_checkpoints_and_resumes_identically(tiny_llama, tmp_pa
         _ppo_run(tiny_llama, tmp_path / "cut", stop_at_call=2)      # during step 2's rollout
     assert e.value.step == 2
     assert (tmp_path / "cut" / "checkpoint" / "trainer_state.json").is_file()   # save_every=0
-    interrupt.clear()
+    clear_stop()
     resumed, got = _ppo_run(tiny_llama, tmp_path / "cut", resume=True)
     assert resumed.steps == full.steps == 3
     assert _max_diff(want, got) < 1e-6

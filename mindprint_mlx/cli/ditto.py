@@ -46,7 +46,7 @@ class DITTORunConfig:
 
 def run_ditto(cfg: DITTORunConfig, resume: bool = False):
     from ..config import save_config
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
     from ..preference import train_ditto
     from ..train.policy_adapter import base_weight_bytes
     from ._align import load_base, load_demos

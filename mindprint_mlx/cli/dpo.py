@@ -44,7 +44,7 @@ class DPORunConfig:
 
 def run_dpo(cfg: DPORunConfig, resume: bool = False):
     from ..config import save_config
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
     from ..preference import train_dpo
     from ..train.policy_adapter import base_weight_bytes
     from ._align import load_base, load_pairs

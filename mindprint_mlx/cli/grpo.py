@@ -50,7 +50,7 @@ class GRPORunConfig:
 def run_grpo(cfg: GRPORunConfig, resume: bool = False):
     from ..config import save_config
     from ..grpo import train_grpo
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
     from ..train.policy_adapter import base_weight_bytes
     from ..train.reward import RewardModel
     from ._align import load_base, load_prompts

@@ -34,7 +34,7 @@ def train(config, resume, quantize, overrides):
     save_config({**to_dict(run), **to_dict(cfg)}, out / "config.yaml")
     model, tok = load(run.model, quantize=int(quantize) if quantize else None)
     click.echo(f"reward: {len(pairs)} preference pairs -> {out}", err=True)
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
 
     with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
         res = train_reward_model(model, tok, pairs, cfg, out, resume=resume)

@@ -41,7 +41,7 @@ def sft(config, resume, quantize, overrides):
     save_config({**to_dict(run), **to_dict(cfg)}, out / "config.yaml")
     model, tok = load(run.model, quantize=int(quantize) if quantize else None)
     click.echo(f"sft: {len(train)} training and {len(held)} held-out records -> {out}", err=True)
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
 
     with graceful_sigint():   # first Ctrl-C: checkpoint after this step and stop
         res = train_sft(model, tok, train, cfg, out, eval_records=held or None, resume=resume)

@@ -37,17 +37,15 @@ from ..data.batching import eos_ids, pad_id
 from ..errors import MindprintError
 from ..io import append_jsonl, atomic_write_text, safe_name, topic_slug
 from ..models import lora
-from . import decide, interrupt
+from ..errors import Interrupted
+from ..stop import stop_requested
+from . import decide
 from .config import PipelineConfig
 from .report import write_report
 from .retention import continual_metrics, replay_count
 from .state import RunState
 
 PIPELINE_METRICS = "pipeline.jsonl"
-
-
-class Stopped(Exception):
-    """Raised inside the run when Ctrl-C asked it to stop (after saving)."""
 
 
 @dataclasses.dataclass
@@ -83,8 +81,8 @@ class Run:
 
 
 def check_stop() -> None:
-    if interrupt.requested():
-        raise Stopped
+    if stop_requested():
+        raise Interrupted("pipeline")
 
 
 def step(run: Run, key: str, name: str, compute: Callable[[], dict], *,

@@ -18,12 +18,12 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..errors import MindprintError
-from ..train.loop import Interrupted
-from . import interrupt, phases
+from ..errors import Interrupted, MindprintError
+from ..stop import graceful_sigint
+from . import phases
 from .config import PipelineConfig, resolved_dict
 from .merge import Merger
-from .phases import Stopped, TopicRun
+from .phases import TopicRun
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
 from .report import summary_table, write_metrics_csv, write_report
 from .state import RunState, check_resume, data_hashes, has_progress, write_run_json
@@ -194,11 +194,11 @@ def _run_pipeline(cfg: PipelineConfig, resume: bool, dry_run: bool,
         return run
     t0 = time.time()
     status = "interrupted"
-    with interrupt.graceful_sigint():
+    with graceful_sigint():
         try:
             load_model(run)
             status = walk(run)
-        except (Stopped, Interrupted):   # Interrupted: a trainer stopped mid-phase, checkpointed
+        except Interrupted:   # a stop request: between phases, or a trainer mid-phase (checkpointed)
             status = "interrupted"
             echo("interrupted: state saved; continue with --resume")
         except BaseException as e:

@@ -47,7 +47,7 @@ def run_ppo(run: PPORun, cfg: PPOConfig, resume: bool = False):
     PPOResult and the base weights' bytes. Writes the run's config to out_dir/ppo_config.yaml."""
     from ..config import save_config, to_dict
     from ..models import lora
-    from ..pipeline.interrupt import graceful_sigint
+    from ..stop import graceful_sigint
     from ..train.reward import RewardModel
     from .trainer import base_weight_bytes, train_ppo
 

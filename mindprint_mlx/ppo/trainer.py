@@ -641,7 +641,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     Data parallel (under `mlx.launch`): every rank passes the same prompts and takes its
     share of each step's prompts, samples with its own seed (`distributed.rank_seed`),
     and gradients, minibatch statistics, KL and score statistics are averaged over ranks;
-    rank 0 alone writes. A stop request (`train.loop.request_stop`, the pipeline's first
+    rank 0 alone writes. A stop request (`mindprint_mlx.stop.request_stop`, the first
     Ctrl-C) checkpoints after the current step and raises `Interrupted`.
 
     cfg.reward_norm="sft_samples" fits the reward normalisation before the first step (a

@@ -1,7 +1,8 @@
 """Training state on disk: one directory, swapped in atomically, that resumes a run exactly.
 
 A checkpoint holds the trainable tensors, the optimizer's state, the RNG key and a JSON
-record (step, epoch, position in the epoch's data order, config and data fingerprints).
+record (for the LoRA trainers the loop's `TrainState`: step, position in the data order,
+running sums, the run's config and data fingerprint).
 It is built under a temporary name and renamed into place, so a run killed at any moment
 leaves the previous complete checkpoint or the new one, never a mix.
 """

@@ -28,7 +28,7 @@ from ..io import append_jsonl, trim_jsonl
 from ..models import lora
 from ..progress import Progress
 from .checkpoint import last_good, read_state_on_main, restore_everywhere, save_checkpoint
-from .loop import Interrupted, stop_now
+from .loop import global_norm, stop_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def apply_update(model: nn.Module, optimizer: optim.Optimizer, grads: Any, stats
         stats = dict(zip(keys, vals.tolist()))
     stats = {k: float(v) for k, v in stats.items()}
     if max_grad_norm is None:
-        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        norm = global_norm(grads)
     else:
         grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
     stats["grad_norm"] = float(norm)
@@ -249,11 +249,9 @@ def run_steps(role: str, total: int, start: int, do_step: Callable[[int], dict],
             saved_now = save_every and done % save_every == 0
             if saved_now and done < total and main:
                 save()
-            if done < total and stop_now():
-                if not saved_now and main:
-                    save()
-                bar.write(f"{role}: stopped at step {done}; checkpoint in {ckpt}")
-                raise Interrupted(role, done, ckpt)
+            if done < total:
+                stop_if_requested(role, done, ckpt, save if main else (lambda: None),
+                                  bool(saved_now), bar.write)
         if main:
             save()
     finally:

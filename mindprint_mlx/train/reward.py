@@ -4,36 +4,32 @@ last non-padding token, trained on preference pairs with the Bradley-Terry loss
 
 Rows are laid out exactly as SFT lays them out (`data.batching.encode_pair`: chat-templated
 prompt, response, EOS), so the head reads the score at the response's EOS, and
-`RewardModel.score` sees exactly what training saw.
+`RewardModel.score` sees exactly what training saw. Training runs on `train.loop.TrainingLoop`:
+this module gives it the pairs, the loss and the end-of-epoch validation with early stopping.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 
 from .. import distributed as dist
 from ..config import to_dict
 from ..errors import MindprintError
-from ..guards import DivergedError, divergence, step_problem, tree_norm
-from ..io import append_jsonl, atomic_write_json, trim_jsonl
+from ..io import atomic_write_json
 from ..models import lora
 from ..models.adapters import load_adapter, load_heads, read_adapter_config, save_adapter
 from ..models.heads import ScalarHead, hidden_size, hidden_states
-from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_pair, pad_id, pad_rows
-from .checkpoint import fingerprint, last_good, read_state_on_main, restore_everywhere, save_checkpoint
-from .loop import (Interrupted, gradient_checkpointing, lora_layer_indices, optimizer_for,
-                   stop_now, training_only, use_compile)
+from .checkpoint import fingerprint
+from .loop import (LoopSpec, TrainingLoop, TrainState, early_stopping, gradient_checkpointing,
+                   lora_layer_indices, optimizer_for, plan_steps, rank_share, training_only)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -318,21 +314,16 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
 
     Data parallel (under `mlx.launch`): each rank scores its share of every batch of pairs
     (`rank::size`), gradients are averaged weighted by pair count, validation metrics are
-    summed over ranks, and rank 0 alone writes. A stop request (`train.loop.request_stop`)
+    summed over ranks, and rank 0 alone writes. A stop request (`mindprint_mlx.stop.request_stop`)
     checkpoints after the current step (mid-epoch) and raises `Interrupted`.
     """
     out = Path(out_dir)
-    adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
     items = preference_pairs(pairs, cfg.include_distinctions)
     train_idx, val_idx = split_pairs(len(items), cfg.val_fraction, cfg.seed)
     rows, n_cut = _encode(tokenizer, items, cfg.max_seq_length)
-    pid = pad_id(tokenizer)
     train_rows = [rows[i] for i in train_idx]
     val_rows = [rows[i] for i in val_idx]
-    lengths = [max(len(c), len(r)) for c, r in train_rows]
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
     run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items()
                                   if k not in ("epochs", "patience", "min_delta", "log_every",
                                                "compile", "grad_checkpoint")},
@@ -344,81 +335,67 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
                     layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=False)
     head = ScalarHead(hidden_size(model), zero_init=False, bias=False)  # BT cannot train a bias
     net = _RewardNet(model, head)
-    schedule = cosine_with_warmup(cfg.learning_rate, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
-    opt = optimizer_for(cfg, schedule)
     was_training = model.training
     try:
         with training_only(model, adapter_name), lora.active_adapters(model, [adapter_name]), \
                 gradient_checkpointing(model, cfg.grad_checkpoint):
-            return _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metrics,
-                          train_rows, val_rows, lengths, pid, steps_per_epoch, total_steps,
-                          run_fp, n_cut, resume, progress, on_epoch)
+            return _train(net, model, adapter_name, cfg, out, metrics, train_rows, val_rows,
+                          pad_id(tokenizer), run_fp, n_cut, resume, progress, on_epoch)
     finally:
         model.train(was_training)
         if adapter_name in lora.adapter_names(model):
             lora.remove_adapter(model, adapter_name)
 
 
-def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows,
-           val_rows, lengths, pid, steps_per_epoch, total_steps, run_fp, n_cut, resume,
-           progress, on_epoch) -> RewardResult:
+@dataclass
+class RewardState(TrainState):
+    best_val_accuracy: float = 0.0    # of the best epoch (`best` holds its val loss)
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)   # one record an epoch
+
+
+# the loop's metric values under the reward model's names, in the order of a metric line
+METRIC_NAMES = {"loss": "reward/train_loss", "acc": "reward/train_accuracy", "lr": "reward/lr",
+                "grad_norm": "reward/grad_norm"}
+
+
+def _train(net, model, adapter_name, cfg, out, metrics, train_rows, val_rows, pid, run_fp, n_cut,
+           resume, progress, on_epoch) -> RewardResult:
+    """The reward model's data and loss on the training loop: length-sorted batches of
+    pairs, this rank's pairs of each, the Bradley-Terry loss weighted by pairs; at each
+    epoch's end validation, early stopping and the best epoch's adapter and head."""
     rank, world_size, _ = dist.world()
-    main = rank == 0
-    # "batch" and the accumulators: the position inside an epoch (a stop request
-    # checkpoints mid-epoch; epoch-end checkpoints have batch 0).
-    state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_val_accuracy": 0.0,
-             "bad_epochs": 0, "stopped_early": False, "done": False, "history": [],
-             "batch": 0, "acc": [0.0, 0.0, 0.0, 0.0, 0, 0.0],
-             "norm_start": tree_norm(net.trainable_parameters())}   # for the divergence check
-    saved = read_state_on_main(ckpt_dir, resume)
-    if saved is not None:
-        if saved.get("run_fingerprint") != run_fp:
-            raise MindprintError(f"{ckpt_dir}: the checkpoint was written for other data or "
-                                 "settings; delete it or run without resume")
-        state.update(restore_everywhere(ckpt_dir, net, opt))
-        log.info("reward: resuming after epoch %d", state["epoch"])
-    else:
-        opt.init(net.trainable_parameters())
-        if not resume and ckpt_dir.exists():
-            log.info("reward: starting fresh (resume=False); %s will be overwritten", ckpt_dir)
-    if main:   # each step once: drop the lines of steps after the checkpoint (replayed now)
-        trim_jsonl(metrics, state["step"] if saved is not None else None)
+    lengths = [max(len(c), len(r)) for c, r in train_rows]
+    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    total_steps = plan_steps(steps_per_epoch, cfg.epochs)[1]
+    schedule = cosine_with_warmup(cfg.learning_rate, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio))
+    spec = LoopSpec(role="reward", per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                    max_grad_norm=cfg.max_grad_norm, compile=cfg.compile, log_every=cfg.log_every,
+                    log_per_epoch=True, save_at_epoch_end=True, aux=("acc",), log_keys=METRIC_NAMES)
 
-    def loss_fn(net, tokens, lengths, weights=None):
+    def loss(net, tokens, lengths, weights=None):
+        scores = net(tokens, lengths)
         if weights is None:
-            return bradley_terry(net(tokens, lengths), cfg.margin)
-        return weighted_bradley_terry(net(tokens, lengths), weights, cfg.margin)
+            value, acc = bradley_terry(scores, cfg.margin)
+            return value, mx.array(scores.shape[0] // 2, dtype=mx.float32), acc
+        value, acc = weighted_bradley_terry(scores, weights, cfg.margin)
+        return value, weights.sum(), acc
 
-    value_and_grad = nn.value_and_grad(net, loss_fn)
-
-    def step(tokens, lengths, weights=None):
-        (loss, acc), grads = value_and_grad(net, tokens, lengths, weights)
-        if world_size > 1:
-            n = weights.sum()
-            grads = dist.average_gradients(grads, weight=n)
-            tot = dist.all_sum(mx.stack([loss * n, acc * n, n]))
-            loss, acc = tot[0] / mx.maximum(tot[2], 1.0), tot[1] / mx.maximum(tot[2], 1.0)
-        grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        opt.update(net, grads)
-        return loss, acc, gnorm
-
-    if use_compile(cfg.compile):
-        cstate = [net.state, opt.state, mx.random.state]
-        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
+    loop = TrainingLoop(net, optimizer_for(cfg, schedule), loss, spec, out / "checkpoint",
+                        metrics, run_fp, progress)
+    state = loop.start(RewardState(), resume)
 
     def arrays(pairs_rows):
         rows = [c for c, _ in pairs_rows] + [r for _, r in pairs_rows]
         return pad_rows(rows, pid, pad_to_multiple=8)
 
-    def local_pairs(group):
-        """This rank's pairs of a batch, padded with zero-weight copies to equal counts."""
-        if world_size == 1:
-            return arrays([train_rows[i] for i in group])
-        mine = [train_rows[i] for i in list(group)[rank::world_size]]
-        per = -(-len(group) // world_size)
-        w = [1.0] * len(mine) + [0.0] * (per - len(mine))
-        mine += [train_rows[group[0]]] * (per - len(mine))
-        return (*arrays(mine), mx.array(w, dtype=mx.float32))
+    def make_batch(group):
+        """This rank's pairs of a batch; fillers (copies with weight 0) even the count."""
+        mine, fill = rank_share(group, rank, world_size)
+        args = arrays([train_rows[i] for i in mine] + [train_rows[group[0]]] * fill)
+        if world_size > 1:
+            args = (*args, mx.array([1.0] * len(mine) + [0.0] * fill, dtype=mx.float32))
+        return args, sum(lengths[i] for i in group)
 
     def evaluate() -> tuple[float, float]:
         net.eval()
@@ -435,108 +412,50 @@ def _train(net, model, adapter_name, opt, cfg, out, adapter_dir, ckpt_dir, metri
             tot_loss, tot_acc = dist.global_sum(mx.array([tot_loss, tot_acc])).tolist()
         return tot_loss / len(val_rows), tot_acc / len(val_rows)
 
-    def checkpoint():
-        if main:
-            save_checkpoint(ckpt_dir, net, opt, {**state, "run_fingerprint": run_fp})
-
-    bar = Progress(total_steps, "reward", enabled=progress and main, initial=state["step"])
     meta = {"role": "reward_model", "training_config": to_dict(cfg), "truncated_rows": n_cut}
-    net.train()
-    try:
-        while not state["done"] and state["epoch"] < cfg.epochs:
-            epoch = state["epoch"]
-            order = batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-            ep_loss, ep_acc, win_loss, win_acc, win_n, elapsed = state["acc"]
-            tic = time.perf_counter() - elapsed
-            for b, group in enumerate(order):
-                if b < state["batch"]:
-                    continue                        # done before a stop request
-                loss, acc, gnorm = step(*local_pairs(group))
-                mx.eval(loss, acc, gnorm)
-                lv, av = loss.item(), acc.item()
-                state["step"] += 1
-                state.setdefault("loss_start", lv)
-                problem = step_problem(lv, gnorm.item(), net.trainable_parameters(),
-                                       None, state.get("norm_start"))
-                if problem:
-                    raise problem[0](
-                        f"reward: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch "
-                        f"{b + 1}; loss {lv:.4g}); {last_good(ckpt_dir)}; lower learning_rate or check the data")
-                ep_loss += lv * len(group)
-                ep_acc += av * len(group)
-                win_loss += lv
-                win_acc += av
-                win_n += 1
-                bar.update(1, loss=lv, acc=av, lr=float(opt.learning_rate.item()))
-                if ((b + 1) % cfg.log_every == 0 or b + 1 == len(order)) and main:
-                    append_jsonl(metrics, {"step": state["step"], "epoch": epoch + 1,
-                                           "reward/train_loss": win_loss / win_n,
-                                           "reward/train_accuracy": win_acc / win_n,
-                                           "reward/lr": float(opt.learning_rate.item()),
-                                           "reward/grad_norm": gnorm.item()})
-                if (b + 1) % cfg.log_every == 0 or b + 1 == len(order):
-                    win_loss = win_acc = 0.0
-                    win_n = 0
-                if b + 1 < len(order) and stop_now():
-                    state["batch"] = b + 1
-                    state["acc"] = [ep_loss, ep_acc, win_loss, win_acc, win_n,
-                                    time.perf_counter() - tic]
-                    checkpoint()
-                    bar.write(f"reward: stopped at step {state['step']}; checkpoint in {ckpt_dir}")
-                    raise Interrupted("reward", state["step"], ckpt_dir)
-            state["batch"], state["acc"] = 0, [0.0, 0.0, 0.0, 0.0, 0, 0.0]
-            why = divergence(state["loss_start"], ep_loss / len(train_rows), None, None)
-            if why:   # per epoch: single batches of a few pairs are too noisy to judge
-                raise DivergedError(f"reward: training diverged in epoch {epoch + 1} ({why}); "
-                                    f"{last_good(ckpt_dir)}; lower learning_rate or check the data")
-            val_loss, val_acc = evaluate()
-            rec = {"epoch": epoch + 1, "step": state["step"],
-                   "reward/epoch_train_loss": ep_loss / len(train_rows),
-                   "reward/epoch_train_accuracy": ep_acc / len(train_rows),
-                   "reward/val_loss": val_loss, "reward/val_accuracy": val_acc,
-                   "reward/epoch_seconds": time.perf_counter() - tic}
-            if val_loss < state["best_val_loss"] - cfg.min_delta:
-                state["best_val_loss"], state["best_val_accuracy"] = val_loss, val_acc
-                state["bad_epochs"] = 0
-                if main:
-                    save_adapter(model, adapter_name, adapter_dir, heads={HEAD_NAME: net.head},
-                                 metadata={**meta, "epoch": epoch + 1, "val_loss": val_loss,
-                                           "val_accuracy": val_acc})
-                rec["reward/best"] = True
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch + 1
-            if state["bad_epochs"] >= cfg.patience:
-                state["stopped_early"] = True
-                state["done"] = True
-                bar.write(f"reward: early stop after epoch {epoch + 1}: val loss did not improve "
-                          f"by {cfg.min_delta} for {cfg.patience} epochs "
-                          f"(best {state['best_val_loss']:.4f})")
-            rec["reward/stopped_early"] = state["stopped_early"]
-            state["history"].append(rec)
-            if main:
-                append_jsonl(metrics, rec)
-            bar.write(f"reward epoch {epoch + 1}: train loss {rec['reward/epoch_train_loss']:.4f} "
-                      f"acc {rec['reward/epoch_train_accuracy']:.3f} | val loss {val_loss:.4f} "
-                      f"acc {val_acc:.3f}")
-            checkpoint()
-            if on_epoch is not None:
-                on_epoch(epoch + 1, rec)
-            if not state["done"] and state["epoch"] < cfg.epochs and stop_now():
-                bar.write(f"reward: stopped after epoch {epoch + 1}; checkpoint in {ckpt_dir}")
-                raise Interrupted("reward", state["step"], ckpt_dir)
-    finally:
-        bar.close()
-    if not main:
-        return RewardResult(adapter_dir=adapter_dir, best_val_loss=state["best_val_loss"],
-                            best_val_accuracy=state["best_val_accuracy"],
-                            stopped_early=state["stopped_early"], epochs=state["epoch"],
-                            history=list(state["history"]))
+
+    def end_epoch(state: RewardState, epoch: int) -> None:
+        ep = state.epoch_sums
+        val_loss, val_acc = evaluate()
+        rec = {"epoch": epoch, "step": state.step,
+               "reward/epoch_train_loss": ep.mean(), "reward/epoch_train_accuracy": ep.mean("acc"),
+               "reward/val_loss": val_loss, "reward/val_accuracy": val_acc,
+               "reward/epoch_seconds": ep.seconds}
+        improved, state.bad_epochs, stop = early_stopping(state.best, val_loss, state.bad_epochs,
+                                                          cfg.patience, cfg.min_delta)
+        if improved:
+            state.best, state.best_val_accuracy = val_loss, val_acc
+            if dist.is_main():
+                save_adapter(model, adapter_name, out / "adapter", heads={HEAD_NAME: net.head},
+                             metadata={**meta, "epoch": epoch, "val_loss": val_loss,
+                                       "val_accuracy": val_acc})
+            rec["reward/best"] = True
+        if stop:
+            state.stopped_early = state.done = True
+            loop.write(f"reward: early stop after epoch {epoch}: val loss did not improve "
+                       f"by {cfg.min_delta} for {cfg.patience} epochs (best {state.best:.4f})")
+        rec["reward/stopped_early"] = state.stopped_early
+        state.history.append(rec)
+        loop.log(rec)
+        loop.write(f"reward epoch {epoch}: train loss {rec['reward/epoch_train_loss']:.4f} "
+                   f"acc {rec['reward/epoch_train_accuracy']:.3f} | val loss {val_loss:.4f} "
+                   f"acc {val_acc:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+
+    loop.run(state, lambda epoch: batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch),
+             make_batch, on_epoch_end=end_epoch)
+    adapter_dir = out / "adapter"
+    result = RewardResult(adapter_dir=adapter_dir, best_val_loss=state.best,
+                          best_val_accuracy=state.best_val_accuracy,
+                          stopped_early=state.stopped_early, epochs=state.micro // steps_per_epoch,
+                          history=list(state.history))
+    if not dist.is_main():
+        return result
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MindprintError(f"reward: no checkpoint was kept in {adapter_dir}")
-    atomic_write_json(out / "reward_result.json", {k: state[k] for k in (
-        "epoch", "best_val_loss", "best_val_accuracy", "stopped_early", "history")})
-    return RewardResult(adapter_dir=adapter_dir, best_val_loss=state["best_val_loss"],
-                        best_val_accuracy=state["best_val_accuracy"],
-                        stopped_early=state["stopped_early"], epochs=state["epoch"],
-                        history=list(state["history"]))
+    atomic_write_json(out / "reward_result.json", {
+        "epoch": result.epochs, "best_val_loss": result.best_val_loss,
+        "best_val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early,
+        "history": result.history})
+    return result

@@ -1,45 +1,41 @@
 """Supervised fine-tuning with a named LoRA adapter, loss on the completion tokens only.
 
-One obvious path: encode rows (chat template, completion, EOS), walk a seeded,
-length-sorted batch order epoch by epoch, take a (compiled) step that accumulates
-gradients and applies AdamW with a warmup+cosine schedule and global-norm clipping, log,
-evaluate, checkpoint. The data order is a pure function of (seed, epoch), so a
+One obvious path: encode rows (chat template, completion, EOS), hand the training loop
+(`train.loop.TrainingLoop`) a seeded, length-sorted batch order per epoch, the completion
+loss weighted by its target tokens and the held-out loss as evaluation; the loop takes
+the (compiled, accumulated, clipped) AdamW steps on a warmup+cosine schedule, logs,
+evaluates and checkpoints. The data order is a pure function of (seed, epoch), so a
 checkpoint only needs the position in it to resume exactly.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
-import mlx.optimizers as optim
-from mlx.utils import tree_map
 
 from .. import distributed as dist
 from ..config import to_dict
 from ..errors import MindprintError
-from ..guards import step_problem, tree_norm
-from ..io import append_jsonl, atomic_write_json, trim_jsonl
+from ..io import atomic_write_json
 from ..models import lora
 from ..models.adapters import save_adapter
-from ..progress import Progress
 from ..data.batching import as_messages, batch_order, encode_records, pad_batch, pad_id
-from .checkpoint import (fingerprint, last_good, read_state_on_main, restore_everywhere,
-                         save_checkpoint)
-from .loop import (Interrupted, gradient_checkpointing, lora_layer_indices, optimizer_for,
-                   stop_now, training_only, use_compile)
+from .checkpoint import fingerprint
+from .loop import (LoopSpec, TrainingLoop, TrainState, gradient_checkpointing, lora_layer_indices,
+                   optimizer_for, rank_share, training_only)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
-LOSS_WINDOW = 8   # optimizer steps averaged by the loss-divergence check
+# the loop's metric values under SFT's names, in the order of a metric line
+METRIC_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                "tokens_per_sec": "train/tokens_per_sec", "peak_memory_gb": "train/peak_memory_gb"}
 
 
 @dataclass
@@ -225,18 +221,17 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     its share of every batch (rows `rank::size`; a rank left short gets a fully masked row,
     so the token weighting stays exact), gradients are averaged weighted by token count,
     and rank 0 alone writes files and shows progress. A stop request
-    (`train.loop.request_stop`, the pipeline's first Ctrl-C) saves a checkpoint after the
+    (`mindprint_mlx.stop.request_stop`, the first Ctrl-C) saves a checkpoint after the
     current optimizer step and raises `Interrupted`; `resume=True` continues exactly.
     """
     out = Path(out_dir)
-    adapter_dir, ckpt_dir = out / "adapter", out / "checkpoint"
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
     train_rows, n_cut = encode_records(tokenizer, sft_pairs(records), cfg.max_seq_length, "SFT rows")
     n_main = len(train_rows)
     if replay_records and replay_per_epoch > 0:
         rrows, r_cut = encode_records(tokenizer, sft_pairs(replay_records), cfg.max_seq_length, "replay rows")
         train_rows, n_cut = train_rows + rrows, n_cut + r_cut
-    replay = (n_main, min(replay_per_epoch, len(train_rows) - n_main))
+    n_replay = min(replay_per_epoch, len(train_rows) - n_main)
     eval_rows = encode_records(tokenizer, sft_pairs(eval_records), cfg.max_seq_length,
                                "eval rows")[0] if eval_records else []
     if not train_rows:
@@ -244,7 +239,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     run_fp = fingerprint({"cfg": {k: v for k, v in to_dict(cfg).items() if k not in (
         "compile", "log_every", "save_every", "eval_every", "grad_checkpoint")},
         "rows": train_rows, "adapter": adapter_name,
-        **({"replay": list(replay)} if replay[1] else {})})
+        **({"replay": [n_main, n_replay]} if n_replay else {})})
 
     mx.random.seed(cfg.seed)
     lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
@@ -253,9 +248,8 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
     ok, was_training = False, model.training
     try:
         with training_only(model, adapter_name), gradient_checkpointing(model, cfg.grad_checkpoint):
-            result = _train(model, adapter_name, cfg, out, adapter_dir, ckpt_dir, metrics,
-                            train_rows, eval_rows, pad_id(tokenizer), run_fp, n_cut, resume,
-                            progress, on_step, replay)
+            result = _train(model, adapter_name, cfg, out, metrics, train_rows, n_main, n_replay,
+                            eval_rows, pad_id(tokenizer), run_fp, n_cut, resume, progress, on_step)
         ok = True
         return result
     finally:
@@ -264,187 +258,64 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
             lora.remove_adapter(model, adapter_name)
 
 
-def _train(model, name, cfg, out, adapter_dir, ckpt_dir, metrics, train_rows, eval_rows, pid,
-           run_fp, n_cut, resume, progress, on_step, replay=(None, 0)) -> SFTResult:
+@dataclass
+class SFTState(TrainState):
+    eval_loss_start: float | None = None   # held-out loss before the first step
+
+
+def _train(model, name, cfg, out, metrics, train_rows, n_main, n_replay, eval_rows, pid, run_fp,
+           n_cut, resume, progress, on_step) -> SFTResult:
+    """SFT's data and loss on the training loop: epoch_order's batches, this rank's rows of
+    each, the completion loss weighted by its target tokens, held-out loss as evaluation."""
     lengths = [len(t) for t, _ in train_rows]
-    n_main, n_replay = replay
-    n_main = len(train_rows) if n_main is None or not n_replay else n_main
-    micro_per_epoch = -(-(n_main + n_replay) // cfg.batch_size)
-    total_micro = micro_per_epoch * cfg.epochs
-    total_steps = -(-total_micro // cfg.gradient_accumulation_steps)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-        total_micro = min(total_micro, total_steps * cfg.gradient_accumulation_steps)
+    spec = LoopSpec(role="sft", label=f"sft[{name}]", per_epoch=-(-(n_main + n_replay) // cfg.batch_size),
+                    epochs=cfg.epochs, accumulation=cfg.gradient_accumulation_steps,
+                    max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, compile=cfg.compile,
+                    log_every=cfg.log_every, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                    log_keys=METRIC_NAMES)
+    total_steps = spec.totals()[1]
     schedule = cosine_with_warmup(cfg.learning_rate, total_steps, warmup_steps_for(total_steps, cfg.warmup_ratio),
                                   min_lr=cfg.learning_rate * cfg.min_lr_ratio)
-    opt = optimizer_for(cfg, schedule)
+    loop = TrainingLoop(model, optimizer_for(cfg, schedule), completion_loss, spec,
+                        out / "checkpoint", metrics, run_fp, progress)
+    state = loop.start(SFTState(), resume)
     rank, world_size, _ = dist.world()
-    main = rank == 0
 
-    state = {"step": 0, "micro": 0, "eval_loss_start": None,
-             "norm_start": tree_norm(model.trainable_parameters())}   # for the divergence check
-    saved = read_state_on_main(ckpt_dir, resume)
-    if saved is not None:
-        if saved.get("run_fingerprint") != run_fp:
-            raise MindprintError(f"{ckpt_dir}: the checkpoint was written for other data or "
-                                 "settings; delete it or run without --resume")
-        state.update(restore_everywhere(ckpt_dir, model, opt))
-        log.info("sft: resuming at step %d (micro-batch %d of %d)", state["step"], state["micro"],
-                 total_micro)
-    else:
-        if resume:
-            log.info("sft: no checkpoint in %s; starting from the beginning", ckpt_dir)
-        opt.init(model.trainable_parameters())
-    if main:   # each step once: drop the lines of steps after the checkpoint (replayed now)
-        trim_jsonl(metrics, state["step"] if saved is not None else None)
+    def evaluate() -> dict:
+        return {"eval/loss": eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
+                                       distributed=True)}
 
-    loss_and_grad = nn.value_and_grad(model, completion_loss)
-    clip = cfg.max_grad_norm
+    def make_batch(group):
+        # A rank left one row short gets a copy of the batch's first row with no target
+        # tokens: zero weight, so the token-weighted average stays exact.
+        mine, fill = rank_share(group, rank, world_size)
+        first = train_rows[group[0]][0]
+        rows = [train_rows[i][0] for i in mine] + [first] * fill
+        n_prompt = [train_rows[i][1] for i in mine] + [len(first)] * fill
+        return pad_batch(rows, n_prompt, pid, cfg.pad_to_multiple), sum(lengths[i] for i in group)
 
-    def step(tokens, mask, prev, do_update):
-        # Accumulates the gradient of the loss *summed* over target tokens and their count,
-        # so that an update applies the gradient of the token-mean loss over every
-        # micro-batch of the window (the same as one batch of all its rows).
-        (loss, ntok), grad = loss_and_grad(model, tokens, mask)
-        if world_size > 1:
-            # Weighted by token count: exactly the gradient of the union batch's mean loss.
-            grad = dist.average_gradients(grad, weight=ntok)
-            tot = dist.all_sum(mx.stack([loss * ntok, ntok]))
-            loss, ntok = tot[0] / mx.maximum(tot[1], 1.0), tot[1]
-        grad = tree_map(lambda g: g * ntok, grad)
-        total = ntok
-        if prev is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev[0])
-            total = total + prev[1]
-        if not do_update:
-            return loss, ntok, mx.array(0.0), (grad, total)
-        grad = tree_map(lambda g: g / mx.maximum(total, 1.0), grad)
-        if clip > 0:
-            grad, gnorm = optim.clip_grad_norm(grad, clip)
-        else:
-            gnorm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in tree_flatten_values(grad)))
-        opt.update(model, grad)
-        return loss, ntok, gnorm, None
-
-    if use_compile(cfg.compile):
-        cstate = [model.state, opt.state, mx.random.state]
-        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
-
-    meta = {"role": "sft", "training_config": to_dict(cfg), "truncated_rows": n_cut}
-    history: list[dict] = []
     model.train()
-    if eval_rows and state["eval_loss_start"] is None:
-        state["eval_loss_start"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
-                                             distributed=True)
-        rec = {"step": state["step"], "eval/loss": state["eval_loss_start"]}
-        if main:
-            append_jsonl(metrics, rec)
-        history.append(rec)
-
-    def checkpoint():
-        if not main:
-            return
-        save_checkpoint(ckpt_dir, model, opt, {**state, "run_fingerprint": run_fp,
-                                               "total_steps": total_steps})
-
-    bar = Progress(total_steps, f"sft[{name}]", enabled=progress and main, initial=state["step"])
-    last_train_loss = float("nan")
-    win_loss, win_n, win_tokens, win_t0 = 0.0, 0, 0, time.perf_counter()
-    grad, in_window, acc_loss = None, 0, []
-    order_epoch, order = -1, []
-    try:
-        while state["micro"] < total_micro:
-            epoch, b = divmod(state["micro"], micro_per_epoch)
-            if epoch != order_epoch:
-                order = epoch_order(lengths, n_main, n_replay, cfg.batch_size, cfg.seed + epoch)
-                order_epoch = epoch
-            group = order[b]
-            rows, n_prompt = _local_rows(train_rows, group, rank, world_size)
-            tokens, mask = pad_batch(rows, n_prompt, pid, cfg.pad_to_multiple)
-            win_tokens += sum(lengths[i] for i in group)
-            state["micro"] += 1
-            in_window += 1
-            window_end = in_window == cfg.gradient_accumulation_steps or state["micro"] == total_micro
-            loss, ntok, gnorm, grad = step(tokens, mask, grad, window_end)
-            acc_loss.append((loss, ntok))
-            if not window_end:
-                mx.eval(loss, grad)
-                continue
-            mx.eval(acc_loss, gnorm, model.trainable_parameters())
-            n_all = sum(n.item() for _, n in acc_loss)
-            step_loss = sum(x.item() * n.item() for x, n in acc_loss) / max(n_all, 1.0)
-            gn = gnorm.item()
-            grad, in_window, acc_loss = None, 0, []
-            state["step"] += 1
-            # divergence by loss compares means over LOSS_WINDOW steps (batches differ: a
-            # replayed batch the frozen adapters already know starts far lower than a new one)
-            window = (state.get("loss_window") or [])[-(LOSS_WINDOW - 1):] + [step_loss]
-            state["loss_window"] = window
-            if len(window) == LOSS_WINDOW and state.get("loss_start") is None:
-                state["loss_start"] = sum(window) / LOSS_WINDOW
-            problem = step_problem(sum(window) / len(window), gn, model.trainable_parameters(),
-                                   state.get("loss_start"), state.get("norm_start"))
-            if problem:
-                raise problem[0](
-                    f"sft: {problem[1]} at step {state['step']} (epoch {epoch + 1}, batch {b + 1}; "
-                    f"loss {step_loss:.4g}, grad norm {gn:.4g}); {last_good(ckpt_dir)}; lower learning_rate "
-                    "or check the data")
-            lr = float(schedule(state["step"] - 1).item())
-            win_loss += step_loss
-            win_n += 1
-            bar.update(1, loss=step_loss, lr=lr)
-            rec = None
-            if state["step"] % cfg.log_every == 0 or state["micro"] == total_micro:
-                dt = max(time.perf_counter() - win_t0, 1e-9)
-                last_train_loss = state["train_loss"] = win_loss / win_n
-                rec = {"step": state["step"], "epoch": epoch + 1, "train/loss": last_train_loss,
-                       "train/lr": lr, "train/grad_norm": gn, "train/tokens_per_sec": win_tokens / dt,
-                       "train/peak_memory_gb": mx.get_peak_memory() / 1e9}
-                bar.set_stats({"tok/s": round(win_tokens / dt)})
-                win_loss, win_n, win_tokens, win_t0 = 0.0, 0, 0, time.perf_counter()
-            # An accumulation window may cross an epoch's end: evaluate after the window.
-            epochs_done = state["micro"] // micro_per_epoch
-            epoch_end = epochs_done > state.get("epochs_evaluated", 0)
-            if eval_rows and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
-                              or (not cfg.eval_every and epoch_end) or state["micro"] == total_micro):
-                tic = time.perf_counter()
-                rec = rec or {"step": state["step"], "epoch": epoch + 1}
-                rec["eval/loss"] = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
-                                             distributed=True)
-                bar.write(f"sft[{name}] step {state['step']}: eval loss {rec['eval/loss']:.4f}")
-                win_t0 += time.perf_counter() - tic  # tokens/s counts training time only
-            state["epochs_evaluated"] = epochs_done
-            if rec is not None:
-                if main:
-                    append_jsonl(metrics, rec)
-                history.append(rec)
-            saved_now = state["step"] % cfg.save_every == 0 or state["micro"] == total_micro
-            if saved_now:
-                checkpoint()
-            if on_step is not None:
-                on_step(state["step"], rec or {"step": state["step"], "train/loss": step_loss})
-            if state["micro"] < total_micro and stop_now():
-                if not saved_now:
-                    checkpoint()
-                bar.write(f"sft[{name}]: stopped at step {state['step']}; checkpoint in {ckpt_dir}")
-                raise Interrupted(f"sft[{name}]", state["step"], ckpt_dir)
-    finally:
-        bar.close()
+    if eval_rows and state.eval_loss_start is None:
+        state.eval_loss_start = evaluate()["eval/loss"]
+        loop.log({"step": state.step, "eval/loss": state.eval_loss_start})
+    loop.run(state, lambda epoch: epoch_order(lengths, n_main, n_replay, cfg.batch_size, cfg.seed + epoch),
+             make_batch, evaluate=evaluate if eval_rows else None, on_step=on_step)
 
     final_eval = None
     if eval_rows:
-        final_eval = next((h["eval/loss"] for h in reversed(history) if "eval/loss" in h), None)
+        final_eval = next((h["eval/loss"] for h in reversed(loop.history) if "eval/loss" in h), None)
         if final_eval is None:  # resumed a finished run
-            final_eval = eval_loss(model, eval_rows, cfg.batch_size, pid, cfg.pad_to_multiple,
-                                   distributed=True)
-    train_loss = float(state.get("train_loss", float("nan")))
+            final_eval = evaluate()["eval/loss"]
+    train_loss = float(state.train_loss if state.train_loss is not None else float("nan"))
+    adapter_dir = out / "adapter"
     result = SFTResult(adapter_dir=adapter_dir, train_loss=train_loss, eval_loss=final_eval,
-                       steps=state["step"], eval_loss_start=state["eval_loss_start"],
-                       truncated=n_cut, history=history)
-    if main:
+                       steps=state.step, eval_loss_start=state.eval_loss_start,
+                       truncated=n_cut, history=loop.history)
+    if dist.is_main():
         save_adapter(model, name, adapter_dir, metadata={
-            **meta, "steps": state["step"], "train_loss": train_loss, "eval_loss": final_eval,
-            "eval_loss_start": state["eval_loss_start"]})
+            "role": "sft", "training_config": to_dict(cfg), "truncated_rows": n_cut,
+            "steps": state.step, "train_loss": train_loss, "eval_loss": final_eval,
+            "eval_loss_start": state.eval_loss_start})
         atomic_write_json(out / "sft_result.json", {k: v for k, v in result.__dict__.items()
                                                     if k != "history"})
     return result
@@ -460,27 +331,3 @@ def epoch_order(lengths: Sequence[int], n_main: int, n_replay: int, batch_size: 
         idx += sorted(np.random.default_rng([seed, 1]).choice(pool, n_replay, replace=False).tolist())
     groups = batch_order([lengths[i] for i in idx], batch_size, seed=seed)
     return [[idx[i] for i in g] for g in groups]
-
-
-def _local_rows(train_rows, group: Sequence[int], rank: int, size: int) -> tuple[list, list]:
-    """This rank's rows of a batch (`group[rank::size]`) and their prompt lengths. A rank
-    left one row short (batch not divisible by the number of ranks) gets a copy of the
-    batch's first row with no target tokens: zero loss weight, so the token-weighted
-    average stays exact, and every rank runs the same collectives."""
-    if size == 1:
-        mine = list(group)
-        return [train_rows[i][0] for i in mine], [train_rows[i][1] for i in mine]
-    mine = list(group)[rank::size]
-    rows = [train_rows[i][0] for i in mine]
-    n_prompt = [train_rows[i][1] for i in mine]
-    per = -(-len(group) // size)
-    while len(rows) < per:
-        rows.append(train_rows[group[0]][0])
-        n_prompt.append(len(train_rows[group[0]][0]))
-    return rows, n_prompt
-
-
-def tree_flatten_values(tree) -> list[mx.array]:
-    from mlx.utils import tree_flatten
-
-    return [v for _, v in tree_flatten(tree)]
