@@ -12,6 +12,7 @@ from _helpers import forward_logits, randomize
 from mindprint_mlx.config import ConfigError
 from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 from mindprint_mlx.models import load, lora
+from mindprint_mlx.models.adapters import save_adapter
 from mindprint_mlx.pipeline import load_pipeline_config, run_pipeline
 from mindprint_mlx.pipeline.merge import (compress_adapter, final_size, negate_into,
                                           set_base_weights, svd_lora)
