@@ -9,6 +9,7 @@ import pytest
 from mindprint_mlx.data import load_data_dir
 from mindprint_mlx.data.batching import encode_pair, pad_id
 from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
+from mindprint_mlx.errors import MindprintError
 from mindprint_mlx.models import load, lora
 from mindprint_mlx.train.reward import (RewardConfig, RewardModel, bradley_terry, preference_pairs,
                                         split_pairs, train_reward_model)
@@ -78,3 +79,17 @@ def test_reward_model_learns_demo_pairs_stops_early_and_scores_as_trained(tiny_d
     assert r.exit_code == 0, r.output
     printed = [float(line.split("\t")[0]) for line in r.output.splitlines()]
     assert np.allclose(printed, [chosen, rejected], atol=1e-3)
+
+
+def test_validation_split_by_prompt_never_trains_on_a_validation_prompt():
+    from mindprint_mlx.train.reward import split_pairs
+
+    prompts = [f"q{i // 3}" for i in range(30)]          # 10 prompts, 3 pairs each
+    tr, va = split_pairs(30, 0.2, seed=4, groups=prompts)
+    assert sorted(tr + va) == list(range(30)) and len(va) == 6
+    assert not {prompts[i] for i in tr} & {prompts[i] for i in va}
+    # one pair per prompt: exactly the split without groups (the demo's bits stay)
+    for seed in range(5):
+        assert split_pairs(17, 0.2, seed, groups=[f"p{i}" for i in range(17)]) == split_pairs(17, 0.2, seed)
+    with pytest.raises(MindprintError, match="at least 2 prompts"):
+        split_pairs(4, 0.5, 0, groups=["same"] * 4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -71,6 +71,9 @@ class RewardConfig:
     margin: float = field(default=0.0, metadata={"help": "loss -log sigmoid(r_c - r_r - margin)"})
     val_fraction: float = field(
         default=0.2, metadata={"help": "seeded held-out share of the pairs"})
+    val_split: Literal["prompt", "pair"] = field(
+        default="prompt", metadata={"help": "prompt: validation pairs' prompts are never trained "
+                                            "on (accuracy on new prompts); pair: any pairs"})
     patience: int = field(
         default=3,
         metadata={"help": "epochs without a val-loss gain of min_delta before stopping"})
@@ -97,6 +100,7 @@ class RewardConfig:
                             ("batch_size", self.batch_size >= 1), ("max_seq_length", self.max_seq_length >= 4),
                             ("learning_rate", self.learning_rate > 0), ("adam_epsilon", self.adam_epsilon >= 0),
                             ("weight_decay", self.weight_decay >= 0), ("val_fraction", 0.0 < self.val_fraction < 1.0),
+                            ("val_split", self.val_split in ("prompt", "pair")),
                             ("patience", self.patience >= 1), ("min_delta", self.min_delta >= 0),
                             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
                             ("max_grad_norm", self.max_grad_norm > 0), ("log_every", self.log_every >= 1)])
@@ -260,13 +264,34 @@ def preference_pairs(records: Sequence[Any], include_distinctions: bool = True) 
     return out
 
 
-def split_pairs(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded train/validation split of n items (at least one of each)."""
+def split_pairs(n: int, val_fraction: float, seed: int,
+                groups: Sequence[Any] | None = None) -> tuple[list[int], list[int]]:
+    """Seeded train/validation split of n items (at least one of each).
+
+    With `groups` (one key per item, e.g. its prompt), whole groups go to one side: the
+    groups are permuted and taken into validation until it holds `val_fraction` of the
+    items, so no validation prompt is trained on. When every key is distinct this is the
+    same split as without groups."""
     if n < 2:
         raise MindprintError(f"reward training needs at least 2 preference pairs, got {n}")
-    perm = np.random.default_rng(seed).permutation(n).tolist()
     n_val = min(n - 1, max(1, int(round(val_fraction * n))))
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+    if groups is None:
+        perm = np.random.default_rng(seed).permutation(n).tolist()
+        return sorted(perm[n_val:]), sorted(perm[:n_val])
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    if len(keys) < 2:
+        raise MindprintError("reward training with val_split: prompt needs pairs on at least 2 "
+                             "prompts (or set val_split: pair)")
+    val: list[int] = []
+    for j, gi in enumerate(np.random.default_rng(seed).permutation(len(keys)).tolist()):
+        if len(val) >= n_val or j == len(keys) - 1:   # the last group always trains
+            break
+        val += members[keys[gi]]
+    held = set(val)
+    return [i for i in range(n) if i not in held], sorted(val)
 
 
 def bradley_terry(scores: mx.array, margin: float) -> tuple[mx.array, mx.array]:
@@ -320,7 +345,8 @@ def train_reward_model(model: nn.Module, tokenizer, pairs: Sequence[Any], cfg: R
     out = Path(out_dir)
     metrics = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
     items = preference_pairs(pairs, cfg.include_distinctions)
-    train_idx, val_idx = split_pairs(len(items), cfg.val_fraction, cfg.seed)
+    groups = [repr(p) for p, _, _ in items] if cfg.val_split == "prompt" else None
+    train_idx, val_idx = split_pairs(len(items), cfg.val_fraction, cfg.seed, groups)
     rows, n_cut = _encode(tokenizer, items, cfg.max_seq_length)
     train_rows = [rows[i] for i in train_idx]
     val_rows = [rows[i] for i in val_idx]
