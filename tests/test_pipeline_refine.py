@@ -170,3 +170,22 @@ def test_dry_run_plans_each_topic_method_and_its_peak(tmp_path, tiny_demo_model)
     assert [p["refine_method"] for p in res.plan] == ["ditto", "rloo"]
     assert "DITTO if quiz < 1.00" in text and "RLOO if quiz < 1.00" in text
     assert set(res.estimate["memory_by_phase"]) == {"sft", "reward", "rloo", "ditto"}
+
+
+def test_plan_cli_estimates_every_method(tmp_path, tiny_demo_model):
+    """`mindprint plan --config` plans each refine method with its own section's settings,
+    as the pipeline reads them (pipeline.plan.memory_settings)."""
+    from mindprint_mlx import memory
+    from mindprint_mlx.cli import cli
+    from mindprint_mlx.pipeline.plan import memory_settings
+
+    f = _cfg_file(tmp_path, tiny_demo_model, {"method": "grpo"})
+    out = CliRunner().invoke(cli, ["plan", "--config", str(f)])
+    assert out.exit_code == 0, out.output
+    cfg = load_pipeline_config(f)
+    for m in ("ppo", "grpo", "rloo", "dpo", "ditto"):
+        est = memory.estimate(tiny_demo_model, m, **memory_settings(cfg, m))
+        assert f"| {m} |" in out.output and f"{m}: {memory.fmt_bytes(est.total)} " in out.output
+    grpo = memory.estimate(tiny_demo_model, "grpo", **memory_settings(cfg, "grpo"))
+    more = memory.estimate(tiny_demo_model, "grpo", **{**memory_settings(cfg, "grpo"), "group_size": 8})
+    assert more.total > grpo.total            # k samples per prompt: more rows, more memory
