@@ -1,4 +1,5 @@
-"""Memory planner: estimate the peak memory of SFT, reward training and PPO before a run.
+"""Memory planner: estimate the peak memory of SFT, reward training and the refine methods
+(PPO, GRPO, RLOO, DPO, DITTO) before a run.
 
 Reads only a model's config.json (and, when present, the safetensors *headers* for the
 stored dtype); no weight is loaded. Parameter shapes come from instantiating the mlx-lm
@@ -16,7 +17,12 @@ The estimate is the sum of
   working set) and the output-layer logits with their cross-entropy temporaries;
 - kv_cache: PPO rollouts' keys and values (mlx-lm's KVCache grows in 256-token steps).
 PPO's peak is the larger of the rollout (cache + one step's logits) and the training
-step. Checked against `mx.get_peak_memory()` on tiny models by tests/test_plan.py.
+step. GRPO and RLOO are PPO's model with k samples per prompt (batch x group_size rows)
+and no value head; DPO trains on 2 rows per pair (chosen and rejected through one pass),
+its reference log-probabilities a no-grad pass over the same rows, no generation; DITTO is
+the larger of its sampling (a KV cache for `forward_batch` prompts) and a DPO step. Every
+method holds one base: the reference is the frozen adapters on the same weights. Checked
+against `mx.get_peak_memory()` on tiny models by tests/test_plan.py.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, Sequence
 
 from .errors import MindprintError
 
-PHASES = ("sft", "reward", "ppo")
+PHASES = ("sft", "reward", "ppo", "grpo", "rloo", "dpo", "ditto")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2,
                 "F64": 8, "I64": 8, "I32": 4, "U32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 DEFAULT_TARGETS = ("o_proj", "v_proj", "up_proj", "down_proj")
@@ -248,20 +254,24 @@ def estimate(model: str | os.PathLike | dict | ModelShape, phase: str = "sft", *
              grad_checkpoint: bool = False, max_new_tokens: int = 128,
              prompt_len: int | None = None, lora_layers: int | None = None,
              dtype: str | None = None, mini_batch: int | None = None,
-             forward_batch: int | None = None) -> MemoryEstimate:
+             forward_batch: int | None = None, group_size: int = 4) -> MemoryEstimate:
     """Peak memory (bytes) of one phase; see the module docstring for the terms.
 
     `seq_len` is the training row length (SFT, reward: prompt + completion); PPO rolls out
     `batch` prompts of `prompt_len` tokens (default seq_len - max_new_tokens, at least 1)
     for `max_new_tokens`, then trains on minibatches of `mini_batch` rows (default `batch`)
     of prompt_len + max_new_tokens; its teacher-forced passes over the rollout take
-    `forward_batch` rows at a time (default `batch`).
+    `forward_batch` rows at a time (default `batch`). GRPO/RLOO: `batch` prompts x
+    `group_size` samples, `mini_batch` prompts' groups per micro-batch, `forward_batch` rows
+    per no-grad pass (default all). DPO: `batch` pairs of `seq_len` tokens, `mini_batch`
+    pairs per micro-batch. DITTO: DPO's settings, sampling `forward_batch` prompts at once
+    (its sample_batch_size) for `max_new_tokens`.
     """
     if phase not in PHASES:
         raise MindprintError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
     for name, v in (("batch", batch), ("seq_len", seq_len), ("lora_rank", lora_rank),
                     ("max_new_tokens", max_new_tokens), ("mini_batch", mini_batch or 1),
-                    ("forward_batch", forward_batch or 1)):
+                    ("forward_batch", forward_batch or 1), ("group_size", group_size)):
         if not isinstance(v, int) or v < 1:
             raise MindprintError(f"{name} must be a positive integer, got {v!r}")
     s = model if isinstance(model, ModelShape) else model_shape(model, quantize=quantize, dtype=dtype)
@@ -278,7 +288,7 @@ def estimate(model: str | os.PathLike | dict | ModelShape, phase: str = "sft", *
         adapters = one + head
         trainable = one + head
         act = _activations(s, 2 * batch, seq_len, grad_checkpoint, False, lora_rank, len(targets))
-    else:
+    elif phase == "ppo":
         p = prompt_len if prompt_len is not None else max(1, seq_len - max_new_tokens)
         total_len = p + max_new_tokens
         # SFT (frozen) + PPO (trainable) + reward (frozen) adapters, value + reward heads
@@ -301,6 +311,48 @@ def estimate(model: str | os.PathLike | dict | ModelShape, phase: str = "sft", *
             notes.append(f"ppo peak: training step (the rollout's {fmt_bytes(kv)} KV cache is "
                          "freed before it)")
             kv = kv_during_train
+    elif phase in ("grpo", "rloo"):
+        p = prompt_len if prompt_len is not None else max(1, seq_len - max_new_tokens)
+        total_len = p + max_new_tokens
+        rows = batch * group_size
+        # SFT (frozen) + policy (trainable) + reward (frozen) adapters, the reward head only
+        adapters = 3 * one + head
+        trainable = one
+        mb = min(mini_batch or batch, batch) * group_size
+        fb = min(forward_batch or rows, rows)
+        train_act = _activations(s, mb, total_len, grad_checkpoint, True, lora_rank, len(targets))
+        kv = kv_cache_bytes(s, rows, total_len)
+        forward = fb * max_new_tokens * s.vocab * 4 * 3 + fb * total_len * s.hidden * s.dtype_bytes * 4
+        roll = max(kv + rows * s.vocab * 4 * 4, forward)
+        # rollout buffers kept during the update: tokens, mask, old and ref logprobs, adv
+        buffers = rows * total_len * 4 * 6
+        act = max(train_act, roll - kv) + buffers
+        if roll > train_act:
+            notes.append(f"{phase} peak: rollout (KV cache of {rows} rows)")
+        else:
+            notes.append(f"{phase} peak: training step (the rollout's {fmt_bytes(kv)} KV cache "
+                         "is freed before it)")
+            kv = 0
+    else:
+        # DPO and DITTO: SFT (frozen) + policy (trainable); chosen and rejected rows together
+        adapters = 2 * one
+        trainable = one
+        mb = min(mini_batch or batch, batch)
+        train_act = _activations(s, 2 * mb, seq_len, grad_checkpoint, True, lora_rank, len(targets))
+        # the reference's no-grad pass over all 2 x batch rows: float32 logits, log-softmax
+        ref = 2 * batch * seq_len * (s.vocab * 4 * 3 + s.hidden * s.dtype_bytes * 4)
+        act = max(train_act, ref)
+        if phase == "ditto":
+            p = prompt_len if prompt_len is not None else max(1, seq_len - max_new_tokens)
+            fb = forward_batch or batch
+            kv = kv_cache_bytes(s, fb, p + max_new_tokens)
+            roll = kv + fb * s.vocab * 4 * 4
+            if roll > act:
+                notes.append(f"ditto peak: sampling (KV cache of {fb} rows)")
+                act = roll - kv
+            else:
+                notes.append("ditto peak: DPO step (the samples' KV cache is freed before it)")
+                kv = 0
     optimizer = 3 * trainable    # gradient + AdamW first and second moments
     total = s.weight_bytes + adapters + optimizer + act + kv
     return MemoryEstimate(phase=phase, weights=s.weight_bytes, adapters=adapters,

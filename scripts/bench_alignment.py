@@ -15,7 +15,16 @@ The experiment RLHF papers run when the true preference is known (a "gold" funct
    vs gold curve over PPO steps, where over-optimisation shows as gold falling while the
    proxy still climbs.
 
+With --methods (default ppo) the refinement of step 3 is each of ppo, grpo, rloo, dpo and
+ditto in turn, every one from the same SFT adapter, reward model, pairs and seed: per method
+the gold score with a bootstrap interval of method - SFT, the KL to the SFT policy on the
+held-out prompts (full-vocabulary KL per token, summed over the policy's sampled answer,
+mean over answers), wall time and peak memory over the base weights (JSON `methods`).
+GRPO and RLOO climb the same reward model on the same prompts; DPO learns from the same
+gold-labelled pairs the reward model learned from; DITTO from the SFT demonstrations.
+
     python scripts/bench_alignment.py [--gold FILE.py:FUNC] [--seeds N] [--json OUT]
+        [--methods ppo,grpo,rloo,dpo,ditto] [--set grpo.steps=20 ...]
 
 FUNC(prompt: str, response: str) -> float in [0, 1]. Default: the persona's voice in real
 words (mindprint_mlx/demo/gold.py:voice_in_real_words).
@@ -94,10 +103,9 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     from mindprint_mlx.data import PreferenceRecord, load_data_dir
     from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
     from mindprint_mlx.models import load, lora
-    from mindprint_mlx.ppo import PPOConfig, generate_batch, train_ppo
+    from mindprint_mlx.ppo import generate_batch
     from mindprint_mlx.train.reward import RewardConfig, RewardModel, train_reward_model
     from mindprint_mlx.train.sft import SFTConfig, train_sft
-    from mindprint_mlx.config import from_dict
 
     t0 = time.time()
     mx.random.seed(seed)
@@ -129,7 +137,7 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     # 1. SFT on every topic at once (the benchmark measures the refinement, not the curriculum)
     scfg = SFTConfig(lora_rank=16, lora_alpha=32.0, learning_rate=1e-3, epochs=a.sft_epochs, batch_size=4,
                      max_seq_length=128, lora_targets=ALL_LINEAR, seed=seed, save_every=10**6,
-                     eval_fraction=0.0, compile=False)
+                     compile=False)   # (no eval records: train_sft holds none out)
     train_sft(model, tok, list(ds.sft), scfg, work / "sft", adapter_name="sft", progress=a.progress)
     sft_ans, out["sft_gold"] = graded(["sft"])
     if a.rm_from == "sft":
@@ -182,7 +190,50 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
          f"{res.best_val_accuracy:.3f}); agreement with gold on {len(test_pairs)} held-out pairs "
          f"{out['rm_gold_agreement']:.3f}")
 
-    # 3. PPO against the learned reward, with the proxy-vs-gold curve on held-out prompts
+    # 3. each refinement method from the same SFT policy: PPO against the learned reward
+    #    (with the proxy-vs-gold curve on held-out prompts), then the others
+    out["methods"] = {}
+    examples = {"base": base_ans, "sft": sft_ans}
+    for method in a.methods:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        t_m = time.time()
+        if method == "ppo":
+            name = run_ppo(a, seed, model, tok, train, rm, policy, held, gold, sft_ans, out, work)
+        else:
+            name = run_method(method, a, seed, model, tok, train, rm, records, list(ds.sft), policy, work)
+        wall = time.time() - t_m
+        peak = mx.get_peak_memory()
+        ans, g = graded(policy + [name])
+        kl = kl_to_reference(model, tok, held, policy + [name], policy, a, seed)
+        out["methods"][method] = {"gold": g, "kl_to_sft": kl, "seconds": wall, "peak_bytes": int(peak),
+                                  "base_bytes": int(base_bytes(model)),
+                                  "peak_over_base": peak / base_bytes(model)}
+        if method == "ppo":
+            out["ppo_gold"] = g
+        examples[method] = ans
+        lora.remove_adapter(model, name)          # the next method starts from SFT again
+        echo(f"seed {seed}: {method} gold {np.mean(g):.3f}, KL to SFT {kl:.3f}, {wall:.0f} s, "
+             f"peak {peak / base_bytes(model):.2f} x base weights")
+    out["examples"] = [{"prompt": user_text(held[i]), **{k: v[i] for k, v in examples.items()}}
+                       for i in range(min(3, len(held)))]
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def base_bytes(model) -> int:
+    from mindprint_mlx.train.policy_adapter import base_weight_bytes
+
+    return base_weight_bytes(model)
+
+
+def run_ppo(a, seed, model, tok, train, rm, policy, held, gold, sft_ans, out, work) -> str:
+    """PPO against the learned reward, with the proxy-vs-gold curve on held-out prompts."""
+    from mindprint_mlx import evaluate as ev
+    from mindprint_mlx.config import from_dict
+    from mindprint_mlx.models import lora
+    from mindprint_mlx.ppo import PPOConfig, train_ppo
+
     curve = []
 
     def on_step(step: int, stats: dict) -> None:
@@ -202,22 +253,101 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
            "save_every": 0, "progress": a.progress}
     for kv in a.ppo:
         k, _, v = kv.partition("=")
-        ppo[k] = json.loads(v) if v[:1] in "0123456789-[{tfn\"" else v
+        ppo[k] = _value(v)
     pcfg = from_dict(PPOConfig, ppo, "--ppo")
-    base_curve_ans = sft_ans
-    curve.append({"step": 0, "proxy": float(np.mean(ev.reward_scores(rm, tok, held, base_curve_ans))),
+    curve.append({"step": 0, "proxy": float(np.mean(ev.reward_scores(rm, tok, held, sft_ans))),
                   "gold": float(np.mean(out["sft_gold"])), "kl": 0.0, "train_score": None})
     lora.set_active(model, policy)
     train_ppo(model, tok, train, rm.score_tokens, pcfg, work / "ppo", frozen_adapters=policy,
               on_step=on_step)
-    ppo_ans, out["ppo_gold"] = graded(policy + [pcfg.adapter_name])
     out["curve"] = curve
-    out["examples"] = [{"prompt": user_text(held[i]), "base": base_ans[i], "sft": sft_ans[i],
-                        "ppo": ppo_ans[i]} for i in range(min(3, len(held)))]
-    out["seconds"] = time.time() - t0
-    echo(f"seed {seed}: PPO gold {np.mean(out['ppo_gold']):.3f} (proxy "
-         f"{curve[0]['proxy']:+.3f} -> {curve[-1]['proxy']:+.3f}); {out['seconds']:.0f} s")
-    return out
+    return pcfg.adapter_name
+
+
+def _value(v: str):
+    return json.loads(v) if v[:1] in "0123456789-[{tfn\"" else v
+
+
+# Each method's settings in the benchmark: as PPO's where they mean the same (steps, LoRA,
+# learning rate, answer length, temperature, the missing-EOS penalty); --set overrides.
+def method_settings(method: str, a, seed: int) -> dict:
+    lora_kw = {"lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ALL_LINEAR, "seed": seed,
+               "save_every": 0, "progress": a.progress}
+    if method in ("grpo", "rloo"):
+        # 4 prompts x 4 samples: PPO's 16 rollouts a step
+        return {**lora_kw, "method": method, "steps": a.ppo_steps, "batch_size": 4, "group_size": 4,
+                "learning_rate": 1e-4, "beta": 0.04 if method == "grpo" else 0.05,
+                "max_new_tokens": a.max_tokens, "temperature": a.temperature,
+                "missing_eos_penalty": 1.0}
+    if method == "dpo":
+        return {**lora_kw, "steps": a.ppo_steps, "batch_size": 8, "learning_rate": 1e-4, "beta": 0.1,
+                "max_seq_length": 160}
+    if method == "ditto":
+        return {**lora_kw, "rounds": 3, "steps": max(1, a.ppo_steps // 3), "batch_size": 8,
+                "samples_per_prompt": 2, "learning_rate": 1e-4, "beta": 0.1, "max_seq_length": 160,
+                "max_new_tokens": a.max_tokens, "temperature": a.temperature}
+    raise SystemExit(f"--methods: unknown method {method!r} (ppo, grpo, rloo, dpo, ditto)")
+
+
+def run_method(method, a, seed, model, tok, train, rm, pairs, demos, policy, work) -> str:
+    """GRPO / RLOO on the training prompts against the reward model, DPO on the gold-labelled
+    pairs, DITTO on the SFT demonstrations; the adapter's name."""
+    from mindprint_mlx.config import from_dict
+    from mindprint_mlx.grpo import GRPOConfig, train_grpo
+    from mindprint_mlx.models import lora
+    from mindprint_mlx.preference import DITTOConfig, DPOConfig, train_ditto, train_dpo
+
+    kw = method_settings(method, a, seed)
+    for item in a.set:
+        k, _, v = item.partition("=")
+        sec, _, key = k.partition(".")
+        if sec == method or (sec == "grpo" and method == "rloo" and key != "method"):
+            kw[key] = _value(v)
+    lora.set_active(model, policy)
+    if method in ("grpo", "rloo"):
+        cfg = from_dict(GRPOConfig, kw, f"--set {method}")
+        train_grpo(model, tok, train, rm.score_tokens, cfg, work / method, frozen_adapters=policy)
+    elif method == "dpo":
+        cfg = from_dict(DPOConfig, kw, "--set dpo")
+        train_dpo(model, tok, pairs, cfg, work / method, frozen_adapters=policy)
+    else:
+        cfg = from_dict(DITTOConfig, kw, "--set ditto")
+        train_ditto(model, tok, demos, cfg, work / method, frozen_adapters=policy)
+    return cfg.adapter_name
+
+
+def _log_softmax(x):
+    import mlx.core as mx
+
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def kl_to_reference(model, tok, prompts, active, reference, a, seed: int, samples: int = 2) -> float:
+    """Mean over the policy's sampled answers (`samples` per prompt, fixed keys) of the
+    summed per-token KL(policy || reference) of the full next-token distributions."""
+    import mlx.core as mx
+
+    from mindprint_mlx import evaluate as ev
+    from mindprint_mlx.models import lora
+    from mindprint_mlx.ppo import generate_batch
+
+    enc = [ev.encode_prompt(tok, p) for p in prompts]
+    totals = []
+    for k in range(samples):
+        for i in range(0, len(enc), 8):
+            with lora.active_adapters(model, active):
+                g = generate_batch(model, enc[i:i + 8], a.max_tokens, ev.eos_ids(tok), ev.pad_id(tok),
+                                   temperature=a.temperature,
+                                   key=mx.random.key(seed * 7919 + 4243 + k * 131 + i))
+                lp = _log_softmax(model(g.tokens[:, :-1]).astype(mx.float32))
+            with lora.active_adapters(model, reference):
+                lq = _log_softmax(model(g.tokens[:, :-1]).astype(mx.float32))
+            kl = (mx.exp(lp) * (lp - lq)).sum(axis=-1)              # (B, L-1): position t predicts t+1
+            pos = mx.arange(kl.shape[1])[None, :]
+            start = g.prompt_lengths[:, None] - 1
+            mask = (pos >= start) & (pos < start + g.response_lengths[:, None])
+            totals.extend((kl * mask).sum(axis=1).tolist())
+    return float(np.mean(totals))
 
 
 def main(argv=None) -> int:
@@ -242,8 +372,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--ppo", action="append", default=[], metavar="KEY=VALUE",
                     help="override a PPOConfig key (repeatable)")
+    ap.add_argument("--methods", default="ppo",
+                    help="comma-separated refinement methods from the same SFT policy: ppo, grpo, "
+                         "rloo, dpo, ditto (default: ppo)")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="override a method's config key, e.g. grpo.steps=20 (grpo.* also applies "
+                         "to rloo; repeatable)")
     ap.add_argument("--progress", action="store_true", help="show the trainers' progress bars")
     a = ap.parse_args(argv)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in a.methods:
+        if m not in ("ppo", "grpo", "rloo", "dpo", "ditto"):
+            ap.error(f"--methods: unknown method {m!r} (ppo, grpo, rloo, dpo, ditto)")
     _reexec_with_openblas()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gold = load_gold(a.gold)
@@ -263,24 +403,50 @@ def main(argv=None) -> int:
             runs.append(run_seed(s, a, gold, model_dir, Path(tmp) / f"seed{s}", echo))
     base = np.array([r["base_gold"] for r in runs])
     sft = np.array([r["sft_gold"] for r in runs])
-    ppo = np.array([r["ppo_gold"] for r in runs])
-    lo, hi = bootstrap_ci(ppo - sft)
     agree = [r["rm_gold_agreement"] for r in runs if r["rm_gold_agreement"] is not None]
     result = {"gold": a.gold, "model": model_dir, "seeds": a.seeds, "heldout_prompts": int(base.shape[1]),
-              "base": float(base.mean()), "sft": float(sft.mean()), "ppo": float(ppo.mean()),
-              "ppo_minus_sft": float((ppo - sft).mean()), "ppo_ci": [lo, hi],
-              "rm_gold_agreement": float(np.mean(agree)) if agree else None,
-              "per_seed": [{k: (float(np.mean(v)) if k.endswith("_gold") else v) for k, v in r.items()
-                            if k != "examples"} for r in runs],
-              "examples": runs[0]["examples"], "seconds": time.time() - t0}
+              "base": float(base.mean()), "sft": float(sft.mean())}
+    methods = {}
+    for m in a.methods:
+        g = np.array([r["methods"][m]["gold"] for r in runs])
+        lo, hi = bootstrap_ci(g - sft)
+        per = [r["methods"][m] for r in runs]
+        methods[m] = {"gold": float(g.mean()), "minus_sft": float((g - sft).mean()), "ci": [lo, hi],
+                      "kl_to_sft": float(np.mean([x["kl_to_sft"] for x in per])),
+                      "seconds": float(np.mean([x["seconds"] for x in per])),
+                      "peak_bytes": int(max(x["peak_bytes"] for x in per)),
+                      "base_bytes": per[0]["base_bytes"],
+                      "peak_over_base": float(max(x["peak_over_base"] for x in per))}
+    if "ppo" in methods:
+        result.update(ppo=methods["ppo"]["gold"], ppo_minus_sft=methods["ppo"]["minus_sft"],
+                      ppo_ci=methods["ppo"]["ci"])
+    result.update({
+        "rm_gold_agreement": float(np.mean(agree)) if agree else None, "methods": methods,
+        "per_seed": [{k: (float(np.mean(v)) if k.endswith("_gold") else v) for k, v in r.items()
+                      if k not in ("examples", "methods")}
+                     | {"methods": {m: {k: (float(np.mean(v)) if k == "gold" else v)
+                                        for k, v in x.items()} for m, x in r["methods"].items()}}
+                     for r in runs],
+        "examples": runs[0]["examples"], "seconds": time.time() - t0})
     print(f"gold: {a.gold}; {a.seeds} seeds x {base.shape[1]} held-out prompts; {result['seconds']:.0f} s")
     print(f"{'':10} {'gold (mean)':>12}")
-    for k in ("base", "sft", "ppo"):
+    for k in ("base", "sft"):
         print(f"{k:10} {result[k]:12.3f}")
-    print(f"ppo - sft  {result['ppo_minus_sft']:+.3f}  95% bootstrap interval [{lo:+.3f}, {hi:+.3f}]")
+    for m, v in methods.items():
+        print(f"{m:10} {v['gold']:12.3f}")
+    for m, v in methods.items():
+        lo, hi = v["ci"]
+        print(f"{m} - sft  {v['minus_sft']:+.3f}  95% bootstrap interval [{lo:+.3f}, {hi:+.3f}]")
     print(f"reward model agreement with gold on held-out pairs: {result['rm_gold_agreement']:.3f}")
-    print("proxy vs gold over PPO steps (seed 0): " + ", ".join(
-        f"step {c['step']}: proxy {c['proxy']:+.2f} gold {c['gold']:.3f}" for c in runs[0]["curve"]))
+    if "curve" in runs[0]:
+        print("proxy vs gold over PPO steps (seed 0): " + ", ".join(
+            f"step {c['step']}: proxy {c['proxy']:+.2f} gold {c['gold']:.3f}" for c in runs[0]["curve"]))
+    print("| method | gold | method - SFT (95% interval) | KL to SFT | wall time | peak / base weights |")
+    print("|---|---|---|---|---|---|")
+    for m, v in methods.items():
+        lo, hi = v["ci"]
+        print(f"| {m} | {v['gold']:.3f} | {v['minus_sft']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+              f"| {v['kl_to_sft']:.2f} | {v['seconds']:.0f} s | {v['peak_over_base']:.2f} |")
     if a.json:
         from mindprint_mlx.io import atomic_write_json
 

@@ -120,7 +120,7 @@ def test_ppo_estimate_and_errors(tiny_llama):
     s = memory.model_shape(tiny_llama)
     assert memory.kv_cache_bytes(s, 2, 10) == 2 * s.num_layers * 2 * s.num_kv_heads * s.head_dim * 256 * 4
     with pytest.raises(MindprintError, match="phase"):
-        memory.estimate(tiny_llama, "dpo")
+        memory.estimate(tiny_llama, "kto")
     with pytest.raises(MindprintError, match="q_projj"):
         memory.estimate(tiny_llama, "sft", targets=("q_projj",))
 

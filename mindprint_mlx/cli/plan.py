@@ -1,7 +1,7 @@
 """`mindprint plan`: estimate peak memory per phase before a run, from config.json only.
 
 With --config, a pipeline YAML: each phase's settings are its section's (sft, reward.train,
-ppo), read as the pipeline reads them (`pipeline.plan.memory_settings`); options override."""
+ppo, grpo for grpo and rloo, dpo, ditto), read as the pipeline reads them (`pipeline.plan.memory_settings`); options override."""
 
 from __future__ import annotations
 
@@ -15,21 +15,27 @@ from ..errors import MindprintError
               help="Base model: directory, hub id (cached) or a config.json; default: the config's `model`.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A pipeline YAML; each phase's batch size, lengths, LoRA settings are read from its section.")
-@click.option("--phase", "phases", multiple=True, type=click.Choice(["sft", "reward", "ppo"]),
-              help="Only these phases (repeatable); default all.")
+@click.option("--phase", "phases", multiple=True,
+              type=click.Choice(["sft", "reward", "ppo", "grpo", "rloo", "dpo", "ditto"]),
+              help="Only these phases (repeatable); default all: SFT, reward and every refine method.")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Batch size (rows).")
 @click.option("--seq-len", type=click.IntRange(1), default=None, help="Training row length in tokens.")
 @click.option("--lora-rank", type=click.IntRange(1), default=None)
 @click.option("--targets", default=None, help="Comma-separated LoRA target layers.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the base on load.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
-@click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="PPO rollout length.")
-@click.option("--mini-batch", type=click.IntRange(1), default=None, help="PPO rows per optimizer minibatch.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+              help="Rollout / sample length (PPO, GRPO, RLOO, DITTO).")
+@click.option("--mini-batch", type=click.IntRange(1), default=None,
+              help="PPO rows, GRPO/RLOO prompts or DPO/DITTO pairs per micro-batch.")
 @click.option("--forward-batch", type=click.IntRange(1), default=None,
-              help="PPO rows per teacher-forced pass over the rollout.")
+              help="Rows per teacher-forced pass over the rollout (DITTO: prompts per sampling call).")
+@click.option("--group-size", type=click.IntRange(2), default=None,
+              help="GRPO/RLOO samples per prompt.")
 def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantize, grad_checkpoint,
-         max_new_tokens, mini_batch, forward_batch):
-    """Estimate peak memory of SFT, reward training and PPO, and whether it fits here."""
+         max_new_tokens, mini_batch, forward_batch, group_size):
+    """Estimate peak memory of SFT, reward training and each refine method (PPO, GRPO, RLOO,
+    DPO, DITTO), and whether it fits here."""
     from ..memory import estimate, fmt_bytes, model_shape, plan_table, working_set_limit
 
     cfg = None
@@ -46,18 +52,22 @@ def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantiz
     cli = {"batch": batch, "seq_len": seq_len, "lora_rank": lora_rank,
            "targets": tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
            "grad_checkpoint": grad_checkpoint, "max_new_tokens": max_new_tokens,
-           "mini_batch": mini_batch, "forward_batch": forward_batch}
+           "mini_batch": mini_batch, "forward_batch": forward_batch, "group_size": group_size}
     defaults = {"batch": 4, "seq_len": 512, "lora_rank": 8, "grad_checkpoint": False,
                 "max_new_tokens": 128}
     q = int(quantize) if quantize else (cfg.quantize if cfg else None)
     rows = []
     shape = model_shape(model, quantize=q)
-    for phase in phases or ("sft", "reward", "ppo"):
+    from ..memory import PHASES
+
+    for phase in phases or PHASES:
         kw = {**defaults, **(memory_settings(cfg, phase) if cfg else {})}
         kw.update({k: v for k, v in cli.items() if v is not None})
-        if phase != "ppo":
+        if phase in ("sft", "reward"):
             kw.pop("mini_batch", None)
             kw.pop("forward_batch", None)
+        if phase not in ("grpo", "rloo"):
+            kw.pop("group_size", None)
         rows.append(estimate(shape, phase, **kw))
     limit, how = working_set_limit()
     s = shape

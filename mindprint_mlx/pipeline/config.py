@@ -17,9 +17,13 @@ from typing import Optional
 from ..config import ConfigError, from_dict, to_dict
 from ..data.adaptive import AdaptiveBounds
 from ..evaluate import QuizWeights
+from ..grpo.trainer import GRPOConfig
 from ..ppo.trainer import PPOConfig
+from ..preference.ditto import DITTOConfig
+from ..preference.dpo import DPOConfig
 from ..train.reward import RewardConfig
 from ..train.sft import SFTConfig
+from .refine import RefineSettings, check_config as check_refine
 
 
 @dataclass
@@ -135,9 +139,20 @@ class PipelineConfig:
     ppo: PPOConfig = field(
         default_factory=_pipeline_ppo,
         metadata={"help": "PPO of a topic below its threshold (default reward_norm: sft_samples)"})
+    refine: RefineSettings = field(
+        default_factory=RefineSettings,
+        metadata={"help": "the method that refines a topic below its threshold (run-wide, per topic)"})
+    grpo: GRPOConfig = field(
+        default_factory=GRPOConfig,
+        metadata={"help": "GRPO / RLOO of a topic (refine.method grpo or rloo sets its method)"})
+    dpo: DPOConfig = field(
+        default_factory=DPOConfig, metadata={"help": "DPO of a topic on its preference pairs"})
+    ditto: DITTOConfig = field(
+        default_factory=DITTOConfig, metadata={"help": "DITTO of a topic on its SFT demonstrations"})
     adaptive: AdaptiveBounds = field(
         default_factory=AdaptiveBounds, metadata={"help": "per-topic settings from data quality"})
-    run_ppo: bool = field(default=True, metadata={"help": "false: never run PPO (SFT + quiz only)"})
+    run_ppo: bool = field(
+        default=True, metadata={"help": "false: never refine (no PPO or other refine method)"})
     eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "the quiz"})
     verify: VerifySettings = field(
         default_factory=VerifySettings, metadata={"help": "the check after each unit's merge"})
@@ -160,15 +175,9 @@ class PipelineConfig:
             raise ConfigError("key 'merge.mode': fold_into_base writes full-precision base checkpoints; "
                               "it cannot fold into a base quantized on load (quantize: null)")
         # Topic adapters are folded into one unit adapter per layer (ranks concatenate), and
-        # an mlx-lm adapter file has one rank for every layer: SFT and PPO cover the same layers.
-        if sorted(self.sft.lora_targets) != sorted(self.ppo.lora_targets):
-            raise ConfigError(f"sft.lora_targets {sorted(self.sft.lora_targets)} and ppo.lora_targets "
-                              f"{sorted(self.ppo.lora_targets)} must be equal: each unit's adapters "
-                              "are combined into one adapter, which needs the same layers")
-        if self.sft.num_layers != self.ppo.num_layers:
-            raise ConfigError(f"sft.num_layers ({self.sft.num_layers}) and ppo.num_layers "
-                              f"({self.ppo.num_layers or 'all'}) must match: each unit's adapters "
-                              "are combined into one adapter, which needs the same layers")
+        # an mlx-lm adapter file has one rank for every layer: SFT and every refine method
+        # the run uses cover the same layers (refine.check_config).
+        check_refine(self)
 
 
 def load_pipeline_config(path: str | Path | None, overrides=None, base: dict | None = None) -> PipelineConfig:

@@ -1,11 +1,11 @@
 """The pipeline's decisions, each a pure function of numbers (tested in tests/test_decide.py).
 
 - the adaptive plan of a topic (`topic_plan`) and the SFT settings it gives (`topic_sft_config`);
-- whether PPO refines a topic, or the reason it does not (`ppo_skip_reason`);
+- whether the refine method (PPO, ...) refines a topic, or the reason not (`ppo_skip_reason`);
 - whether a quiz score passes (`passed`);
 - whether a unit's merge cost a topic more than the tolerance (`verify_row`, `regression_message`);
 - whether the run stops before PPO because the reward model is at chance (`chance_stop`);
-- whether PPO's training-batch reward rose (`score_trend`).
+- whether the refine method's training-batch score rose (`score_trend`).
 """
 
 from __future__ import annotations
@@ -42,15 +42,18 @@ def topic_sft_config(sft: SFTConfig, plan: dict) -> SFTConfig:
                                learning_rate=sft.learning_rate * plan["lr_multiplier"])
 
 
-def ppo_skip_reason(score: float, threshold: float, run_ppo: bool, n_prompts: int) -> str | None:
-    """Why PPO does not refine a topic whose quiz after SFT scored `score`, or None when it
-    does: PPO runs only below the pass threshold, when enabled and with prompts to roll out."""
+def ppo_skip_reason(score: float, threshold: float, run_ppo: bool, n_prompts: int,
+                    what: str = "prompts") -> str | None:
+    """Why the refine method (PPO, GRPO, RLOO, DPO, DITTO) does not refine a topic whose quiz
+    after SFT scored `score`, or None when it does: it runs only below the pass threshold,
+    when enabled (`run_ppo`) and with something to learn from (`n_prompts` of `what`:
+    prompts, preference pairs, demonstrations)."""
     if not run_ppo:
         return "run_ppo is false"
     if score >= threshold:
         return f"quiz {score:.3f} >= threshold {threshold:.2f}"
     if n_prompts == 0:
-        return "no prompts"
+        return f"no {what}"
     return None
 
 
@@ -91,7 +94,8 @@ def chance_stop(run_ppo: bool, reused: bool, continue_at_chance: bool,
 
 
 def score_trend(history: list[dict], n: int = 3, key: str = "objective/scores") -> dict:
-    """Mean training-batch score of the first `n` and the last `n` PPO steps."""
+    """Mean training-batch score (`key`: the method's) of the first `n` and the last `n`
+    steps of a refine method."""
     xs = [float(h[key]) for h in history if key in h]
     if not xs:
         return {"first": None, "last": None, "rises": None}

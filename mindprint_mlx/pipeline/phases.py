@@ -10,11 +10,12 @@ Composition (one base in memory, adapters stacked by name):
 - prior units: one frozen adapter each, `u0`, `u1`, ... (loaded from
   merged_adapters/{unit}_merged on resume), always active;
 - the current unit: a running frozen adapter `u{i}` into which each finished topic's
-  `sft` (and `ppo`) adapters are folded with `models.lora.combine_adapters` (exact: ranks
+  `sft` (and refine) adapters are folded with `models.lora.combine_adapters` (exact: ranks
   concatenate), so the next topic of the unit trains on top of everything before it;
-- the topic being trained: `sft` (trainable during SFT, then frozen), then `ppo`
-  (trainable, with `sft` and everything below frozen: the reference policy is the model
-  without `ppo`).
+- the topic being trained: `sft` (trainable during SFT, then frozen), then the refine
+  method's adapter, named after the method (`ppo`, `grpo`, `rloo`, `dpo`, `ditto`; see
+  `refine`), trainable, with `sft` and everything below frozen: the reference policy is the
+  model without it.
 After the unit's last topic, `merge_unit` saves `u{i}` as the unit's merged adapter (an
 mlx-lm adapter directory, loadable on its own on the base after the prior units' merged
 adapters); `verify` re-grades the unit's topics with it.
@@ -23,7 +24,6 @@ adapters); `verify` re-grades the unit's topics with it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shutil
 from pathlib import Path
@@ -41,6 +41,7 @@ from ..errors import Interrupted
 from ..stop import stop_requested
 from . import decide
 from .config import PipelineConfig
+from .refine import PHASE, REWARD_METHODS, adapter_of, topic_method
 from .report import write_report
 from .retention import continual_metrics, replay_count
 from .state import RunState
@@ -281,7 +282,10 @@ def train_scorer(run: Run, key: str, label: str, pairs: list) -> Path:
 
 def chance_stop(run: Run) -> str | None:
     rec = run.state.data.get("reward_model") or {}
-    return decide.chance_stop(run.cfg.run_ppo, bool(rec.get("reused")),
+    # only methods that climb the reward model need one better than chance (not DPO, DITTO)
+    climbs = any(topic_method(run.cfg.refine, t.key, t.name) in REWARD_METHODS
+                 for t in run.curriculum.topics)
+    return decide.chance_stop(run.cfg.run_ppo and climbs, bool(rec.get("reused")),
                               run.cfg.reward.continue_at_chance, rec.get("best_val_accuracy"))
 
 
@@ -331,8 +335,8 @@ def run_topic(run: Run, t: TopicRun) -> list[str]:
         return []
     sft(run, t)
     q = quiz_phase(run, t, t.frozen + ["sft"])
-    ppo = refine(run, t, t.frozen + ["sft"], q["score"])
-    names = ["sft"] + ([] if ppo.get("skipped") else ["ppo"])
+    refined = adapter_of(refine(run, t, t.frozen + ["sft"], q["score"]))
+    names = ["sft"] + ([refined] if refined else [])
     final(run, t, names, q)
     return names
 
@@ -382,58 +386,27 @@ def quiz_phase(run: Run, t: TopicRun, active: list[str]) -> dict:
 
 
 def refine(run: Run, t: TopicRun, active: list[str], quiz_score: float) -> dict:
-    """PPO on the topic's prompts when `decide.ppo_skip_reason` gives no reason not to."""
-    from ..models.adapters import adapter_metadata, load_adapter, load_heads, save_adapter
-    from ..ppo import train_ppo
+    """The topic's refine method (`refine.topic_method`: PPO, GRPO, RLOO, DPO or DITTO) when
+    `decide.ppo_skip_reason` gives no reason not to; `refine.train` runs it."""
+    from ..models.adapters import load_adapter
+    from .refine import train
 
-    adir, work = t.adapter_dir(run), t.work(run) / "ppo"
-    prompts = ppo_prompts(t.topic)
-
-    def compute() -> dict:
-        reason = decide.ppo_skip_reason(quiz_score, t.threshold, run.cfg.run_ppo, len(prompts))
-        if reason:
-            run.echo(f"[{t.key}] PPO skipped: {reason}")
-            return {"skipped": True, "reason": reason}
-        pcfg = run.cfg.ppo
-        run.echo(f"[{t.key}] PPO on {len(prompts)} prompts (quiz {quiz_score:.3f} < {t.threshold:.2f})")
-        reward_before = policy_reward(run, prompts, active)
-        lora.set_active(run.model, active)
-        res = train_ppo(run.model, run.tok, prompts, run.rm.score_tokens, pcfg, work,
-                        frozen_adapters=active, resume=run.resume)
-        reward_after = policy_reward(run, prompts, active + ["ppo"])
-        # keep the trainer's value head and metadata (stack, steps, config) beside ours
-        save_adapter(run.model, "ppo", adir / "ppo_adapter",
-                     metadata={**adapter_metadata(res.adapter_dir), **t.meta, "phase": "ppo"},
-                     heads=load_heads(res.adapter_dir) or None)
-        mfiles = copy_metrics(work, run.metrics, f"ppo-{t.slug}")
-        if not mfiles and res.history:
-            mfiles = [f"ppo-{t.slug}.jsonl"]
-            atomic_write_text(run.metrics / mfiles[0], "".join(
-                json.dumps(h, default=float) + "\n" for h in res.history))
-        trend = decide.score_trend(res.history)
-        run.echo(f"[{t.key}] PPO: mean reward on the topic's prompts {reward_before:.3f} -> "
-                 f"{reward_after:.3f}; training batches, mean of the first 3 -> last 3: "
-                 f"{trend['first']:.3f} -> {trend['last']:.3f} "
-                 f"({'rises' if trend['rises'] else 'DOES NOT RISE'})")
-        rel = run.state.rel(adir / "ppo_adapter")
-        return {"adapter": rel, "artefacts": [rel], "steps": res.steps,
-                "mean_score_first": res.mean_score_first, "mean_score_last": res.mean_score_last,
-                "metrics": mfiles, "reward_before": reward_before, "reward_after": reward_after,
-                "reward_gain": res.reward_gain, "reward_bias": res.reward_bias, "trend": trend,
-                "config": to_dict(pcfg)}
+    method = topic_method(run.cfg.refine, t.key, t.topic.name)
+    work = t.work(run) / method
 
     def restore(rec: dict) -> None:
-        if not rec.get("skipped"):
-            load_adapter(run.model, run.run_dir / rec["adapter"], name="ppo")
+        name = adapter_of(rec)
+        if name:
+            load_adapter(run.model, run.run_dir / rec["adapter"], name=name)
 
-    return step(run, t.key, "ppo", compute, restore=restore,
-                saved=lambda rec: shutil.rmtree(work, ignore_errors=True))
+    return step(run, t.key, PHASE, lambda: train(run, t, active, quiz_score, method, work),
+                restore=restore, saved=lambda rec: shutil.rmtree(work, ignore_errors=True))
 
 
 def final(run: Run, t: TopicRun, names: list[str], quiz_rec: dict) -> dict:
-    """The topic's grade with its own adapters: a new quiz after PPO, else the first one."""
+    """The topic's grade with its own adapters: a new quiz after refinement, else the first."""
     def compute() -> dict:
-        if "ppo" in names:
+        if len(names) > 1:
             q = quiz(run, t.topic, t.frozen + names)
             rec = {"score": q.score, "parts": q.parts, "items": q.items}
             log_eval(run, t.index, t.key, "final", q.score, q.parts)
@@ -454,11 +427,15 @@ def restore_topic(run: Run, key: str) -> list[str]:
     from ..models.adapters import load_adapter
 
     names = []
-    for ph in ("sft", "ppo"):
+    for ph in ("sft", PHASE):
         rec = run.state.phase(key, ph)
-        if rec and rec.get("adapter"):
-            load_adapter(run.model, run.run_dir / rec["adapter"], name=ph)
-            names.append(ph)
+        if ph == "sft":
+            name = "sft" if rec and rec.get("adapter") else None
+        else:
+            name = adapter_of(rec)
+        if name:
+            load_adapter(run.model, run.run_dir / rec["adapter"], name=name)
+            names.append(name)
     return names
 
 

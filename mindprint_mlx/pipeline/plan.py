@@ -24,6 +24,10 @@ def load_curriculum(cfg: PipelineConfig):
     if not curriculum.topics:
         raise MindprintError(f"{cfg.data_dir}: no topics to train"
                              + (f" (units={cfg.units}, topics={cfg.topics})" if cfg.units or cfg.topics else ""))
+    from .refine import check_topic_keys
+
+    every = build_curriculum(dataset).topics        # an override may name a filtered-out topic
+    check_topic_keys(cfg.refine, [t.key for t in every], [t.name for t in every], cfg.data_dir)
     return dataset, curriculum
 
 
@@ -31,8 +35,10 @@ def plan_topics(cfg: PipelineConfig, dataset, curriculum) -> list[dict]:
     """Every topic with its data counts, quality, adaptive decisions and their reasons."""
     from ..data import quality
     from .decide import topic_plan
+    from .refine import topic_method
 
-    return [topic_plan(t, quality.topic_quality(t, dataset.persona), cfg.adaptive)
+    return [{**topic_plan(t, quality.topic_quality(t, dataset.persona), cfg.adaptive),
+             "refine_method": topic_method(cfg.refine, t.key, t.name)}
             for t in curriculum.topics]
 
 
@@ -78,12 +84,19 @@ def memory_settings(cfg: PipelineConfig, phase: str, plan: list[dict] | None = N
                 "targets": tuple(p.lora_targets), "lora_layers": p.num_layers or None,
                 "grad_checkpoint": p.grad_checkpoint, "mini_batch": p.mini_batch_size,
                 "forward_batch": p.forward_batch_size}
-    raise MindprintError(f"phase must be sft, reward or ppo, got {phase!r}")
+    from .refine import METHODS, memory_settings as refine_settings
+
+    if phase in METHODS:
+        return refine_settings(cfg, phase)
+    raise MindprintError(f"phase must be sft, reward or one of {', '.join(METHODS)}, got {phase!r}")
 
 
 def run_phases(cfg: PipelineConfig) -> list[str]:
-    """The training phases this config runs."""
-    return ["sft"] + ([] if cfg.reward.path else ["reward"]) + (["ppo"] if cfg.run_ppo else [])
+    """The training phases this config runs (every refine method it may use)."""
+    from .refine import methods_used
+
+    return ["sft"] + ([] if cfg.reward.path else ["reward"]) + \
+        (methods_used(cfg.refine) if cfg.run_ppo else [])
 
 
 def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
@@ -174,7 +187,8 @@ def format_plan(plan: list[dict]) -> str:
             lines.append("       SKIP: " + "; ".join(p["reasons"]))
             continue
         lines.append(f"       SFT {pl['sft_epochs']} epochs, batch {pl['batch_size']}, "
-                     f"lr x{pl['lr_multiplier']:.3g}; PPO if quiz < {pl['pass_threshold']:.2f}")
+                     f"lr x{pl['lr_multiplier']:.3g}; {p.get('refine_method', 'ppo').upper()} "
+                     f"if quiz < {pl['pass_threshold']:.2f}")
         for r in p["reasons"]:
             lines.append(f"       - {r}")
     return "\n".join(lines)

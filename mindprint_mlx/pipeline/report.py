@@ -14,8 +14,8 @@ def _f(x, fmt: str = ".3f") -> str:
 
 
 def topic_rows(state: dict) -> list[dict]:
-    """One summary row per planned topic, in plan order: its quiz after SFT, after PPO,
-    after its unit's merge and in the final adapter. Once the final adapter is graded,
+    """One summary row per planned topic, in plan order: its quiz after SFT, after its
+    refine method (PPO, GRPO, RLOO, DPO or DITTO; `method`), after its unit's merge and in the final adapter. Once the final adapter is graded,
     pass/fail is its verdict (what the user takes home), not the topic's own."""
     merged = {v["key"]: v.get("merged") for u in state.get("units", {}).values()
               for v in u.get("verify", [])}
@@ -42,6 +42,7 @@ def topic_rows(state: dict) -> list[dict]:
             "final": final.get("score"), "merged": merged.get(p["key"]),
             "shipped": fin.get("score") if fin else None, "graded": "final adapter" if fin else "topic",
             "ppo": ("ran" if ppo_ran else ("skipped" if ppo.get("skipped") else "-")),
+            "method": ppo.get("method") or p.get("refine_method") or "ppo",
             "reward_first": ppo.get("mean_score_first"), "reward_last": ppo.get("mean_score_last"),
             "reward_before": ppo.get("reward_before"), "reward_after": ppo.get("reward_after"),
         })
@@ -51,14 +52,15 @@ def topic_rows(state: dict) -> list[dict]:
 def summary_table(state: dict) -> str:
     """The markdown summary table (also printed at the end of a run and the demo)."""
     rows = topic_rows(state)
-    out = ["| topic | quiz after SFT | after PPO | after unit merge | final adapter | threshold "
-           "| mean reward before -> after PPO | result |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| topic | quiz after SFT | refine | after refine | after unit merge | final adapter "
+           "| threshold | mean reward before -> after refine | result |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rw = (f"{_f(r['reward_before'])} -> {_f(r['reward_after'])}" if r["ppo"] == "ran"
               else r["ppo"])
-        out.append(f"| {r['key']} | {_f(r['before'])} | {_f(r['after'])} | {_f(r['merged'])} "
-                   f"| {_f(r['shipped'])} | {_f(r['threshold'], '.2f')} | {rw} | {r['status']} |")
+        out.append(f"| {r['key']} | {_f(r['before'])} | {r['method']} | {_f(r['after'])} "
+                   f"| {_f(r['merged'])} | {_f(r['shipped'])} | {_f(r['threshold'], '.2f')} | {rw} "
+                   f"| {r['status']} |")
     done = [r for r in rows if r["status"] in ("pass", "fail")]
     passed = sum(r["status"] == "pass" for r in done)
     rate = f"{passed}/{len(done)} = {100 * passed / len(done):.0f}%" if done else "n/a"
@@ -156,8 +158,10 @@ def render_report(state: dict, config: dict | None = None) -> str:
             lines.append("Skipped (not trainable).")
         for r in p["reasons"]:
             lines.append(f"- {r}")
-        for name, title in (("quiz", "Quiz after SFT"), ("final", "Quiz after PPO" if
-                            (ph.get("ppo") or {}).get("adapter") else "Quiz (no PPO)"),
+        title_of = (ph.get("ppo") or {}).get("method") or p.get("refine_method") or "ppo"
+        title_of = title_of.upper()
+        for name, title in (("quiz", "Quiz after SFT"), ("final", f"Quiz after {title_of}" if
+                            (ph.get("ppo") or {}).get("adapter") else f"Quiz (no {title_of})"),
                             ("shipped", "Quiz of the final adapter")):
             q = ph.get(name) if name != "shipped" else \
                 ({**state["final_eval"][p["key"]], "done": True} if p["key"] in (state.get("final_eval") or {}) else None)
@@ -167,16 +171,18 @@ def render_report(state: dict, config: dict | None = None) -> str:
         ppo = ph.get("ppo")
         if ppo and ppo.get("done"):
             if ppo.get("skipped"):
-                lines.append(f"- PPO skipped: {ppo.get('reason')}")
+                lines.append(f"- {title_of} skipped: {ppo.get('reason')}")
             else:
-                lines.append(f"- PPO: {ppo.get('steps')} steps; mean reward of sampled answers to the "
+                key = ppo.get("score_key", "objective/scores")
+                lines.append(f"- {title_of}: {ppo.get('steps')} steps; mean reward of sampled answers to the "
                              f"topic's prompts {_f(ppo.get('reward_before'))} -> {_f(ppo.get('reward_after'))} "
-                             f"(training batches: first {_f(ppo.get('mean_score_first'))}, last "
+                             f"(training batches' {key}: first {_f(ppo.get('mean_score_first'))}, last "
                              f"{_f(ppo.get('mean_score_last'))})")
         for name in ("sft", "ppo"):
             a = (ph.get(name) or {}).get("adapter")
             if a:
-                lines.append(f"- {name} adapter: `{a}`")
+                label = name if name == "sft" else (ph[name].get("method") or "ppo")
+                lines.append(f"- {label} adapter: `{a}`")
         lines.append("")
     return "\n".join(lines)
 

@@ -95,7 +95,9 @@ def check_lora(run: phases.Run) -> None:
     from ..guards import check_lora_fits
 
     cfg = run.cfg
-    sections = [("sft", cfg.sft)] + ([("ppo", cfg.ppo)] if cfg.run_ppo else []) + \
+    from .refine import lora_sections
+
+    sections = [("sft", cfg.sft)] + (lora_sections(cfg) if cfg.run_ppo else []) + \
         ([] if cfg.reward.path else [("reward.train", cfg.reward.train)])
     for name, sec in sections:
         check_lora_fits(run.model, name, sec.lora_targets, sec.num_layers)
