@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from mindprint_mlx.config import ConfigError
 from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 from mindprint_mlx.models.adapters import adapter_metadata
-from mindprint_mlx.pipeline import interrupt, load_pipeline_config, run_pipeline
+from mindprint_mlx.pipeline import load_pipeline_config, run_pipeline
+from mindprint_mlx.stop import clear_stop, request_stop
 
 UNIT = "unit-1-foundations"
 CHAPTER = "chapter-1-nature-of-cycles"
@@ -74,11 +75,19 @@ def _cfg_file(tmp_path, model, refine: dict, name: str = "run") -> Path:
     return f
 
 
+@pytest.fixture(autouse=True)
+def _no_stop_left():
+    """A test that stops a run in process leaves no stop request behind."""
+    clear_stop()
+    yield
+    clear_stop()
+
+
 def _stop_after_refine(first_key: str, title: str, lines: list):
     def echo(line: str) -> None:
         lines.append(line)
         if line.startswith(f"[{first_key}] {title}: mean reward"):
-            interrupt.request()          # what Ctrl-C does: stop once this phase is saved
+            request_stop()               # what Ctrl-C does: stop once this phase is saved
     return echo
 
 
