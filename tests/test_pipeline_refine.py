@@ -26,8 +26,6 @@ TITLE = {"grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "ditto": "DITTO", "ppo": 
 
 @pytest.fixture(autouse=True)
 def _no_stop_left_over():
-    from mindprint_mlx.train.loop import clear_stop
-
     clear_stop()
     yield
     clear_stop()
@@ -73,14 +71,6 @@ def _cfg_file(tmp_path, model, refine: dict, name: str = "run") -> Path:
         _data(data)
     f.write_text(yaml.safe_dump(_config(model, data, tmp_path / name, refine)))
     return f
-
-
-@pytest.fixture(autouse=True)
-def _no_stop_left():
-    """A test that stops a run in process leaves no stop request behind."""
-    clear_stop()
-    yield
-    clear_stop()
 
 
 def _stop_after_refine(first_key: str, title: str, lines: list):
