@@ -89,6 +89,56 @@ def test_teacher_forcing_reproduces_sampling_logprobs(model_tok, temperature, to
             assert abs(float(full[b, n + j - 1, tok_id]) - float(lp[b, j])) < 1e-4
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_and_values_equal_teacher_forcing(model_tok, temperature):
+    """The old log-probs and values PPO keeps from the rollout (no second policy pass) are
+    what the teacher-forced pass computes, within 1e-5 (bit-equal measured on CPU), rows that
+    stopped early at an EOS included."""
+    from mindprint_mlx.models.heads import ScalarHead, hidden_size
+
+    model, tok = model_tok
+    head = ScalarHead(hidden_size(model), zero_init=False)
+    with lora.active_adapters(model, ["sft"]):
+        free = generate_batch(model, prompts(tok), 12, [], tok.pad_token_id, temperature,
+                              key=mx.random.key(4))
+        stop = int(free.response_tokens[1, 3])          # row 1 stops early, the others go on
+        g = generate_batch(model, prompts(tok), 12, [stop], tok.pad_token_id, temperature,
+                           key=mx.random.key(4), value_head=head)
+        lp, v = batched_response_forward(model, g, temperature, head)
+    m = np.array(g.response_mask) > 0
+    assert bool(g.ended[1]) and int(g.response_lengths[1]) <= 4 and int(g.response_lengths.max()) > 4
+    assert np.abs(np.array(lp) - np.array(g.sample_logprobs))[m].max() < 1e-5
+    assert np.abs(np.array(v) - np.array(g.sample_values))[m].max() < 1e-5
+    assert (np.array(g.sample_values)[~m] == 0).all() and np.abs(np.array(v))[m].mean() > 1e-2
+
+
+def test_rollout_and_forward_old_logprobs_agree(model_tok):
+    """old_logprobs="rollout" (the default on CPU) skips the policy's teacher-forced pass; its
+    log-probs, values and the reference are those of old_logprobs="forward" within 1e-5."""
+    model, tok = model_tok
+    out = {}
+    for mode in ("rollout", "forward"):
+        cfg = PPOConfig(batch_size=3, mini_batch_size=3, max_new_tokens=6, temperature=0.8,
+                        adapter_name="ppo_t2", old_logprobs=mode, progress=False)
+        tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+        try:
+            assert tr.rollout_logprobs == (mode == "rollout")
+            tr.value_head.summary.weight = 0.1 * mx.random.normal(tr.value_head.summary.weight.shape,
+                                                                 key=mx.random.key(0))
+            for _, m in lora.lora_layers(model):
+                m.adapters["ppo_t2"].lora_b = 0.5 * mx.random.normal(m.adapters["ppo_t2"].lora_b.shape,
+                                                                     key=mx.random.key(1))
+            gen, ro = tr.rollout(prompts(tok), mx.random.key(5))
+            out[mode] = {k: np.array(ro[k]) for k in ("logprobs", "values", "ref_logprobs")}
+            out[mode]["tokens"] = np.array(gen.tokens)
+        finally:
+            lora.remove_adapter(model, "ppo_t2")
+    assert (out["rollout"]["tokens"] == out["forward"]["tokens"]).all()
+    for k in ("logprobs", "values", "ref_logprobs"):
+        assert np.abs(out["rollout"][k] - out["forward"][k]).max() < 1e-5, k
+    assert np.abs(out["rollout"]["values"]).max() > 1e-3
+
+
 def test_top_p_samples_only_from_the_nucleus(model_tok):
     model, tok = model_tok
     g = generate_batch(model, prompts(tok), 5, [tok.eos_token_id], tok.pad_token_id, 1.0, 1e-6,

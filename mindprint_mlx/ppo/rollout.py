@@ -1,10 +1,15 @@
 """Rollouts: batched sampling with a KV cache, then teacher-forced log-probabilities and values.
 
 Sampling runs on left-padded prompts in one batched KV cache (mlx-lm's BatchKVCache, whose
-per-row RoPE offsets put every prompt's first real token at position 0). Log-probabilities
-are then recomputed by teacher forcing on right-padded rows that start at position 0, the
-same computation the PPO update runs, so the first minibatch's ratio is 1 up to float noise
-(PPO_DETAILS item 1). Every log-probability, old, reference and new, comes from logits / T.
+per-row RoPE offsets put every prompt's first real token at position 0). The sampler keeps
+each sampled token's log-probability (and, given a value head, the value read from the same
+hidden state), which equal what teacher forcing on right-padded rows computes up to float
+noise (fp32: < 1e-5 measured, tests/test_ppo_rollout.py), so PPO can use them as the old
+log-probabilities and values without a second policy pass, and the first minibatch's ratio
+is still 1 up to float noise (PPO_DETAILS item 1). `response_forward` is the teacher-forced
+pass (the reference, the update, and the policy's old log-probs where a low-precision base
+makes the two paths differ more). Every log-probability, old, reference and new, comes
+from logits / T.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Generation:
     response_lengths: mx.array  # (B,) int32, EOS included
     ended: mx.array             # (B,) bool: the response ends in EOS
     sample_logprobs: mx.array   # (B, R) float32: log p(token) at sampling time, from logits / T
+    sample_values: mx.array | None = None   # (B, R) float32: the value head at sampling time
 
     @property
     def lengths(self) -> mx.array:
@@ -79,8 +85,12 @@ def _sample(logits: mx.array, temperature: float, top_p: float, noise: mx.array)
 
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
-                   top_p: float = 1.0, key: mx.array | None = None) -> Generation:
+                   top_p: float = 1.0, key: mx.array | None = None,
+                   value_head: nn.Module | None = None) -> Generation:
     """Sample responses for a batch of token prompts with one batched KV cache.
+
+    With a `value_head`, the value of every response position is read from the hidden
+    state that predicts its token (as `response_forward` reads it): `sample_values`.
 
     A row that emits an EOS leaves the batch (its cache rows are dropped, as mlx-lm's batch
     generation does); sampling stops when every row is done or after `max_new_tokens`.
@@ -102,16 +112,21 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     eos = np.array(sorted(set(int(e) for e in eos_ids)))
     sampled = np.full((B, max_new_tokens), pad_id, dtype=np.int32)
     sample_lps = np.zeros((B, max_new_tokens), dtype=np.float32)
+    sample_vals = np.zeros((B, max_new_tokens), dtype=np.float32) if value_head is not None else None
     active = np.arange(B)
     active_mx = None                      # None: all rows
 
     def step(inputs: mx.array, i: int, rows: mx.array | None):
-        h = hidden_states(model, inputs, cache=cache)
-        logits = lm_logits(model, h[:, -1:, :])[:, -1, :]
+        h = hidden_states(model, inputs, cache=cache)[:, -1:, :]
+        logits = lm_logits(model, h)[:, -1, :]
         if temperature <= 0:
-            return _sample(logits, 0.0, 1.0, None)
-        noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
-        return _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
+            y, lp = _sample(logits, 0.0, 1.0, None)
+        else:
+            noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
+            y, lp = _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
+        # one (rows, 2) array: the sampled token's log p and the value, fetched in one copy
+        aux = lp[:, None] if value_head is None else mx.stack([lp, value_head(h)[:, -1]], axis=1)
+        return y, aux
 
     y, lp = step(x, 0, None)
     mx.async_eval(y, lp)
@@ -120,9 +135,11 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
         if i + 1 < max_new_tokens:
             y_next, lp_next = step(y[:, None], i + 1, active_mx)   # queued before we wait on y
             mx.async_eval(y_next, lp_next)
-        y_np, lp_np = np.array(y), np.array(lp)
+        y_np, aux_np = np.array(y), np.array(lp)
         sampled[active, i] = y_np
-        sample_lps[active, i] = lp_np
+        sample_lps[active, i] = aux_np[:, 0]
+        if sample_vals is not None:
+            sample_vals[active, i] = aux_np[:, 1]
         n_steps = i + 1
         finished = np.isin(y_np, eos)
         if finished.all() or i + 1 == max_new_tokens:
@@ -136,11 +153,12 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
             active = active[keep]
             active_mx = mx.array(active.astype(np.int32))
         y, lp = y_next, lp_next
-    return _finish(prompts, sampled[:, :n_steps], sample_lps[:, :n_steps], eos, pad_id)
+    return _finish(prompts, sampled[:, :n_steps], sample_lps[:, :n_steps], eos, pad_id,
+                   None if sample_vals is None else sample_vals[:, :n_steps])
 
 
 def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarray,
-            pad_id: int) -> Generation:
+            pad_id: int, sample_vals: np.ndarray | None = None) -> Generation:
     """Cut each row after its first EOS, right-pad, and build the teacher-forcing rows."""
     B, R = sampled.shape
     is_eos = np.isin(sampled, eos)
@@ -157,7 +175,9 @@ def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarra
     return Generation(tokens=mx.array(rows), prompt_lengths=mx.array(plen),
                       response_tokens=mx.array(resp), response_mask=mx.array(mask.astype(np.float32)),
                       response_lengths=mx.array(resp_len), ended=mx.array(ended),
-                      sample_logprobs=mx.array(np.where(mask, sample_lps, 0.0).astype(np.float32)))
+                      sample_logprobs=mx.array(np.where(mask, sample_lps, 0.0).astype(np.float32)),
+                      sample_values=None if sample_vals is None else
+                      mx.array(np.where(mask, sample_vals, 0.0).astype(np.float32)))
 
 
 def response_forward(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array,

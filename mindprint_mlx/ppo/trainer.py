@@ -97,6 +97,12 @@ class PPOConfig:
     value_head_init: Literal["zero", "reward"] = "zero"   # reward: start the value head from the
                                           # reward model's head (gain and bias folded in)
     forward_batch_size: int | None = None # rows per teacher-forced pass in rollouts (None: all)
+    # where the old log-probs and values come from: "rollout" keeps what the sampler computed
+    # (no second policy pass; equal to teacher forcing up to float noise: bit-equal on the CPU
+    # backend, fp32 and bf16), "forward" recomputes them by teacher forcing; "auto": rollout,
+    # except for a bf16/fp16 trunk on a GPU (whose decode and full-sequence kernels round
+    # differently)
+    old_logprobs: Literal["auto", "rollout", "forward"] = "auto"
     # the trainable adapter and the value head
     adapter_name: str = "ppo"
     lora_rank: int = 1
@@ -149,6 +155,8 @@ class PPOConfig:
         need(self.value_head_init in ("zero", "reward"), "value_head_init", "must be zero or reward")
         need(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
              "must be >= 1 or null")
+        need(self.old_logprobs in ("auto", "rollout", "forward"), "old_logprobs",
+             "must be auto, rollout or forward")
         need(bool(self.adapter_name) and "." not in self.adapter_name, "adapter_name",
              "must be non-empty without '.'")
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
@@ -214,6 +222,13 @@ class PolicyWithValue(nn.Module):
 def base_weight_bytes(model: nn.Module) -> int:
     """Bytes of the base model's own weights (LoRA adapters excluded)."""
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".adapters." not in k)
+
+
+def activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the trunk computes in: its embedding's (a quantized one's scales')."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    w = getattr(emb, "scales", None) if isinstance(emb, nn.QuantizedEmbedding) else getattr(emb, "weight", None)
+    return w.dtype if w is not None else mx.float32
 
 
 def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
@@ -314,20 +329,28 @@ class PPOTrainer:
         self.eos_ids = eos_ids(tokenizer)
         self.pad_id = pad_id(tokenizer)
         self._loss_and_grad = nn.value_and_grad(self.policy, self._loss)
+        self.rollout_logprobs = cfg.old_logprobs == "rollout" or (
+            cfg.old_logprobs == "auto" and (mx.default_device().type != mx.gpu
+                                            or activation_dtype(model) == mx.float32))
 
     # ------------------------------------------------------------------ rollout
 
     def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
-        """Sample, then teacher-force policy (with values) and reference, then score."""
+        """Sample (keeping the sampler's log-probs and values), teacher-force the reference
+        (and the policy, where `old_logprobs` says so), then score."""
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
         with lora.active_adapters(model, self.policy_adapters):
             gen = generate_batch(model, prompts, cfg.max_new_tokens, self.eos_ids, self.pad_id,
-                                 cfg.temperature, cfg.top_p, key)
+                                 cfg.temperature, cfg.top_p, key,
+                                 value_head=self.value_head if self.rollout_logprobs else None)
         t1 = time.perf_counter()
-        with lora.active_adapters(model, self.policy_adapters):
-            logprobs, values = batched_response_forward(model, gen, cfg.temperature, self.value_head,
-                                                        cfg.forward_batch_size)
+        if self.rollout_logprobs:   # the sampler's own (masked) log-probs and values
+            logprobs, values = gen.sample_logprobs, gen.sample_values
+        else:
+            with lora.active_adapters(model, self.policy_adapters):
+                logprobs, values = batched_response_forward(model, gen, cfg.temperature,
+                                                            self.value_head, cfg.forward_batch_size)
         with lora.active_adapters(model, self.reference_adapters):
             ref_logprobs, _ = batched_response_forward(model, gen, cfg.temperature, None,
                                                        cfg.forward_batch_size)
