@@ -33,7 +33,7 @@ from ..models import lora
 from ..models.adapters import load_heads, save_adapter, set_adapter_weights, ADAPTER_WEIGHTS
 from ..models.heads import ScalarHead, check_trunk_split, hidden_size
 from ..progress import Progress
-from ..train.loop import Interrupted, gradient_checkpointing, optimizer_for, stop_now
+from ..train.loop import Interrupted, gradient_checkpointing, optimizer_for, stop_now, use_compile
 from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
@@ -110,6 +110,8 @@ class PPOConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     num_layers: int = 0                   # LoRA on the last N decoder layers; 0 = all (as SFTConfig)
     grad_checkpoint: bool = False         # recompute decoder-layer activations in the update's backward
+    compile: bool | None = None           # mx.compile the update's forward+backward; None = on a GPU
+                                          # only (no gain measured on the CPU backend)
     # bookkeeping
     save_every: int = 10                  # checkpoint every N steps (0: only at the end)
     progress: bool = True
@@ -329,6 +331,8 @@ class PPOTrainer:
         self.eos_ids = eos_ids(tokenizer)
         self.pad_id = pad_id(tokenizer)
         self._loss_and_grad = nn.value_and_grad(self.policy, self._loss)
+        if use_compile(cfg.compile):
+            self._loss_and_grad = self._compiled_loss_and_grad()
         self.rollout_logprobs = cfg.old_logprobs == "rollout" or (
             cfg.old_logprobs == "auto" and (mx.default_device().type != mx.gpu
                                             or activation_dtype(model) == mx.float32))
@@ -411,6 +415,31 @@ class PPOTrainer:
                                                     detach_values=not cfg.value_trunk_grad)
         return ppo_losses(logprobs, b.old_logprobs, values, b.old_values, b.advantages, b.returns,
                           b.mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, logits=logits)
+
+    def _compiled_loss_and_grad(self):
+        """`_loss_and_grad` under mx.compile (same signature and results).
+
+        The compiled function returns the statistics stacked into one array: MLX 0.32's
+        compile fails (IndexError: _Map_base::at, in compile_simplify) when two of a compiled
+        function's outputs are equal expressions and one of them is a stop_gradient, e.g.
+        `mx.compile(lambda x: (x + 0, mx.stop_gradient(x + 0)))(x)`, and the PPO statistics
+        hold such pairs (loss/total is stop_gradient(loss); val/vpred equals val/mean)."""
+        plain = self._loss_and_grad
+        keys: list[str] = []
+
+        def fn(*fields):
+            (loss, stats), grads = plain(self.policy, _Batch(*fields))
+            keys[:] = sorted(stats)
+            return loss, mx.stack([stats[k].astype(mx.float32) for k in keys]), grads
+
+        state = [self.policy.state]
+        compiled = mx.compile(fn, inputs=state, outputs=state)
+
+        def loss_and_grad(policy, b: _Batch):
+            loss, stacked, grads = compiled(*(getattr(b, f) for f in b.__dataclass_fields__))
+            return (loss, {k: stacked[i] for i, k in enumerate(keys)}), grads
+
+        return loss_and_grad
 
     def _minibatch(self, mb: _Batch) -> tuple[dict, bool]:
         """Gradients over the minibatch's micro-batches, then one (possibly skipped) step."""
