@@ -266,3 +266,35 @@ def test_missing_eos_penalty_and_running_score_normalisation(model_tok):
         assert out.tolist() == [1.0, 2.0, 2.0, 4.0]
     finally:
         lora.remove_adapter(model, "ppo_t3")
+
+
+def test_memory_plan_checkpoints_and_splits_only_large_bases(model_tok):
+    """activation_budget: a tiny base keeps grad_checkpoint and gradient_accumulation_steps as
+    given; a >= 20M-parameter base gets gradient checkpointing, then more micro-batches,
+    until the planner's activation estimate fits the budget."""
+    import dataclasses
+
+    from mindprint_mlx.memory import _activations
+    from mindprint_mlx.ppo.trainer import AUTO_MEMORY_PARAMS
+
+    model, tok = model_tok
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, max_new_tokens=6, adapter_name="ppo_t4",
+                    progress=False)
+    tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+    try:
+        assert tr.shape is not None and tr.shape.n_params < AUTO_MEMORY_PARAMS
+        assert tr.memory_plan(8, 100) == (False, 1)
+        # the 53M bench shape (8 x 768, intermediate 2048) with its fp32 weight bytes
+        tr.shape = dataclasses.replace(tr.shape, n_params=52_000_000, hidden=768, intermediate=2048,
+                                       num_layers=8, num_heads=12, num_kv_heads=4, head_dim=64,
+                                       vocab=1717)
+        tr.base_bytes = 52_000_000 * 4
+        gc, ga = tr.memory_plan(8, 114)
+        act = lambda rows, g: _activations(tr.shape, rows, 114, g, True, cfg.lora_rank, 4)
+        assert gc and act(-(-8 // ga), True) <= 0.3 * tr.base_bytes < act(-(-8 // (ga - 1)), True)
+        tr.cfg.activation_budget = None
+        assert tr.memory_plan(8, 114) == (False, 1)
+        tr.cfg.activation_budget, tr.cfg.grad_checkpoint = 0.3, False   # an explicit False stays
+        assert tr.memory_plan(8, 114)[0] is False and tr.memory_plan(8, 114)[1] > ga
+    finally:
+        lora.remove_adapter(model, "ppo_t4")

@@ -180,31 +180,81 @@ def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarra
                       mx.array(np.where(mask, sample_vals, 0.0).astype(np.float32)))
 
 
+# Positions of a teacher-forced pass whose (rows, positions, vocab) float32 logits exceed
+# this many bytes go through the output layer in chunks (`logit_chunk`).
+LOGIT_CHUNK_BYTES = 8 << 20
+
+
+def _token_head(model: nn.Module, h: mx.array, tokens: mx.array, temperature: float,
+                entropy: bool):
+    """log p(token) (and the entropy) at each position from trunk states, float32, logits / T.
+    take(logits) - logsumexp is the same float op as take(logits - logsumexp), without the
+    (B, R, V) log-softmax in memory."""
+    logits = lm_logits(model, h).astype(mx.float32) / temperature
+    lse = mx.logsumexp(logits, axis=-1)
+    lp = mx.take_along_axis(logits, tokens[..., None], axis=-1).squeeze(-1) - lse
+    if not entropy:
+        return lp
+    from .losses import entropy_from_logits
+    return lp, entropy_from_logits(mx.stop_gradient(logits))
+
+
 def response_forward(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array,
                      response_tokens: mx.array, temperature: float = 1.0,
                      value_head: nn.Module | None = None, return_logits: bool = False,
-                     detach_values: bool = False):
+                     detach_values: bool = False, return_entropy: bool = False,
+                     logit_chunk: int | None = None):
     """Teacher-forced pass over right-padded rows: one trunk pass gives log-probabilities of
     the response tokens (from logits / T, float32) and, with a value head, the values.
 
-    Returns (logprobs (B, R), values (B, R) or None, logits (B, R, V) or None).
+    Returns (logprobs (B, R), values (B, R) or None, logits (B, R, V) or None); with
+    `return_entropy` the third item is each position's entropy (B, R) instead of logits.
     `detach_values` stops the value loss's gradient at the trunk (value head trains alone). Position j of
     the response is predicted from the hidden state at prompt_length + j - 1, which is
     also the state the value V_j is read from.
+
+    `logit_chunk`: positions per chunk through the output layer, each chunk under
+    mx.checkpoint (its logits are recomputed in the backward pass instead of kept), so the
+    (B, R, V) logits never sit in memory whole; None: chunks of LOGIT_CHUNK_BYTES when the
+    logits would be larger; 0: one piece. The results are the same floats either way.
     """
     R = response_tokens.shape[1]
     L = tokens.shape[1]
     h = hidden_states(model, tokens)
     pos = mx.minimum(prompt_lengths[:, None] - 1 + mx.arange(R)[None, :], L - 1)
     h = mx.take_along_axis(h, pos[:, :, None], axis=1)                    # (B, R, H)
-    logits = lm_logits(model, h).astype(mx.float32) / temperature
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    logprobs = mx.take_along_axis(logprobs, response_tokens[:, :, None], axis=-1).squeeze(-1)
     if value_head is None:
         values = None
     else:   # detach_values: the value loss trains the head only, not the shared trunk
         values = value_head(mx.stop_gradient(h) if detach_values else h)
-    return logprobs, values, (logits if return_logits else None)
+    if return_logits:
+        logits = lm_logits(model, h).astype(mx.float32) / temperature
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = mx.take_along_axis(logprobs, response_tokens[:, :, None], axis=-1).squeeze(-1)
+        return logprobs, values, logits
+    B = tokens.shape[0]
+    vocab = _vocab_size(model, h)
+    if logit_chunk is None:
+        per_pos = B * vocab * 4
+        logit_chunk = 0 if B * R * per_pos <= LOGIT_CHUNK_BYTES else max(1, LOGIT_CHUNK_BYTES // per_pos)
+    if not logit_chunk or logit_chunk >= R:
+        out = _token_head(model, h, response_tokens, temperature, return_entropy)
+    else:
+        head = mx.checkpoint(lambda hh, tt: _token_head(model, hh, tt, temperature, return_entropy))
+        parts = [head(h[:, s:s + logit_chunk], response_tokens[:, s:s + logit_chunk])
+                 for s in range(0, R, logit_chunk)]
+        out = ([mx.concatenate([p[i] for p in parts], axis=1) for i in range(2)] if return_entropy
+               else mx.concatenate(parts, axis=1))
+    if return_entropy:
+        return out[0], values, out[1]
+    return out, values, None
+
+
+def _vocab_size(model: nn.Module, h: mx.array) -> int:
+    v = getattr(getattr(model, "args", None), "vocab_size", None)
+    if isinstance(v, int):
+        return v
+    return lm_logits(model, h[:1, :1]).shape[-1]
 
 
 def batched_response_forward(model: nn.Module, gen: Generation, temperature: float,

@@ -109,7 +109,14 @@ class PPOConfig:
     lora_alpha: float = 1.0
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     num_layers: int = 0                   # LoRA on the last N decoder layers; 0 = all (as SFTConfig)
-    grad_checkpoint: bool = False         # recompute decoder-layer activations in the update's backward
+    grad_checkpoint: bool | None = None   # recompute decoder-layer activations in the update's
+                                          # backward; None: as activation_budget decides
+    # Bases of >= 20M parameters: the update's estimated activations (the memory planner's
+    # fit) are kept under activation_budget x the base weight bytes, by turning gradient
+    # checkpointing on (grad_checkpoint None) and then splitting minibatches into more
+    # micro-batches than gradient_accumulation_steps (token-weighted: the same gradient up
+    # to float rounding). None: off (smaller bases: off as well)
+    activation_budget: float | None = 0.3
     compile: bool | None = None           # mx.compile the update's forward+backward; None = on a GPU
                                           # only (no gain measured on the CPU backend)
     # bookkeeping
@@ -159,6 +166,8 @@ class PPOConfig:
              "must be >= 1 or null")
         need(self.old_logprobs in ("auto", "rollout", "forward"), "old_logprobs",
              "must be auto, rollout or forward")
+        need(self.activation_budget is None or self.activation_budget > 0, "activation_budget",
+             "must be > 0 or null")
         need(bool(self.adapter_name) and "." not in self.adapter_name, "adapter_name",
              "must be non-empty without '.'")
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
@@ -231,6 +240,29 @@ def activation_dtype(model: nn.Module) -> mx.Dtype:
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     w = getattr(emb, "scales", None) if isinstance(emb, nn.QuantizedEmbedding) else getattr(emb, "weight", None)
     return w.dtype if w is not None else mx.float32
+
+
+AUTO_MEMORY_PARAMS = 20_000_000   # activation_budget applies to bases of this many parameters and up
+
+
+def _model_shape(model: nn.Module):
+    """The memory planner's ModelShape of a loaded model (None where its args are unusual)."""
+    from ..memory import ModelShape
+    a = getattr(model, "args", None)
+    try:
+        hidden, inter = int(a.hidden_size), int(a.intermediate_size)
+        heads = int(a.num_attention_heads)
+        kv = int(getattr(a, "num_key_value_heads", None) or heads)
+        hd = int(getattr(a, "head_dim", None) or hidden // heads)
+        layers, vocab = len(lora._layers(model)), int(a.vocab_size)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    n = layers * (hidden * hd * (2 * heads + 2 * kv) + 3 * hidden * inter) + vocab * hidden
+    return ModelShape(model_type=str(getattr(a, "model_type", "")), n_params=n,
+                      weight_bytes=base_weight_bytes(model),
+                      dtype_bytes=activation_dtype(model).size, num_layers=layers, hidden=hidden,
+                      intermediate=inter, vocab=vocab, num_heads=heads, num_kv_heads=kv,
+                      head_dim=hd)
 
 
 def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
@@ -327,6 +359,7 @@ class PPOTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.base_bytes = base_weight_bytes(model)
+        self.shape = _model_shape(model)
         from ..data.batching import eos_ids, pad_id
         self.eos_ids = eos_ids(tokenizer)
         self.pad_id = pad_id(tokenizer)
@@ -409,12 +442,12 @@ class PPOTrainer:
 
     def _loss(self, policy: PolicyWithValue, b: _Batch):
         cfg = self.cfg
-        logprobs, values, logits = response_forward(policy.lm, b.tokens, b.prompt_lengths,
-                                                    b.response_tokens, cfg.temperature,
-                                                    policy.value_head, return_logits=True,
-                                                    detach_values=not cfg.value_trunk_grad)
+        logprobs, values, entropy = response_forward(policy.lm, b.tokens, b.prompt_lengths,
+                                                     b.response_tokens, cfg.temperature,
+                                                     policy.value_head, return_entropy=True,
+                                                     detach_values=not cfg.value_trunk_grad)
         return ppo_losses(logprobs, b.old_logprobs, values, b.old_values, b.advantages, b.returns,
-                          b.mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, logits=logits)
+                          b.mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, entropy=entropy)
 
     def _compiled_loss_and_grad(self):
         """`_loss_and_grad` under mx.compile (same signature and results).
@@ -441,11 +474,29 @@ class PPOTrainer:
 
         return loss_and_grad
 
-    def _minibatch(self, mb: _Batch) -> tuple[dict, bool]:
+    def memory_plan(self, rows: int, length: int) -> tuple[bool, int]:
+        """(gradient checkpointing, micro-batches) for minibatches of `rows` rows of
+        `length` tokens: cfg.grad_checkpoint and gradient_accumulation_steps, or what
+        cfg.activation_budget needs on a base of >= AUTO_MEMORY_PARAMS parameters."""
+        from ..memory import _activations
+        cfg = self.cfg
+        gc, ga = bool(cfg.grad_checkpoint), min(cfg.gradient_accumulation_steps, rows)
+        if cfg.activation_budget is None or self.shape is None or self.shape.n_params < AUTO_MEMORY_PARAMS:
+            return gc, ga
+        budget = cfg.activation_budget * self.base_bytes
+        act = lambda n, g: _activations(self.shape, n, length, g, True, cfg.lora_rank,
+                                        len(cfg.lora_targets))
+        if cfg.grad_checkpoint is None and act(-(-rows // ga), False) > budget:
+            gc = True
+        while ga < rows and act(-(-rows // ga), gc) > budget:
+            ga += 1
+        return gc, ga
+
+    def _minibatch(self, mb: _Batch, ga: int | None = None) -> tuple[dict, bool]:
         """Gradients over the minibatch's micro-batches, then one (possibly skipped) step."""
         cfg = self.cfg
         n = mb.tokens.shape[0]
-        ga = min(cfg.gradient_accumulation_steps, n)
+        ga = min(ga or cfg.gradient_accumulation_steps, n)
         micro = np.array_split(np.arange(n), ga)
         # Each micro-batch's losses are token means: weighted by its share of the minibatch's
         # response tokens, the sum is the gradient of the minibatch's token mean (as ga=1).
@@ -489,12 +540,13 @@ class PPOTrainer:
         all_stats: list[dict] = []
         skipped, early = 0, False
         mbs = cfg.mini_batch_size // dist.size()     # this rank's share of a minibatch
+        gc, ga = self.memory_plan(min(mbs, B), batch.tokens.shape[1])
         with lora.active_adapters(self.model, self.policy_adapters), \
-                gradient_checkpointing(self.model, cfg.grad_checkpoint):
+                gradient_checkpointing(self.model, gc):
             for _ in range(cfg.ppo_epochs):
                 order = rng.permutation(B)       # a fresh shuffle each epoch
                 for s in range(0, B, mbs):
-                    stats, stepped = self._minibatch(batch.rows(order[s:s + mbs]))
+                    stats, stepped = self._minibatch(batch.rows(order[s:s + mbs]), ga)
                     skipped += not stepped
                     all_stats.append(stats)
                     if cfg.early_stopping and stats["policy/policykl"] > 1.5 * cfg.target_kl:
@@ -508,6 +560,7 @@ class PPOTrainer:
         out["skipped_minibatches"] = skipped
         out["minibatches"] = len(all_stats)
         out["early_stopped"] = int(early)
+        out["grad_checkpoint"], out["micro_batches"] = int(gc), ga
         return out
 
     # ------------------------------------------------------------------ one step
