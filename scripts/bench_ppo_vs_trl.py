@@ -10,7 +10,8 @@ vocab 2048, fp32) and runs both trainers on it with the same settings: the same 
 prompts, LoRA of the same rank and targets (o/v/up/down, r=1, alpha=1), one minibatch
 of the whole batch, 4 PPO epochs, exactly `--new-tokens` response tokens per row (TRL:
 min_new_tokens = max_new_tokens; mindprint: no stop token), sampling at T=1, the same cheap
-score (share of even token ids), 2 threads. The reference is the base with the adapter
+score (share of even token ids), `--threads` BLAS/OpenMP threads (default 2), each side in a
+fresh process. The reference is the base with the adapter
 switched off on both sides. Prints response tokens/s (response tokens of a step / the
 step's wall time, generation included) of each, their ratio, and each side's time split.
 
@@ -99,6 +100,19 @@ def run_trl(py: Path, spec: dict, tmp: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def run_mindprint_subprocess(spec: dict, tmp: Path) -> dict:
+    """The mindprint side in a fresh process of its own (as the TRL side), BLAS threads set."""
+    path = tmp / f"spec-{time.time_ns()}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.update(OPENBLAS_NUM_THREADS=str(spec["threads"]), OMP_NUM_THREADS=str(spec["threads"]))
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side-spec", str(path)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"the mindprint side failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def run_mindprint(spec: dict) -> dict:
     import mlx.core as mx
     import numpy as np
@@ -160,7 +174,11 @@ def main(argv=None) -> int:
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     p.add_argument("--only", choices=["both", "mindprint", "trl"], default="both")
     p.add_argument("--json", default=None)
+    p.add_argument("--side-spec", default=None, help=argparse.SUPPRESS)   # internal: one mindprint run
     args = p.parse_args(argv)
+    if args.side_spec:
+        print(json.dumps(run_mindprint(json.loads(Path(args.side_spec).read_text()))))
+        return 0
     if sys.platform.startswith("linux") and "openblas" not in os.environ.get("LD_PRELOAD", ""):
         print("note: OpenBLAS is not preloaded; MLX's CPU matmuls will be far slower "
               "(export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3)")
@@ -196,7 +214,7 @@ def main(argv=None) -> int:
                 if args.only not in ("both", side):
                     continue
                 print(f"batch {B}: {side} (round {rnd + 1}) ...", flush=True)
-                r = run_trl(py, spec, tmp) if side == "trl" else run_mindprint(spec)
+                r = run_trl(py, spec, tmp) if side == "trl" else run_mindprint_subprocess(spec, tmp)
                 if side not in best or r["tokens_per_sec"] > best[side]["tokens_per_sec"]:
                     best[side] = r
         row = {"batch": B, "prompt_tokens": [len(q) for q in spec["prompts"]], **best}
