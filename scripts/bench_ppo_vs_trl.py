@@ -154,8 +154,11 @@ def run_mindprint(spec: dict) -> dict:
 # ---------------------------------------------------------------------- main
 
 def split(r: dict) -> str:
-    parts = [("gen", r["generation"]), ("fwd", r["forward"]), ("upd", r["update"]),
-             ("other", r["step"] - r["generation"] - r["forward"] - r["update"])]
+    """The time split of the median step (one step's own figures, so they add up)."""
+    steps = sorted(r["steps"], key=lambda x: x["step"])
+    m = steps[len(steps) // 2]
+    parts = [("gen", m["generation"]), ("fwd", m["forward"]), ("upd", m["update"]),
+             ("other", m["step"] - m["generation"] - m["forward"] - m["update"])]
     return " / ".join(f"{k} {v:.2f}" for k, v in parts)
 
 

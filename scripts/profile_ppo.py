@@ -55,6 +55,13 @@ for M, K, N in json.loads(sys.argv[2]):
     for _ in range(20):
         t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
     out[f"{M}x{K}x{N}"] = 2 * M * K * N / min(ts) / 1e9
+x = torch.randn(*json.loads(sys.argv[3]))
+for name, f in (("exp", torch.exp), ("sigmoid", torch.sigmoid), ("add", lambda x: x + x)):
+    for _ in range(3): f(x)
+    ts = []
+    for _ in range(20):
+        t = time.perf_counter(); f(x); ts.append(time.perf_counter() - t)
+    out[name] = min(ts) / x.numel() * 1e9
 print(json.dumps(out))
 """
 
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
     trates = None
     if args.torch:
         env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONPATH")}
-        r = subprocess.run([args.torch, "-c", TORCH_RATE, str(args.threads), json.dumps(shapes)],
+        r = subprocess.run([args.torch, "-c", TORCH_RATE, str(args.threads), json.dumps(shapes),
+                            json.dumps([B, L, I])],
                            capture_output=True, text=True, env=env)
         trates = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
     big = statistics.mean(rates[f"{M}x{K}x{N}"] for M, K, N in shapes[:3])
@@ -171,18 +179,22 @@ def main(argv=None) -> int:
         hg = mx.random.normal((B, L, I))
         mx.eval(hg)
         t_silu, _ = best(lambda: mx.eval(nn.silu(hg) * hg), 20)
+        ns = {}
+        for name, f in (("exp", mx.exp), ("sigmoid", mx.sigmoid), ("add", lambda x: x + x)):
+            ns[name] = best(lambda f=f: mx.eval(f(hg)), 20)[0] / hg.size * 1e9
 
-    # Python overhead of one step
+    # Python overhead: building the update's graph (lazy, no eval) against running it
+    with lora.active_adapters(model, tr.policy_adapters):
+        def build():
+            return tr._loss_and_grad(tr.policy, batch)
+        t_build, _ = best(build, args.repeats)
     prof = cProfile.Profile()
-    t0 = time.perf_counter()
     prof.enable()
     tr.train_step(prompts)
     prof.disable()
-    step_wall = time.perf_counter() - t0
     st = pstats.Stats(prof)
-    native = sum(v[2] for k, v in st.stats.items()
-                 if k[0] == "~" or "built-in" in k[2] or k[2].startswith("<method"))
-    py = st.total_tt - native
+    waits = ("generate_batch", "_minibatch", "batched_response_forward", "train_step", "rollout")
+    py = sum(v[2] for k, v in st.stats.items() if k[0] != "~" and k[2] not in waits)
 
     print(f"model: tiny llama {bench.SIZES['tiny']}; batch {B}, prompt <= {P}, {R} new tokens, "
           f"rows of {L} tokens; mlx {mx.__version__}, {os.cpu_count()} cpus, load {os.getloadavg()}")
@@ -197,12 +209,16 @@ def main(argv=None) -> int:
         print(f"| {s_} | {r_:.0f} |" + (f" {trates.get(s_, float('nan')):.0f} |" if trates else ""))
     print(f"\none decoder layer forward ({B} x {L} tokens): {1e3 * t_layer:.1f} ms; its 7 matmuls "
           f"{1e3 * t_mm:.1f} ms ({100 * t_mm / t_layer:.0f}%), attention (SDPA) {1e3 * t_sdpa:.1f} ms, "
-          f"SiLU x up {1e3 * t_silu:.1f} ms, the rest {1e3 * (t_layer - t_mm - t_sdpa - t_silu):.1f} ms")
+          f"SiLU x up {1e3 * t_silu:.1f} ms (each timed alone; norms, RoPE and adds are the "
+          f"remainder, {1e3 * max(t_layer - t_mm - t_sdpa - t_silu, 0.0):.1f} ms)")
     fb_t, f_t = times["update fwd+bwd (one epoch)"][0], times["update forward only"][0]
     print(f"update: fwd+bwd / fwd = {fb_t / f_t:.2f} (FLOPs ratio ~2: the backward computes the "
           "activation gradients, as many FLOPs as the forward, and only the LoRA weights' own)")
-    print(f"one step under cProfile: {step_wall:.2f} s wall, {py:.2f} s in Python functions' own "
-          f"code, {native:.2f} s in native calls (mx.eval, array copies, MLX ops' graph building)")
+    print("elementwise, ns an element on a (B, L, intermediate) float32 array: " + ", ".join(
+        f"{k} MLX {v:.2f}" + (f" / torch {trates[k]:.2f}" if trates else "") for k, v in ns.items()))
+    print(f"Python: building one fwd+bwd graph (no eval) {1e3 * t_build:.1f} ms against "
+          f"{1e3 * fb_t:.0f} ms to run it; one whole step's Python code (cProfile, functions "
+          f"other than those that wait on MLX) {py:.2f} s")
     return 0
 
 
