@@ -267,20 +267,24 @@ class Bench:
              f"{self.args.forward_batch or self.args.gen_batch})"
         self.add("PPO step time (last step)" + mb, f"{tot:.2f} s", " / ".join(
             f"{k} {v:.2f} s ({100 * v / tot:.0f}%)" for k, v in split.items()))
-        est = self._estimate("ppo")
+        # the trainer's own memory plan (activation_budget: checkpointing, micro-batches)
+        gc, micro = bool(last.get("ppo/grad_checkpoint", 0)), int(last.get("ppo/micro_batches", 1))
+        est = self._estimate("ppo", gc=gc, micro=micro)
+        mb += f" [grad checkpoint {'on' if gc else 'off'}, {micro} micro-batch{'es' if micro > 1 else ''}]"
         self.add("PPO peak memory / base weights" + mb, f"{peak / base:.2f}x ({peak / 2**20:,.1f} MiB, "
                  f"base {base / 2**20:,.1f} MiB)", f"planner {est / 2**20:,.1f} MiB", f"{est / peak:.2f}")
         self.data["ppo"] = dict(time=split, step=tot, peak=peak, base=base, estimate=est)
 
-    def _estimate(self, phase, quantize=None, gc=False):
+    def _estimate(self, phase, quantize=None, gc=False, micro=1):
         from mindprint_mlx.memory import estimate
         a = self.args
         seq = 96 if phase != "ppo" else None
         if phase == "ppo":
+            mb = a.ppo_mini_batch or a.gen_batch
             return estimate(self.model_dir, "ppo", batch=a.gen_batch, seq_len=40 + a.new_tokens,
                             prompt_len=40, max_new_tokens=a.new_tokens, lora_rank=8,
                             targets=TARGETS, quantize=quantize, grad_checkpoint=gc,
-                            mini_batch=a.ppo_mini_batch or None,
+                            mini_batch=-(-mb // micro),
                             forward_batch=a.forward_batch or None).total
         return estimate(self.model_dir, phase, batch=a.batch, seq_len=seq, lora_rank=8,
                         targets=TARGETS, quantize=quantize, grad_checkpoint=gc).total

@@ -89,6 +89,86 @@ def test_teacher_forcing_reproduces_sampling_logprobs(model_tok, temperature, to
             assert abs(float(full[b, n + j - 1, tok_id]) - float(lp[b, j])) < 1e-4
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_and_values_equal_teacher_forcing(model_tok, temperature):
+    """The old log-probs and values PPO keeps from the rollout (no second policy pass) are
+    what the teacher-forced pass computes, within 1e-5 (bit-equal measured on CPU), rows that
+    stopped early at an EOS included."""
+    from mindprint_mlx.models.heads import ScalarHead, hidden_size
+
+    model, tok = model_tok
+    head = ScalarHead(hidden_size(model), zero_init=False)
+    with lora.active_adapters(model, ["sft"]):
+        free = generate_batch(model, prompts(tok), 12, [], tok.pad_token_id, temperature,
+                              key=mx.random.key(4))
+        stop = int(free.response_tokens[1, 3])          # row 1 stops early, the others go on
+        g = generate_batch(model, prompts(tok), 12, [stop], tok.pad_token_id, temperature,
+                           key=mx.random.key(4), value_head=head)
+        lp, v = batched_response_forward(model, g, temperature, head)
+    m = np.array(g.response_mask) > 0
+    assert bool(g.ended[1]) and int(g.response_lengths[1]) <= 4 and int(g.response_lengths.max()) > 4
+    assert np.abs(np.array(lp) - np.array(g.sample_logprobs))[m].max() < 1e-5
+    assert np.abs(np.array(v) - np.array(g.sample_values))[m].max() < 1e-5
+    assert (np.array(g.sample_values)[~m] == 0).all() and np.abs(np.array(v))[m].mean() > 1e-2
+
+
+def test_rollout_and_forward_old_logprobs_agree(model_tok):
+    """old_logprobs="rollout" (the default on CPU) skips the policy's teacher-forced pass; its
+    log-probs, values and the reference are those of old_logprobs="forward" within 1e-5."""
+    model, tok = model_tok
+    out = {}
+    for mode in ("rollout", "forward"):
+        cfg = PPOConfig(batch_size=3, mini_batch_size=3, max_new_tokens=6, temperature=0.8,
+                        adapter_name="ppo_t2", old_logprobs=mode, progress=False)
+        tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+        try:
+            assert tr.rollout_logprobs == (mode == "rollout")
+            tr.value_head.summary.weight = 0.1 * mx.random.normal(tr.value_head.summary.weight.shape,
+                                                                 key=mx.random.key(0))
+            for _, m in lora.lora_layers(model):
+                m.adapters["ppo_t2"].lora_b = 0.5 * mx.random.normal(m.adapters["ppo_t2"].lora_b.shape,
+                                                                     key=mx.random.key(1))
+            gen, ro = tr.rollout(prompts(tok), mx.random.key(5))
+            out[mode] = {k: np.array(ro[k]) for k in ("logprobs", "values", "ref_logprobs")}
+            out[mode]["tokens"] = np.array(gen.tokens)
+        finally:
+            lora.remove_adapter(model, "ppo_t2")
+    assert (out["rollout"]["tokens"] == out["forward"]["tokens"]).all()
+    for k in ("logprobs", "values", "ref_logprobs"):
+        assert np.abs(out["rollout"][k] - out["forward"][k]).max() < 1e-5, k
+    assert np.abs(out["rollout"]["values"]).max() > 1e-3
+
+
+def test_compiled_update_matches_the_plain_one(model_tok):
+    """PPOConfig.compile=True (on a GPU by default): the compiled forward+backward gives the
+    plain one's statistics and gradients (it works around an MLX compile failure on equal
+    stop_gradient outputs by stacking the statistics)."""
+    from mlx.utils import tree_flatten
+
+    model, tok = model_tok
+    got = {}
+    for comp in (False, True):
+        cfg = PPOConfig(batch_size=3, mini_batch_size=3, max_new_tokens=6, adapter_name="ppo_t3",
+                        compile=comp, progress=False)
+        tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+        try:
+            batch = _batch_for(tr, tok)
+            with lora.active_adapters(model, tr.policy_adapters):
+                for _ in range(2):    # the second call runs the cached compiled graph
+                    (loss, stats), grads = tr._loss_and_grad(tr.policy, batch)
+            got[comp] = (float(loss), {k: float(v) for k, v in stats.items()},
+                         {k: np.array(v) for k, v in tree_flatten(grads)})
+        finally:
+            lora.remove_adapter(model, "ppo_t3")
+    (l0, s0, g0), (l1, s1, g1) = got[False], got[True]
+    assert abs(l0 - l1) <= 1e-5 * max(abs(l0), 1.0) and s0.keys() == s1.keys()
+    for k in s0:
+        assert abs(s0[k] - s1[k]) <= 1e-5 * max(abs(s0[k]), 1.0), k
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        assert np.abs(g0[k] - g1[k]).max() <= 1e-5 * max(np.abs(g0[k]).max(), 1e-6), k
+
+
 def test_top_p_samples_only_from_the_nucleus(model_tok):
     model, tok = model_tok
     g = generate_batch(model, prompts(tok), 5, [tok.eos_token_id], tok.pad_token_id, 1.0, 1e-6,
@@ -186,3 +266,35 @@ def test_missing_eos_penalty_and_running_score_normalisation(model_tok):
         assert out.tolist() == [1.0, 2.0, 2.0, 4.0]
     finally:
         lora.remove_adapter(model, "ppo_t3")
+
+
+def test_memory_plan_checkpoints_and_splits_only_large_bases(model_tok):
+    """activation_budget: a tiny base keeps grad_checkpoint and gradient_accumulation_steps as
+    given; a >= 20M-parameter base gets gradient checkpointing, then more micro-batches,
+    until the planner's activation estimate fits the budget."""
+    import dataclasses
+
+    from mindprint_mlx.memory import _activations
+    from mindprint_mlx.ppo.trainer import AUTO_MEMORY_PARAMS
+
+    model, tok = model_tok
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, max_new_tokens=6, adapter_name="ppo_t4",
+                    progress=False)
+    tr = PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), cfg, frozen_adapters=["sft"])
+    try:
+        assert tr.shape is not None and tr.shape.n_params < AUTO_MEMORY_PARAMS
+        assert tr.memory_plan(8, 100) == (False, 1)
+        # the 53M bench shape (8 x 768, intermediate 2048) with its fp32 weight bytes
+        tr.shape = dataclasses.replace(tr.shape, n_params=52_000_000, hidden=768, intermediate=2048,
+                                       num_layers=8, num_heads=12, num_kv_heads=4, head_dim=64,
+                                       vocab=1717)
+        tr.base_bytes = 52_000_000 * 4
+        gc, ga = tr.memory_plan(8, 114)
+        act = lambda rows, g: _activations(tr.shape, rows, 114, g, True, cfg.lora_rank, 4)
+        assert gc and act(-(-8 // ga), True) <= 0.3 * tr.base_bytes < act(-(-8 // (ga - 1)), True)
+        tr.cfg.activation_budget = None
+        assert tr.memory_plan(8, 114) == (False, 1)
+        tr.cfg.activation_budget, tr.cfg.grad_checkpoint = 0.3, False   # an explicit False stays
+        assert tr.memory_plan(8, 114)[0] is False and tr.memory_plan(8, 114)[1] > ga
+    finally:
+        lora.remove_adapter(model, "ppo_t4")

@@ -17,12 +17,14 @@ def entropy_from_logits(logits: mx.array) -> mx.array:
 def ppo_losses(logprobs: mx.array, old_logprobs: mx.array, values: mx.array, old_values: mx.array,
                advantages: mx.array, returns: mx.array, mask: mx.array, cliprange: float = 0.2,
                cliprange_value: float = 0.2, vf_coef: float = 0.1,
-               logits: mx.array | None = None) -> tuple[mx.array, dict[str, mx.array]]:
+               logits: mx.array | None = None,
+               entropy: mx.array | None = None) -> tuple[mx.array, dict[str, mx.array]]:
     """loss = clipped surrogate + vf_coef * clipped value loss, means over the masked tokens.
 
     Returns (loss, stats); stats are detached scalars: loss/policy, loss/value, loss/total,
     policy/{clipfrac, approxkl, policykl, ratio_mean, ratio_var, advantages_mean, entropy},
-    val/{clipfrac, vpred, error, mean, var, explained_variance}, returns/{mean, var}.
+    val/{clipfrac, vpred, error, mean, var, explained_variance}, returns/{mean, var}, and
+    policy/entropy from `logits` (B, R, V) or from per-position `entropy` (B, R).
     """
     # Value loss: the worse of the unclipped and the clipped (to old value +- c) prediction.
     vpred_clipped = mx.clip(values, old_values - cliprange_value, old_values + cliprange_value)
@@ -65,6 +67,8 @@ def ppo_losses(logprobs: mx.array, old_logprobs: mx.array, values: mx.array, old
         "returns/mean": masked_mean(returns_d, mask),
         "returns/var": return_var,
     }
-    if logits is not None:
-        stats["policy/entropy"] = masked_mean(entropy_from_logits(sg(logits)), mask)
+    if entropy is None and logits is not None:
+        entropy = entropy_from_logits(sg(logits))
+    if entropy is not None:
+        stats["policy/entropy"] = masked_mean(sg(entropy), mask)
     return loss, stats

@@ -1,11 +1,15 @@
 """Rollouts: batched sampling with a KV cache, then teacher-forced log-probabilities and values.
 
 Sampling runs on left-padded prompts in one batched KV cache (mlx-lm's BatchKVCache, whose
-per-row RoPE offsets put every prompt's first real token at position 0). Log-probabilities
-are then recomputed by teacher forcing on right-padded rows that start at position 0, the
-same computation the PPO update runs, so the first minibatch's ratio is 1 up to float noise
-(positions that differ between sampling and teacher forcing would make it drift). Every
-log-probability, old, reference and new, comes from logits / T.
+per-row RoPE offsets put every prompt's first real token at position 0). The sampler keeps
+each sampled token's log-probability (and, given a value head, the value read from the same
+hidden state), which equal what teacher forcing on right-padded rows computes up to float
+noise (fp32: < 1e-5 measured, tests/test_ppo_rollout.py), so PPO can use them as the old
+log-probabilities and values without a second policy pass, and the first minibatch's ratio
+is still 1 up to float noise. `response_forward` is the teacher-forced
+pass (the reference, the update, and the policy's old log-probs where a low-precision base
+makes the two paths differ more). Every log-probability, old, reference and new, comes
+from logits / T.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Generation:
     response_lengths: mx.array  # (B,) int32, EOS included
     ended: mx.array             # (B,) bool: the response ends in EOS
     sample_logprobs: mx.array   # (B, R) float32: log p(token) at sampling time, from logits / T
+    sample_values: mx.array | None = None   # (B, R) float32: the value head at sampling time
 
     @property
     def lengths(self) -> mx.array:
@@ -80,8 +85,12 @@ def _sample(logits: mx.array, temperature: float, top_p: float, noise: mx.array)
 
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
-                   top_p: float = 1.0, key: mx.array | None = None) -> Generation:
+                   top_p: float = 1.0, key: mx.array | None = None,
+                   value_head: nn.Module | None = None) -> Generation:
     """Sample responses for a batch of token prompts with one batched KV cache.
+
+    With a `value_head`, the value of every response position is read from the hidden
+    state that predicts its token (as `response_forward` reads it): `sample_values`.
 
     A row that emits an EOS leaves the batch (its cache rows are dropped, as mlx-lm's batch
     generation does); sampling stops when every row is done or after `max_new_tokens`.
@@ -103,16 +112,21 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     eos = np.array(sorted(set(int(e) for e in eos_ids)))
     sampled = np.full((B, max_new_tokens), pad_id, dtype=np.int32)
     sample_lps = np.zeros((B, max_new_tokens), dtype=np.float32)
+    sample_vals = np.zeros((B, max_new_tokens), dtype=np.float32) if value_head is not None else None
     active = np.arange(B)
     active_mx = None                      # None: all rows
 
     def step(inputs: mx.array, i: int, rows: mx.array | None):
-        h = hidden_states(model, inputs, cache=cache)
-        logits = lm_logits(model, h[:, -1:, :])[:, -1, :]
+        h = hidden_states(model, inputs, cache=cache)[:, -1:, :]
+        logits = lm_logits(model, h)[:, -1, :]
         if temperature <= 0:
-            return _sample(logits, 0.0, 1.0, None)
-        noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
-        return _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
+            y, lp = _sample(logits, 0.0, 1.0, None)
+        else:
+            noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
+            y, lp = _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
+        # one (rows, 2) array: the sampled token's log p and the value, fetched in one copy
+        aux = lp[:, None] if value_head is None else mx.stack([lp, value_head(h)[:, -1]], axis=1)
+        return y, aux
 
     y, lp = step(x, 0, None)
     mx.async_eval(y, lp)
@@ -121,9 +135,11 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
         if i + 1 < max_new_tokens:
             y_next, lp_next = step(y[:, None], i + 1, active_mx)   # queued before we wait on y
             mx.async_eval(y_next, lp_next)
-        y_np, lp_np = np.array(y), np.array(lp)
+        y_np, aux_np = np.array(y), np.array(lp)
         sampled[active, i] = y_np
-        sample_lps[active, i] = lp_np
+        sample_lps[active, i] = aux_np[:, 0]
+        if sample_vals is not None:
+            sample_vals[active, i] = aux_np[:, 1]
         n_steps = i + 1
         finished = np.isin(y_np, eos)
         if finished.all() or i + 1 == max_new_tokens:
@@ -137,11 +153,12 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
             active = active[keep]
             active_mx = mx.array(active.astype(np.int32))
         y, lp = y_next, lp_next
-    return _finish(prompts, sampled[:, :n_steps], sample_lps[:, :n_steps], eos, pad_id)
+    return _finish(prompts, sampled[:, :n_steps], sample_lps[:, :n_steps], eos, pad_id,
+                   None if sample_vals is None else sample_vals[:, :n_steps])
 
 
 def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarray,
-            pad_id: int) -> Generation:
+            pad_id: int, sample_vals: np.ndarray | None = None) -> Generation:
     """Cut each row after its first EOS, right-pad, and build the teacher-forcing rows."""
     B, R = sampled.shape
     is_eos = np.isin(sampled, eos)
@@ -158,34 +175,95 @@ def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarra
     return Generation(tokens=mx.array(rows), prompt_lengths=mx.array(plen),
                       response_tokens=mx.array(resp), response_mask=mx.array(mask.astype(np.float32)),
                       response_lengths=mx.array(resp_len), ended=mx.array(ended),
-                      sample_logprobs=mx.array(np.where(mask, sample_lps, 0.0).astype(np.float32)))
+                      sample_logprobs=mx.array(np.where(mask, sample_lps, 0.0).astype(np.float32)),
+                      sample_values=None if sample_vals is None else
+                      mx.array(np.where(mask, sample_vals, 0.0).astype(np.float32)))
+
+
+# Positions of a teacher-forced pass whose (rows, positions, vocab) float32 logits exceed
+# this many bytes go through the output layer in chunks (`logit_chunk`).
+LOGIT_CHUNK_BYTES = 8 << 20
+
+
+def _token_head(model: nn.Module, h: mx.array, tokens: mx.array, temperature: float,
+                entropy: bool):
+    """log p(token) (and the entropy) at each position from trunk states, float32, logits / T.
+
+    One exp over the (B, R, V) logits serves the log-normaliser, its gradient (exp's
+    backward reuses its output) and the entropy; mx.logsumexp would take one exp forward,
+    one more in its backward and a third for the entropy, and exp is the costliest op of the
+    MLX CPU backend (~13 ns an element against ~0.1 for an add). The log-probs and their
+    gradient are bit-equal to take(logits - logsumexp(logits)); take(logits) - lse is the
+    same float op without the (B, R, V) log-softmax in memory."""
+    logits = lm_logits(model, h).astype(mx.float32) / temperature
+    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = mx.exp(logits - m)
+    total = e.sum(axis=-1)
+    lse = m.squeeze(-1) + mx.log(total)
+    lp = mx.take_along_axis(logits, tokens[..., None], axis=-1).squeeze(-1) - lse
+    if not entropy:
+        return lp
+    sg = mx.stop_gradient
+    p = sg(e) / sg(total)[..., None]
+    return lp, sg(lse) - (p * sg(logits)).sum(axis=-1)     # -sum p log p = lse - sum p logits
 
 
 def response_forward(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array,
                      response_tokens: mx.array, temperature: float = 1.0,
                      value_head: nn.Module | None = None, return_logits: bool = False,
-                     detach_values: bool = False):
+                     detach_values: bool = False, return_entropy: bool = False,
+                     logit_chunk: int | None = None):
     """Teacher-forced pass over right-padded rows: one trunk pass gives log-probabilities of
     the response tokens (from logits / T, float32) and, with a value head, the values.
 
-    Returns (logprobs (B, R), values (B, R) or None, logits (B, R, V) or None).
+    Returns (logprobs (B, R), values (B, R) or None, logits (B, R, V) or None); with
+    `return_entropy` the third item is each position's entropy (B, R) instead of logits.
     `detach_values` stops the value loss's gradient at the trunk (value head trains alone). Position j of
     the response is predicted from the hidden state at prompt_length + j - 1, which is
     also the state the value V_j is read from.
+
+    `logit_chunk`: positions per chunk through the output layer, each chunk under
+    mx.checkpoint (its logits are recomputed in the backward pass instead of kept), so the
+    (B, R, V) logits never sit in memory whole; None: chunks of LOGIT_CHUNK_BYTES when the
+    logits would be larger; 0: one piece. The results are the same floats either way.
     """
     R = response_tokens.shape[1]
     L = tokens.shape[1]
     h = hidden_states(model, tokens)
     pos = mx.minimum(prompt_lengths[:, None] - 1 + mx.arange(R)[None, :], L - 1)
     h = mx.take_along_axis(h, pos[:, :, None], axis=1)                    # (B, R, H)
-    logits = lm_logits(model, h).astype(mx.float32) / temperature
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    logprobs = mx.take_along_axis(logprobs, response_tokens[:, :, None], axis=-1).squeeze(-1)
     if value_head is None:
         values = None
     else:   # detach_values: the value loss trains the head only, not the shared trunk
         values = value_head(mx.stop_gradient(h) if detach_values else h)
-    return logprobs, values, (logits if return_logits else None)
+    if return_logits:
+        logits = lm_logits(model, h).astype(mx.float32) / temperature
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = mx.take_along_axis(logprobs, response_tokens[:, :, None], axis=-1).squeeze(-1)
+        return logprobs, values, logits
+    B = tokens.shape[0]
+    vocab = _vocab_size(model, h)
+    if logit_chunk is None:
+        per_pos = B * vocab * 4
+        logit_chunk = 0 if B * R * per_pos <= LOGIT_CHUNK_BYTES else max(1, LOGIT_CHUNK_BYTES // per_pos)
+    if not logit_chunk or logit_chunk >= R:
+        out = _token_head(model, h, response_tokens, temperature, return_entropy)
+    else:
+        head = mx.checkpoint(lambda hh, tt: _token_head(model, hh, tt, temperature, return_entropy))
+        parts = [head(h[:, s:s + logit_chunk], response_tokens[:, s:s + logit_chunk])
+                 for s in range(0, R, logit_chunk)]
+        out = ([mx.concatenate([p[i] for p in parts], axis=1) for i in range(2)] if return_entropy
+               else mx.concatenate(parts, axis=1))
+    if return_entropy:
+        return out[0], values, out[1]
+    return out, values, None
+
+
+def _vocab_size(model: nn.Module, h: mx.array) -> int:
+    v = getattr(getattr(model, "args", None), "vocab_size", None)
+    if isinstance(v, int):
+        return v
+    return lm_logits(model, h[:1, :1]).shape[-1]
 
 
 def batched_response_forward(model: nn.Module, gen: Generation, temperature: float,

@@ -33,7 +33,7 @@ from ..models import lora
 from ..models.adapters import load_heads, save_adapter, set_adapter_weights, ADAPTER_WEIGHTS
 from ..models.heads import ScalarHead, check_trunk_split, hidden_size
 from ..progress import Progress
-from ..train.loop import Interrupted, gradient_checkpointing, optimizer_for, stop_now
+from ..train.loop import Interrupted, gradient_checkpointing, optimizer_for, stop_now, use_compile
 from .advantages import gae, kl_penalized_rewards, masked_whiten
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from .losses import ppo_losses
@@ -123,6 +123,13 @@ class PPOConfig:
         metadata={"help": "reward: start the value head from the reward head (gain, bias folded in)"})
     forward_batch_size: int | None = field(
         default=None, metadata={"help": "rows per teacher-forced pass in rollouts (None: all)"})
+    # "rollout" keeps what the sampler computed (no second policy pass; equal to teacher
+    # forcing up to float noise: bit-equal on the CPU backend, fp32 and bf16), "forward"
+    # recomputes them by teacher forcing; "auto": rollout, except for a bf16/fp16 trunk on a
+    # GPU (whose decode and full-sequence kernels round differently)
+    old_logprobs: Literal["auto", "rollout", "forward"] = field(
+        default="auto", metadata={"help": "where the old log-probs and values come from: "
+                                          "auto | rollout (the sampler's) | forward (teacher forcing)"})
     # the trainable adapter and the value head
     adapter_name: str = field(default="ppo", metadata={"help": "name of the trained LoRA adapter"})
     lora_rank: int = field(default=1, metadata={"help": "LoRA rank of the PPO adapter"})
@@ -132,9 +139,21 @@ class PPOConfig:
         metadata={"help": "linear layers that get LoRA (names inside a decoder layer)"})
     num_layers: int = field(
         default=0, metadata={"help": "LoRA on the last N decoder layers; 0 = all (as SFTConfig)"})
-    grad_checkpoint: bool = field(
-        default=False,
-        metadata={"help": "recompute decoder-layer activations in the update's backward"})
+    grad_checkpoint: bool | None = field(
+        default=None,
+        metadata={"help": "recompute decoder-layer activations in the update's backward; "
+                          "null: as activation_budget decides"})
+    # Bases of >= 20M parameters: the update's estimated activations (the memory planner's
+    # fit) are kept under activation_budget x the base weight bytes, by turning gradient
+    # checkpointing on (grad_checkpoint None) and then splitting minibatches into more
+    # micro-batches than gradient_accumulation_steps (token-weighted: the same gradient up
+    # to float rounding).
+    activation_budget: float | None = field(
+        default=0.3, metadata={"help": "bases >= 20M params: keep the update's activations under "
+                                       "this x base weight bytes (checkpointing, micro-batches); null: off"})
+    compile: bool | None = field(
+        default=None, metadata={"help": "mx.compile the update's forward+backward; null: on a GPU "
+                                        "only (no gain measured on the CPU backend)"})
     # bookkeeping
     save_every: int = field(
         default=10, metadata={"help": "checkpoint every N steps (0: only at the end)"})
@@ -181,6 +200,10 @@ class PPOConfig:
         need(self.value_head_init in ("zero", "reward"), "value_head_init", "must be zero or reward")
         need(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
              "must be >= 1 or null")
+        need(self.old_logprobs in ("auto", "rollout", "forward"), "old_logprobs",
+             "must be auto, rollout or forward")
+        need(self.activation_budget is None or self.activation_budget > 0, "activation_budget",
+             "must be > 0 or null")
         need(bool(self.adapter_name) and "." not in self.adapter_name, "adapter_name",
              "must be non-empty without '.'")
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
@@ -246,6 +269,36 @@ class PolicyWithValue(nn.Module):
 def base_weight_bytes(model: nn.Module) -> int:
     """Bytes of the base model's own weights (LoRA adapters excluded)."""
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".adapters." not in k)
+
+
+def activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the trunk computes in: its embedding's (a quantized one's scales')."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    w = getattr(emb, "scales", None) if isinstance(emb, nn.QuantizedEmbedding) else getattr(emb, "weight", None)
+    return w.dtype if w is not None else mx.float32
+
+
+AUTO_MEMORY_PARAMS = 20_000_000   # activation_budget applies to bases of this many parameters and up
+
+
+def _model_shape(model: nn.Module):
+    """The memory planner's ModelShape of a loaded model (None where its args are unusual)."""
+    from ..memory import ModelShape
+    a = getattr(model, "args", None)
+    try:
+        hidden, inter = int(a.hidden_size), int(a.intermediate_size)
+        heads = int(a.num_attention_heads)
+        kv = int(getattr(a, "num_key_value_heads", None) or heads)
+        hd = int(getattr(a, "head_dim", None) or hidden // heads)
+        layers, vocab = len(lora._layers(model)), int(a.vocab_size)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    n = layers * (hidden * hd * (2 * heads + 2 * kv) + 3 * hidden * inter) + vocab * hidden
+    return ModelShape(model_type=str(getattr(a, "model_type", "")), n_params=n,
+                      weight_bytes=base_weight_bytes(model),
+                      dtype_bytes=activation_dtype(model).size, num_layers=layers, hidden=hidden,
+                      intermediate=inter, vocab=vocab, num_heads=heads, num_kv_heads=kv,
+                      head_dim=hd)
 
 
 def _check_trainable(policy: PolicyWithValue, adapter_name: str) -> None:
@@ -325,24 +378,35 @@ class PPOTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.base_bytes = base_weight_bytes(model)
+        self.shape = _model_shape(model)
         from ..data.batching import eos_ids, pad_id
         self.eos_ids = eos_ids(tokenizer)
         self.pad_id = pad_id(tokenizer)
         self._loss_and_grad = nn.value_and_grad(self.policy, self._loss)
+        if use_compile(cfg.compile):
+            self._loss_and_grad = self._compiled_loss_and_grad()
+        self.rollout_logprobs = cfg.old_logprobs == "rollout" or (
+            cfg.old_logprobs == "auto" and (mx.default_device().type != mx.gpu
+                                            or activation_dtype(model) == mx.float32))
 
     # ------------------------------------------------------------------ rollout
 
     def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
-        """Sample, then teacher-force policy (with values) and reference, then score."""
+        """Sample (keeping the sampler's log-probs and values), teacher-force the reference
+        (and the policy, where `old_logprobs` says so), then score."""
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
         with lora.active_adapters(model, self.policy_adapters):
             gen = generate_batch(model, prompts, cfg.max_new_tokens, self.eos_ids, self.pad_id,
-                                 cfg.temperature, cfg.top_p, key)
+                                 cfg.temperature, cfg.top_p, key,
+                                 value_head=self.value_head if self.rollout_logprobs else None)
         t1 = time.perf_counter()
-        with lora.active_adapters(model, self.policy_adapters):
-            logprobs, values = batched_response_forward(model, gen, cfg.temperature, self.value_head,
-                                                        cfg.forward_batch_size)
+        if self.rollout_logprobs:   # the sampler's own (masked) log-probs and values
+            logprobs, values = gen.sample_logprobs, gen.sample_values
+        else:
+            with lora.active_adapters(model, self.policy_adapters):
+                logprobs, values = batched_response_forward(model, gen, cfg.temperature,
+                                                            self.value_head, cfg.forward_batch_size)
         with lora.active_adapters(model, self.reference_adapters):
             ref_logprobs, _ = batched_response_forward(model, gen, cfg.temperature, None,
                                                        cfg.forward_batch_size)
@@ -397,18 +461,61 @@ class PPOTrainer:
 
     def _loss(self, policy: PolicyWithValue, b: _Batch):
         cfg = self.cfg
-        logprobs, values, logits = response_forward(policy.lm, b.tokens, b.prompt_lengths,
-                                                    b.response_tokens, cfg.temperature,
-                                                    policy.value_head, return_logits=True,
-                                                    detach_values=not cfg.value_trunk_grad)
+        logprobs, values, entropy = response_forward(policy.lm, b.tokens, b.prompt_lengths,
+                                                     b.response_tokens, cfg.temperature,
+                                                     policy.value_head, return_entropy=True,
+                                                     detach_values=not cfg.value_trunk_grad)
         return ppo_losses(logprobs, b.old_logprobs, values, b.old_values, b.advantages, b.returns,
-                          b.mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, logits=logits)
+                          b.mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, entropy=entropy)
 
-    def _minibatch(self, mb: _Batch) -> tuple[dict, bool]:
+    def _compiled_loss_and_grad(self):
+        """`_loss_and_grad` under mx.compile (same signature and results).
+
+        The compiled function returns the statistics stacked into one array: MLX 0.32's
+        compile fails (IndexError: _Map_base::at, in compile_simplify) when two of a compiled
+        function's outputs are equal expressions and one of them is a stop_gradient, e.g.
+        `mx.compile(lambda x: (x + 0, mx.stop_gradient(x + 0)))(x)`, and the PPO statistics
+        hold such pairs (loss/total is stop_gradient(loss); val/vpred equals val/mean)."""
+        plain = self._loss_and_grad
+        keys: list[str] = []
+
+        def fn(*fields):
+            (loss, stats), grads = plain(self.policy, _Batch(*fields))
+            keys[:] = sorted(stats)
+            return loss, mx.stack([stats[k].astype(mx.float32) for k in keys]), grads
+
+        state = [self.policy.state]
+        compiled = mx.compile(fn, inputs=state, outputs=state)
+
+        def loss_and_grad(policy, b: _Batch):
+            loss, stacked, grads = compiled(*(getattr(b, f) for f in b.__dataclass_fields__))
+            return (loss, {k: stacked[i] for i, k in enumerate(keys)}), grads
+
+        return loss_and_grad
+
+    def memory_plan(self, rows: int, length: int) -> tuple[bool, int]:
+        """(gradient checkpointing, micro-batches) for minibatches of `rows` rows of
+        `length` tokens: cfg.grad_checkpoint and gradient_accumulation_steps, or what
+        cfg.activation_budget needs on a base of >= AUTO_MEMORY_PARAMS parameters."""
+        from ..memory import _activations
+        cfg = self.cfg
+        gc, ga = bool(cfg.grad_checkpoint), min(cfg.gradient_accumulation_steps, rows)
+        if cfg.activation_budget is None or self.shape is None or self.shape.n_params < AUTO_MEMORY_PARAMS:
+            return gc, ga
+        budget = cfg.activation_budget * self.base_bytes
+        act = lambda n, g: _activations(self.shape, n, length, g, True, cfg.lora_rank,
+                                        len(cfg.lora_targets))
+        if cfg.grad_checkpoint is None and act(-(-rows // ga), False) > budget:
+            gc = True
+        while ga < rows and act(-(-rows // ga), gc) > budget:
+            ga += 1
+        return gc, ga
+
+    def _minibatch(self, mb: _Batch, ga: int | None = None) -> tuple[dict, bool]:
         """Gradients over the minibatch's micro-batches, then one (possibly skipped) step."""
         cfg = self.cfg
         n = mb.tokens.shape[0]
-        ga = min(cfg.gradient_accumulation_steps, n)
+        ga = min(ga or cfg.gradient_accumulation_steps, n)
         micro = np.array_split(np.arange(n), ga)
         # Each micro-batch's losses are token means: weighted by its share of the minibatch's
         # response tokens, the sum is the gradient of the minibatch's token mean (as ga=1).
@@ -452,12 +559,13 @@ class PPOTrainer:
         all_stats: list[dict] = []
         skipped, early = 0, False
         mbs = cfg.mini_batch_size // dist.size()     # this rank's share of a minibatch
+        gc, ga = self.memory_plan(min(mbs, B), batch.tokens.shape[1])
         with lora.active_adapters(self.model, self.policy_adapters), \
-                gradient_checkpointing(self.model, cfg.grad_checkpoint):
+                gradient_checkpointing(self.model, gc):
             for _ in range(cfg.ppo_epochs):
                 order = rng.permutation(B)       # a fresh shuffle each epoch
                 for s in range(0, B, mbs):
-                    stats, stepped = self._minibatch(batch.rows(order[s:s + mbs]))
+                    stats, stepped = self._minibatch(batch.rows(order[s:s + mbs]), ga)
                     skipped += not stepped
                     all_stats.append(stats)
                     if cfg.early_stopping and stats["policy/policykl"] > 1.5 * cfg.target_kl:
@@ -471,6 +579,7 @@ class PPOTrainer:
         out["skipped_minibatches"] = skipped
         out["minibatches"] = len(all_stats)
         out["early_stopped"] = int(early)
+        out["grad_checkpoint"], out["micro_batches"] = int(gc), ga
         return out
 
     # ------------------------------------------------------------------ one step
