@@ -245,9 +245,16 @@ class Merger:
         return cfg.merge.rank or default_rank(cfg.sft.lora_rank, r_ppo)
 
     def check(self) -> None:
-        """Before anything trains: fold_into_base needs a full-precision checkpoint."""
+        """Before anything trains: fold_into_base needs a full-precision checkpoint, and one
+        process (the folded base is a checkpoint on rank 0's disk that every rank would load)."""
         if self.mode != "fold_into_base":
             return
+        from .. import distributed as dist
+
+        if dist.size() > 1:
+            raise MindprintError("merge.mode fold_into_base runs as one process (every rank would "
+                                 "load the folded base checkpoint rank 0 writes); under mlx.launch "
+                                 "use merge.mode concat or svd")
         from ..models.load import read_model_config, resolve_model_path
 
         c = read_model_config(resolve_model_path(self.run.cfg.model))
@@ -268,6 +275,7 @@ class Merger:
     def _requiz_retention(self, topics: list, active: list[str]) -> None:
         """The retention row of the unit's last topic, graded again on the compressed adapter
         (the uncompressed row is kept under retention.before_svd)."""
+        from .. import distributed as dist
         from .phases import quiz_many
         from .retention import continual_metrics
 
@@ -277,9 +285,10 @@ class Merger:
         if not run.cfg.eval.retention or not ret or not done or done[-1].key not in ret["rows"]:
             return
         last = done[-1].key
-        res = quiz_many(run, list(run.trained), active)
+        row = dist.on_main(lambda: {k: q.score for k, q in quiz_many(run, list(run.trained),
+                                                                     active).items()})
         ret.setdefault("before_svd", {}).setdefault(last, ret["rows"][last])
-        ret["rows"][last] = {k: q.score for k, q in res.items()}
+        ret["rows"][last] = row
         ret["metrics"] = continual_metrics(ret["rows"], ret["order"])
         run.state.save()
 
