@@ -2,8 +2,10 @@
 
     mlx.launch --backend ring -n 2 -- python tests/_dist_pipeline.py CONFIG OUT_DIR RUNS_JSON
 
-RUNS_JSON: a JSON list of config overrides, one pipeline run each (e.g. its run_dir). Each
-run is stopped by rank 0 alone
+RUNS_JSON: a JSON list of config overrides, one pipeline run each (its run_dir, ...). The
+other ranks are given run_dir + ".rank{r}", a directory that does not exist (as on a second
+Mac that holds no copy of the run): they must never read or write it. Each run is
+stopped by rank 0 alone
 after the first topic's final quiz (what Ctrl-C on the launching Mac does: the stop
 request exists on rank 0 only, the ranks agree on it), then resumed to the end. Every rank
 writes OUT_DIR/rank{r}-{i}.json: the statuses and the state it ended with (the other
@@ -32,6 +34,8 @@ def main(config: str, out_dir: str, runs: list[dict]) -> None:
             if "] final " in line and not any("] final " in x for x in lines[:-1]):
                 interrupt.request()      # rank 0 alone: the others only echo nothing
 
+        if rank:
+            overrides = {**overrides, "run_dir": f"{overrides['run_dir']}.rank{rank}"}
         cfg = load_pipeline_config(config, overrides)
         cut = run_pipeline(cfg, echo=stop_after_the_first_topic)
         interrupt.clear()
