@@ -9,7 +9,8 @@ stopped by rank 0 alone
 after the first topic's final quiz (what Ctrl-C on the launching Mac does: the stop
 request exists on rank 0 only, the ranks agree on it), then resumed to the end. Every rank
 writes OUT_DIR/rank{r}-{i}.json: the statuses and the state it ended with (the other
-ranks' copy of state.json, never written to disk).
+ranks' copy of state.json, never written to disk). Last, the last run is started again
+without --resume, which rank 0 refuses: OUT_DIR/rank{r}-refused.json holds each rank's error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mindprint_mlx import distributed as dist
+from mindprint_mlx.errors import MindprintError
 from mindprint_mlx.pipeline import interrupt, load_pipeline_config, run_pipeline
 
 
@@ -43,6 +45,13 @@ def main(config: str, out_dir: str, runs: list[dict]) -> None:
         (out / f"rank{rank}-{i}.json").write_text(json.dumps({
             "size": dist.size(), "statuses": [cut.status, res.status], "state": res.state,
             "lines": lines}, default=str))
+    # rank 0 refuses to start over a finished run: every rank stops with its one line
+    try:
+        run_pipeline(cfg)
+        refused = None
+    except MindprintError as e:
+        refused = str(e)
+    (out / f"rank{rank}-refused.json").write_text(json.dumps(refused))
     dist.barrier()
 
 

@@ -7,8 +7,8 @@ exist, and stays so):
 1. the tiny 1-unit, 2-topic curriculum without PPO: state.json's numbers (reward model,
    SFT, quizzes, verify, retention, final_eval) and every saved adapter equal the
    single-process run's, to float32 rounding;
-2. one topic with PPO, on the reward model and judge of run 1 (reward.path, eval.judge):
-   both ranks end with the same state. (PPO samples with a seed per rank, so its result
+2. one topic with PPO and merge.mode svd, on the reward model and judge of run 1
+   (reward.path, eval.judge): both ranks end with the same state. (PPO samples with a seed per rank, so its result
    cannot equal one process: only the agreement of the ranks is checked.)
 """
 
@@ -60,7 +60,8 @@ def runs(tiny_demo_model, tmp_path_factory):
     cfg_file.write_text(yaml.safe_dump(cfg))
     dist_run = root / "dist"
     ppo_run = {"run_dir": str(root / "dist-ppo"), "run_ppo": True, "topics": [TOPICS[0]],
-               "ppo": {"steps": 1}, "reward": {"path": str(dist_run / "reward_model" / "adapter")},
+               "ppo": {"steps": 1}, "merge": {"mode": "svd", "rank": 2},
+               "reward": {"path": str(dist_run / "reward_model" / "adapter")},
                "eval": {"judge": str(dist_run / "judge_model" / "adapter")}}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))   # two ranks share the cores
@@ -132,6 +133,7 @@ def test_two_ranks_agree_through_ppo(runs):
     ppo = a["state"]["topics"][KEYS[0]]["phases"]["ppo"]
     assert ppo["steps"] == 1 and not ppo.get("skipped")
     assert a["state"]["reward_model"]["reused"] and a["state"]["judge_model"]["reused"]
+    assert a["state"]["units"][UNIT]["svd"]["rank"] == 2 and a["state"]["final_merge"]["mode"] == "svd"
     assert (root / "dist-ppo" / ppo["adapter"] / "heads.safetensors").is_file()
     assert (root / "dist-ppo" / "final_adapter" / "adapters.safetensors").is_file()
     assert not list(root.rglob(".*.tmp"))           # no half-written file left behind
@@ -143,3 +145,10 @@ def test_the_other_rank_never_touches_run_dir(runs):
     root, out = runs
     assert out["rank1"]["statuses"] == out["ppo1"]["statuses"] == ["interrupted", "finished"]
     assert not list(root.glob("*.rank1"))
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_its_line(runs):
+    root, _ = runs
+    r0, r1 = (json.loads((root / "out" / f"rank{r}-refused.json").read_text()) for r in (0, 1))
+    assert "already holds a run (state.json); pass --resume" in r0
+    assert r1 == f"rank 0 failed: {r0}"

@@ -266,11 +266,24 @@ class Merger:
         """svd: compress the unit's adapter (before it is saved); its record for state.json."""
         if self.mode != "svd":
             return {}
-        info = compress_adapter(self.run.model, uname, self.rank())
+        info = self._compress(uname)
         self.run.echo(f"[unit {unit}] svd: rank {info['rank_before']} -> {info['rank']}, "
                       f"relative error max {info['max_error']:.4f}, mean {info['mean_error']:.4f}")
         self._requiz_retention(topics, prior + [uname])
         return {"svd": info}
+
+    def _compress(self, name: str) -> dict:
+        """`compress_adapter`; under mlx.launch the ranks then take rank 0's factors (an
+        eigendecomposition on another Mac's CPU may differ in the last bits, and the ranks
+        must keep training identical weights)."""
+        from .. import distributed as dist
+        from ..models.adapters import set_adapter_weights
+
+        info = compress_adapter(self.run.model, name, self.rank())
+        if dist.size() > 1:
+            set_adapter_weights(self.run.model, name,
+                                dist.broadcast(lora.adapter_state(self.run.model, name)))
+        return info
 
     def _requiz_retention(self, topics: list, active: list[str]) -> None:
         """The retention row of the unit's last topic, graded again on the compressed adapter
@@ -328,7 +341,7 @@ class Merger:
         run = self.run
         meta: dict = {"merge": {"mode": self.mode}}
         if self.mode == "svd":
-            info = compress_adapter(run.model, name, self.rank())
+            info = self._compress(name)
             meta["merge"].update(rank=info["rank"], svd=info)
             run.echo(f"final adapter: svd rank {info['rank_before']} -> {info['rank']}, relative "
                      f"error max {info['max_error']:.4f}, mean {info['mean_error']:.4f}")
