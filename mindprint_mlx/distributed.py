@@ -13,6 +13,11 @@ optimizer step, so all ranks keep identical adapters. Only rank 0 writes files a
 completions. A single process is a world of size 1 and every helper is then a no-op,
 so the same code path runs with and without `mlx.launch`.
 
+Around the trainers (the pipeline): `on_main` runs a piece of work on rank 0 alone (a quiz,
+a file write) and hands every rank its result or its error; `fetch_dir` hands the others a
+directory rank 0 wrote (an adapter) without a shared disk; `check_all` stops every rank
+when a check fails on one.
+
 Exactness: with a token-level loss, normalise the summed token loss of the local shard by
 the *global* token count (`global_sum(mask.sum())`) times `size` (see
 `token_loss_scale`); the averaged gradient is then exactly the single-process gradient of

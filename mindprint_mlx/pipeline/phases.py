@@ -43,7 +43,7 @@ from ..data.batching import eos_ids, pad_id
 from ..errors import MindprintError
 from ..io import append_jsonl, atomic_write_text, safe_name, topic_slug
 from ..models import lora
-from . import decide, interrupt
+from . import decide
 from .config import PipelineConfig
 from .report import write_report
 from .retention import continual_metrics, replay_count

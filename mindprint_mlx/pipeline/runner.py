@@ -89,19 +89,18 @@ def prepare(cfg: PipelineConfig, resume: bool, dry_run: bool,
         return {"resume": resume, "hashes": hashes,
                 "data": state.without_missing() if dist.size() > 1 else None}
 
+    def same_data() -> None:        # every rank trains on the data rank 0 recorded
+        if opened["hashes"] != hashes:
+            raise MindprintError(f"{cfg.data_dir}: the data differ from rank 0's ("
+                                 + "; ".join(data_changes(opened["hashes"], hashes)[:4])
+                                 + "); copy the same data to every machine")
+
     state: RunState | None = None
     opened = dist.on_main(open_state)
+    dist.check_all(same_data)
     if state is None:               # another rank: rank 0's record, in memory only
-        def same_data() -> None:
-            if opened["hashes"] != hashes:
-                raise MindprintError(f"{cfg.data_dir}: the data differ from rank 0's ("
-                                     + "; ".join(data_changes(opened["hashes"], hashes)[:4])
-                                     + "); copy the same data to every machine")
-        dist.check_all(same_data)
         state = RunState(run_dir, opened["data"], writer=False)
         echo = _quiet
-    else:
-        dist.check_all(lambda: None)
     return phases.Run(cfg, state, dataset, curriculum, plan, resolved, echo, opened["resume"])
 
 
@@ -208,9 +207,13 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, dry_run: bool = Fals
 
     def lock():
         held = acquire(cfg.run_dir, note=echo)
-        if resume:
-            for line in repair_tree(cfg.run_dir):
-                echo(f"resume: {line}")
+        try:
+            if resume:
+                for line in repair_tree(cfg.run_dir):
+                    echo(f"resume: {line}")
+        except BaseException:
+            held.release()
+            raise
         return held
     held = dist.on_main(lock, share=False)
     with held if held is not None else contextlib.nullcontext():
