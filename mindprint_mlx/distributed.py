@@ -13,6 +13,11 @@ optimizer step, so all ranks keep identical adapters. Only rank 0 writes files a
 completions. A single process is a world of size 1 and every helper is then a no-op,
 so the same code path runs with and without `mlx.launch`.
 
+Around the trainers (the pipeline): `on_main` runs a piece of work on rank 0 alone (a quiz,
+a file write) and hands every rank its result or its error; `fetch_dir` hands the others a
+directory rank 0 wrote (an adapter) without a shared disk; `check_all` stops every rank
+when a check fails on one.
+
 Exactness: with a token-level loss, normalise the summed token loss of the local shard by
 the *global* token count (`global_sum(mask.sum())`) times `size` (see
 `token_loss_scale`); the averaged gradient is then exactly the single-process gradient of
@@ -22,7 +27,8 @@ the union batch.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
 
@@ -32,7 +38,8 @@ T = TypeVar("T")
 
 __all__ = ["world", "rank", "size", "is_main", "shard", "shard_batch", "rank_seed",
            "average_gradients", "all_sum", "global_sum", "global_mean", "token_loss_scale", "barrier",
-           "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather"]
+           "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather", "on_main",
+           "check_all", "fetch_dir"]
 
 _GROUP: mx.distributed.Group | None = None
 
@@ -205,12 +212,20 @@ def broadcast_json(obj: Any, group: mx.distributed.Group | None = None) -> Any:
     if group.size() == 1:
         return obj
     main = group.rank() == 0
-    data = json.dumps(obj).encode() if main else b""
+    data = json.dumps(obj, default=_json_scalar).encode() if main else b""
     n = int(global_sum(mx.array(len(data) if main else 0, dtype=mx.int32), group).item())
     arr = (mx.array(np.frombuffer(data, dtype=np.uint8).astype(np.int32)) if main
            else mx.zeros((n,), dtype=mx.int32))
     got = np.array(global_sum(arr, group)).astype(np.uint8).tobytes()
     return json.loads(got.decode())
+
+
+def _json_scalar(x: Any) -> Any:
+    """numpy and mlx scalars as Python numbers (what state.json would hold)."""
+    try:
+        return x.item()
+    except (AttributeError, ValueError, TypeError):
+        return str(x)
 
 
 def broadcast_named(arrays: dict[str, mx.array] | None,
@@ -254,3 +269,118 @@ def main_only() -> Iterator[bool]:
         yield is_main()
     finally:
         barrier()
+
+
+def on_main(fn: Callable[[], T], share: bool = True,
+            group: mx.distributed.Group | None = None) -> T:
+    """`fn()` run on rank 0 alone (a quiz, a file write); call it on every rank.
+
+    Every rank returns rank 0's result, sent as JSON (`share=False`: the others get None,
+    e.g. for a lock object). When `fn` raises on rank 0, every rank raises: rank 0 the
+    exception itself, the others a MindprintError with its message, so no rank waits on a
+    collective for one that has failed. On one process this is just `fn()`.
+    """
+    group = group or world()[2]
+    if group.size() == 1:
+        return fn()
+    main = group.rank() == 0
+    result: Any = None
+    error: BaseException | None = None
+    if main:
+        try:
+            result = fn()
+        except BaseException as e:   # noqa: BLE001 (re-raised below, after telling the others)
+            error = e
+    msg = broadcast_json(None if not main else (
+        {"error": str(error) if isinstance(error, MindprintError) else
+         f"{type(error).__name__}: {error}".strip()} if error is not None
+        else {"ok": result if share else None}), group)
+    if error is not None:
+        raise error
+    if "error" in msg:
+        raise MindprintError(f"rank 0 failed: {msg['error']}")
+    return result if main else msg["ok"]
+
+
+def check_all(fn: Callable[[], Any], group: mx.distributed.Group | None = None) -> None:
+    """`fn()` (a check, e.g. that an input exists) run on every rank; when it raises a
+    MindprintError on any rank, every rank raises (that rank its own error, the others one
+    naming it), e.g. for data that exists on one Mac but not on another. One all-reduce;
+    on one process this is just `fn()`."""
+    group = group or world()[2]
+    if group.size() == 1:
+        fn()
+        return
+    error: MindprintError | None = None
+    try:
+        fn()
+    except MindprintError as e:
+        error = e
+    bad = [int(x) for x in gather(mx.array(1 if error else 0, dtype=mx.int32), group).tolist()]
+    if error is not None:
+        raise error
+    if any(bad):
+        ranks = ", ".join(str(r) for r, b in enumerate(bad) if b)
+        raise MindprintError(f"rank {ranks} failed (its message is above)")
+
+
+_PRIVATE: list[Path] = []
+
+
+def _private_root() -> Path:
+    """This process's own scratch directory (removed when it exits)."""
+    if not _PRIVATE:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix=f"mindprint-rank{rank()}-"))
+        atexit.register(shutil.rmtree, root, True)
+        _PRIVATE.append(root)
+    return _PRIVATE[0]
+
+
+def fetch_dir(path: str | Path, group: mx.distributed.Group | None = None) -> Path:
+    """Rank 0's directory `path` (what rank 0 wrote, e.g. an adapter), readable here.
+
+    Rank 0 gets `path` itself; every other rank gets a private copy of its files, sent by
+    rank 0 over the collective, so the other ranks need neither a shared disk nor a copy
+    of the run directory (and on one machine never read a directory rank 0 may be
+    replacing). Call it on every rank; on one process it returns `path`.
+    """
+    import numpy as np
+
+    group = group or world()[2]
+    path = Path(path)
+    if group.size() == 1:
+        return path
+    main = group.rank() == 0
+    blobs: list[bytes] = []
+
+    def listing() -> dict:
+        if not path.is_dir():
+            raise MindprintError(f"{path}: not a directory (rank 0 cannot send it)")
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        blobs.extend(p.read_bytes() for p in files)
+        return {"names": [p.relative_to(path).as_posix() for p in files],
+                "sizes": [len(b) for b in blobs]}
+
+    spec = on_main(listing, group=group)
+    total = sum(spec["sizes"])
+    if total:
+        data = (mx.array(np.frombuffer(b"".join(blobs), dtype=np.uint8)) if main
+                else mx.zeros((total,), dtype=mx.uint8))
+        data = global_sum(data, group)
+    if main:
+        return path
+    raw = np.array(data).tobytes() if total else b""
+    root = _private_root()
+    out = root / str(len(list(root.iterdir()))) / path.name     # a fresh copy per fetch
+    pos = 0
+    for name, n in zip(spec["names"], spec["sizes"]):
+        f = out / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(raw[pos:pos + n])
+        pos += n
+    out.mkdir(parents=True, exist_ok=True)
+    return out

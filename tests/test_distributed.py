@@ -69,6 +69,12 @@ def test_single_process_world_and_helpers():
     assert dist.average_gradients(g) is g
     assert dist.global_sum(mx.array(3.0)).item() == 3.0
     assert dist.token_loss_scale(mx.array(7.0)).item() == 7.0
+    # the pipeline's helpers: on one process, rank 0's work is just done here
+    assert dist.on_main(lambda: {"score": 0.5}) == {"score": 0.5}
+    assert dist.fetch_dir("some/dir") == Path("some/dir")
+    dist.check_all(lambda: None)
+    with pytest.raises(MindprintError, match="^missing$"):
+        dist.check_all(lambda: (_ for _ in ()).throw(MindprintError("missing")))
 
 
 def test_grad_checkpoint_same_gradients(tiny_llama):

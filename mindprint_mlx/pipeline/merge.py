@@ -245,9 +245,16 @@ class Merger:
         return cfg.merge.rank or default_rank(cfg.sft.lora_rank, r_ppo)
 
     def check(self) -> None:
-        """Before anything trains: fold_into_base needs a full-precision checkpoint."""
+        """Before anything trains: fold_into_base needs a full-precision checkpoint, and one
+        process (the folded base is a checkpoint on rank 0's disk that every rank would load)."""
         if self.mode != "fold_into_base":
             return
+        from .. import distributed as dist
+
+        if dist.size() > 1:
+            raise MindprintError("merge.mode fold_into_base runs as one process (every rank would "
+                                 "load the folded base checkpoint rank 0 writes); under mlx.launch "
+                                 "use merge.mode concat or svd")
         from ..models.load import read_model_config, resolve_model_path
 
         c = read_model_config(resolve_model_path(self.run.cfg.model))
@@ -259,15 +266,29 @@ class Merger:
         """svd: compress the unit's adapter (before it is saved); its record for state.json."""
         if self.mode != "svd":
             return {}
-        info = compress_adapter(self.run.model, uname, self.rank())
+        info = self._compress(uname)
         self.run.echo(f"[unit {unit}] svd: rank {info['rank_before']} -> {info['rank']}, "
                       f"relative error max {info['max_error']:.4f}, mean {info['mean_error']:.4f}")
         self._requiz_retention(topics, prior + [uname])
         return {"svd": info}
 
+    def _compress(self, name: str) -> dict:
+        """`compress_adapter`; under mlx.launch the ranks then take rank 0's factors (an
+        eigendecomposition on another Mac's CPU may differ in the last bits, and the ranks
+        must keep training identical weights)."""
+        from .. import distributed as dist
+        from ..models.adapters import set_adapter_weights
+
+        info = compress_adapter(self.run.model, name, self.rank())
+        if dist.size() > 1:
+            set_adapter_weights(self.run.model, name,
+                                dist.broadcast(lora.adapter_state(self.run.model, name)))
+        return info
+
     def _requiz_retention(self, topics: list, active: list[str]) -> None:
         """The retention row of the unit's last topic, graded again on the compressed adapter
         (the uncompressed row is kept under retention.before_svd)."""
+        from .. import distributed as dist
         from .phases import quiz_many
         from .retention import continual_metrics
 
@@ -277,9 +298,10 @@ class Merger:
         if not run.cfg.eval.retention or not ret or not done or done[-1].key not in ret["rows"]:
             return
         last = done[-1].key
-        res = quiz_many(run, list(run.trained), active)
+        row = dist.on_main(lambda: {k: q.score for k, q in quiz_many(run, list(run.trained),
+                                                                     active).items()})
         ret.setdefault("before_svd", {}).setdefault(last, ret["rows"][last])
-        ret["rows"][last] = {k: q.score for k, q in res.items()}
+        ret["rows"][last] = row
         ret["metrics"] = continual_metrics(ret["rows"], ret["order"])
         run.state.save()
 
@@ -319,7 +341,7 @@ class Merger:
         run = self.run
         meta: dict = {"merge": {"mode": self.mode}}
         if self.mode == "svd":
-            info = compress_adapter(run.model, name, self.rank())
+            info = self._compress(name)
             meta["merge"].update(rank=info["rank"], svd=info)
             run.echo(f"final adapter: svd rank {info['rank_before']} -> {info['rank']}, relative "
                      f"error max {info['max_error']:.4f}, mean {info['mean_error']:.4f}")

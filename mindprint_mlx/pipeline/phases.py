@@ -19,6 +19,11 @@ Composition (one base in memory, adapters stacked by name):
 After the unit's last topic, `merge_unit` saves `u{i}` as the unit's merged adapter (an
 mlx-lm adapter directory, loadable on its own on the base after the prior units' merged
 adapters); `verify` re-grades the unit's topics with it.
+
+Under `mlx.launch` every rank walks the same phases: training on all of them (data
+parallel), the quizzes and every file write on rank 0 alone (`distributed.on_main`: the
+others receive its record, or its error), adapters rank 0 wrote read through
+`distributed.fetch_dir` (the others need no copy of run_dir), and a stop agreed by all.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from .. import distributed as dist
 from .. import evaluate as ev
 from ..config import to_dict
 from ..data.batching import eos_ids, pad_id
@@ -38,7 +44,6 @@ from ..errors import MindprintError
 from ..io import append_jsonl, atomic_write_text, safe_name, topic_slug
 from ..models import lora
 from ..errors import Interrupted
-from ..stop import stop_requested
 from . import decide
 from .config import PipelineConfig
 from .refine import PHASE, REWARD_METHODS, adapter_of, topic_method
@@ -82,8 +87,18 @@ class Run:
 
 
 def check_stop() -> None:
-    if stop_requested():
+    """Raise `Interrupted` once a stop was requested, on any rank: every rank agrees
+    (`stop.stop_now`), so all stop after the same phase."""
+    from ..stop import stop_now
+
+    if stop_now():
         raise Interrupted("pipeline")
+
+
+def read_dir(run: Run, rel: str | Path) -> Path:
+    """A directory of the run (relative to run_dir) that rank 0 wrote, readable on this
+    rank (`distributed.fetch_dir`: the run directory itself on one process)."""
+    return dist.fetch_dir(run.run_dir / rel)
 
 
 def step(run: Run, key: str, name: str, compute: Callable[[], dict], *,
@@ -92,12 +107,15 @@ def step(run: Run, key: str, name: str, compute: Callable[[], dict], *,
          report: Callable[[dict], None] | None = None) -> dict:
     """Phase `name` of topic `key`: when state.json holds it as done, `restore(record)` puts
     back what it left in memory; else `compute()` runs it, its record is saved and then
-    `saved(record)` runs. Then `report(record)`, and a requested stop stops the run."""
+    `saved(record)` runs. Then `report(record)`, and a requested stop stops the run.
+
+    Distributed: every rank runs `compute` (which returns rank 0's record on every rank)
+    and `restore`; `saved` (files, messages) runs on rank 0 alone."""
     rec = run.state.phase(key, name)
     if rec is None:
         run.state.finish_phase(key, name, compute())
         rec = run.state.phase(key, name)
-        if saved is not None:
+        if saved is not None and dist.is_main():
             saved(rec)
     elif restore is not None:
         restore(rec)
@@ -258,9 +276,9 @@ def train_scorer(run: Run, key: str, label: str, pairs: list) -> Path:
 
     st = run.state
     rec = st.data.get(key)
-    if rec and (run.run_dir / rec["adapter_dir"]).exists():
+    if rec and st.exists(rec["adapter_dir"]):
         run.echo(f"{label} model: done ({rec['adapter_dir']})")
-        return run.run_dir / rec["adapter_dir"]
+        return read_dir(run, rec["adapter_dir"])
     if not pairs:
         raise MindprintError(f"{run.cfg.data_dir}: no preference pairs or distinctions to train "
                              f"the {label} model on (or set reward.path / eval.judge)")
@@ -270,14 +288,14 @@ def train_scorer(run: Run, key: str, label: str, pairs: list) -> Path:
     res = train_reward_model(run.model, run.tok, pairs, run.cfg.reward.train, run.run_dir / key,
                              resume=run.resume)
     adapter_dir = Path(res.adapter_dir)
-    st.data[key] = {
+    st.data[key] = dist.on_main(lambda: {
         "done": True, "adapter_dir": st.rel(adapter_dir),
         "metrics": copy_metrics(run.run_dir / key, run.metrics, label), "pairs": len(pairs),
         "best_val_loss": res.best_val_loss, "best_val_accuracy": res.best_val_accuracy,
-        "stopped_early": res.stopped_early, "epochs": res.epochs}
+        "stopped_early": res.stopped_early, "epochs": res.epochs})
     st.save()
     run.echo(f"{label} model: validation accuracy {res.best_val_accuracy:.3f}")
-    return adapter_dir
+    return read_dir(run, st.data[key]["adapter_dir"])
 
 
 def chance_stop(run: Run) -> str | None:
@@ -358,16 +376,19 @@ def sft(run: Run, t: TopicRun) -> dict:
                     "earlier topics" if n_replay else ""))
         res = train_sft(run.model, run.tok, records, scfg, work, adapter_name="sft",
                         resume=run.resume, replay_records=pool, replay_per_epoch=n_replay)
-        save_adapter(run.model, "sft", adir / "sft_adapter", metadata={**t.meta, "phase": "sft"})
-        rel = run.state.rel(adir / "sft_adapter")
-        return {"adapter": rel, "artefacts": [rel], "train_loss": res.train_loss,
-                "eval_loss": res.eval_loss, "steps": res.steps,
-                "metrics": copy_metrics(work, run.metrics, f"sft-{t.slug}"),
-                "replay_per_epoch": n_replay, "config": to_dict(scfg)}
+
+        def write() -> dict:
+            save_adapter(run.model, "sft", adir / "sft_adapter", metadata={**t.meta, "phase": "sft"})
+            rel = run.state.rel(adir / "sft_adapter")
+            return {"adapter": rel, "artefacts": [rel], "train_loss": res.train_loss,
+                    "eval_loss": res.eval_loss, "steps": res.steps,
+                    "metrics": copy_metrics(work, run.metrics, f"sft-{t.slug}"),
+                    "replay_per_epoch": n_replay, "config": to_dict(scfg)}
+        return dist.on_main(write)
 
     return step(run, t.key, "sft", compute,
                 saved=lambda rec: shutil.rmtree(work, ignore_errors=True),
-                restore=lambda rec: load_adapter(run.model, run.run_dir / rec["adapter"], name="sft"))
+                restore=lambda rec: load_adapter(run.model, read_dir(run, rec["adapter"]), name="sft"))
 
 
 def quiz_phase(run: Run, t: TopicRun, active: list[str]) -> dict:
@@ -381,7 +402,7 @@ def quiz_phase(run: Run, t: TopicRun, active: list[str]) -> dict:
         run.echo(f"[{t.key}] quiz {rec['score']:.3f} (threshold {t.threshold:.2f}; "
                  + ", ".join(f"{k} {v:.3f}" for k, v in rec["parts"].items()) + ")")
 
-    return step(run, t.key, "quiz", compute, report=report,
+    return step(run, t.key, "quiz", lambda: dist.on_main(compute), report=report,
                 saved=lambda rec: log_eval(run, t.index, t.key, "quiz", rec["score"], rec["parts"]))
 
 
@@ -397,7 +418,7 @@ def refine(run: Run, t: TopicRun, active: list[str], quiz_score: float) -> dict:
     def restore(rec: dict) -> None:
         name = adapter_of(rec)
         if name:
-            load_adapter(run.model, run.run_dir / rec["adapter"], name=name)
+            load_adapter(run.model, read_dir(run, rec["adapter"]), name=name)
 
     return step(run, t.key, PHASE, lambda: train(run, t, active, quiz_score, method, work),
                 restore=restore, saved=lambda rec: shutil.rmtree(work, ignore_errors=True))
@@ -419,7 +440,7 @@ def final(run: Run, t: TopicRun, names: list[str], quiz_rec: dict) -> dict:
         write_report(run.run_dir, run.state.data, run.resolved)
         run.echo(f"[{t.key}] final {rec['score']:.3f}: {'pass' if rec['passed'] else 'FAIL'}")
 
-    return step(run, t.key, "final", compute, saved=saved)
+    return step(run, t.key, "final", lambda: dist.on_main(compute), saved=saved)
 
 
 def restore_topic(run: Run, key: str) -> list[str]:
@@ -434,7 +455,7 @@ def restore_topic(run: Run, key: str) -> list[str]:
         else:
             name = adapter_of(rec)
         if name:
-            load_adapter(run.model, run.run_dir / rec["adapter"], name=name)
+            load_adapter(run.model, read_dir(run, rec["adapter"]), name=name)
             names.append(name)
     return names
 
@@ -452,10 +473,12 @@ def retention_row(run: Run, after: str, active: list[str]) -> None:
     ret = run.state.data.setdefault("retention", {"rows": {}, "order": []})
     if not run.cfg.eval.retention or after in ret["rows"]:
         return
-    # the topic itself was just graded with these same adapters (its final quiz)
-    res = quiz_many(run, [t for t in run.trained if t.key != after], active)
-    own = run.state.phase(after, "final")["score"]
-    ret["rows"][after] = {t.key: res[t.key].score if t.key in res else own for t in run.trained}
+    def row() -> dict:
+        # the topic itself was just graded with these same adapters (its final quiz)
+        res = quiz_many(run, [t for t in run.trained if t.key != after], active)
+        own = run.state.phase(after, "final")["score"]
+        return {t.key: res[t.key].score if t.key in res else own for t in run.trained}
+    ret["rows"][after] = dist.on_main(row)
     ret["order"] = [t.key for t in run.trained]
     ret["metrics"] = continual_metrics(ret["rows"], ret["order"])
     run.state.save()
@@ -486,10 +509,11 @@ def merge_unit(run: Run, unit: str, unit_name: str, topics: list, acc: str | Non
     d = merged_dir(run, unit)
     rec = run.state.unit(unit)
     rec.update(run.merger.unit_merged(unit, acc, prior, topics))
-    save_adapter(run.model, acc, d, metadata={
+    dist.on_main(lambda: save_adapter(run.model, acc, d, metadata={
         "unit": unit, "topics": [t.key for t in topics], "frozen_below": list(prior),
         "composition": "sft (+ppo) of each topic, in curriculum order, ranks concatenated",
         "merge": {"mode": run.merger.mode, **({"svd": rec["svd"]} if "svd" in rec else {})}})
+        and None)
     rec["merged"] = run.state.rel(d)
     rec["artefacts"] = [rec["merged"]]
     return unit_name
@@ -499,16 +523,20 @@ def verify(run: Run, unit: str, topics: list, active: list[str], index: int) -> 
     """Re-grade the unit's topics with the merged adapters `active`; record the unit as
     done. Returns the regression message when a topic dropped more than the tolerance."""
     tol = run.cfg.verify.tolerance
-    rows = []
-    for t in topics:
-        fin = run.state.phase(t.key, "final")
-        if fin is not None:
-            q = quiz(run, t, active)
-            rows.append(decide.verify_row(t.key, fin["score"], q.score, tol, q.parts))
+
+    def grade() -> list[dict]:
+        rows = []
+        for t in topics:
+            fin = run.state.phase(t.key, "final")
+            if fin is not None:
+                q = quiz(run, t, active)
+                rows.append(decide.verify_row(t.key, fin["score"], q.score, tol, q.parts))
+        return rows
+    rows = dist.on_main(grade)
     rec = run.state.unit(unit)
     rec.update(verify=rows, done=True, tolerance=tol)
     run.state.save()
-    for v in rows:
+    for v in rows if dist.is_main() else []:
         append_jsonl(run.metrics / PIPELINE_METRICS, {
             "step": index, "topic": v["key"], "eval/merged_score": v["merged"],
             "eval/merge_drop": v["drop"]})
@@ -533,8 +561,9 @@ def ship(run: Run, unit_names: list[str], units: list[str]) -> None:
     lora.combine_adapters(run.model, list(unit_names), "final")
     fmeta = run.merger.final("final")    # svd compresses it; which base it sits on
     if not st.data.get("final_adapter"):
-        save_adapter(run.model, "final", final_dir, metadata={
+        dist.on_main(lambda: save_adapter(run.model, "final", final_dir, metadata={
             "units": units, "composition": "all units' merged adapters, in order", **fmeta})
+            and None)
         st.data["final_adapter"] = st.rel(final_dir)
         st.data["final_merge"] = fmeta["merge"]
         st.save()
@@ -549,19 +578,21 @@ def final_eval(run: Run, final_dir: Path) -> None:
     st = run.state
     if st.data.get("final_eval"):
         return
-    load_adapter(run.model, final_dir, name="final_check")
-    res = quiz_many(run, list(run.trained), ["final_check"])
-    lora.remove_adapter(run.model, "final_check")
-    plans = {p["key"]: p for p in run.plan}
-    st.data["final_eval"] = {
-        k: {"score": q.score, "parts": q.parts, "items": q.items,
-            "passed": decide.passed(q.score, plans[k]["plan"]["pass_threshold"])}
-        for k, q in res.items()}
+
+    def grade() -> dict:        # rank 0: the one that has final_dir on disk
+        load_adapter(run.model, final_dir, name="final_check")
+        res = quiz_many(run, list(run.trained), ["final_check"])
+        lora.remove_adapter(run.model, "final_check")
+        plans = {p["key"]: p for p in run.plan}
+        return {k: {"score": q.score, "parts": q.parts, "items": q.items,
+                    "passed": decide.passed(q.score, plans[k]["plan"]["pass_threshold"])}
+                for k, q in res.items()}
+    st.data["final_eval"] = dist.on_main(grade)
     ret = st.data.setdefault("retention", {"rows": {}, "order": []})
     ret["order"] = ret["order"] or [t.key for t in run.trained]
-    ret["final"] = {k: q.score for k, q in res.items()}
+    ret["final"] = {k: v["score"] for k, v in st.data["final_eval"].items()}
     ret["metrics"] = continual_metrics(ret["rows"], ret["order"], final=ret["final"])
     st.save()
     n = sum(v["passed"] for v in st.data["final_eval"].values())
-    run.echo(f"final adapter: {n}/{len(res)} topics pass their quiz "
+    run.echo(f"final adapter: {n}/{len(ret['final'])} topics pass their quiz "
              f"(average {ret['metrics']['average']:.3f})")

@@ -175,10 +175,10 @@ def training_items(method: str, topic) -> list:
 def train(run, t, active: list[str], quiz_score: float, method: str, work: Path) -> dict:
     """The refine phase of topic `t` with `method` (the step's compute): the gate, the
     trainer on top of `active`, the adapter saved, the reward before and after, the record."""
+    from .. import distributed as dist
     from ..models import lora
-    from ..models.adapters import adapter_metadata, load_heads, save_adapter
     from . import decide
-    from .phases import copy_metrics, policy_reward, ppo_prompts
+    from .phases import policy_reward, ppo_prompts
 
     title = TITLE[method]
     items = training_items(method, t.topic)
@@ -191,9 +191,23 @@ def train(run, t, active: list[str], quiz_score: float, method: str, work: Path)
     run.echo(f"[{t.key}] {title} on {len(items)} {LEARNS_FROM[method]} "
              f"(quiz {quiz_score:.3f} < {t.threshold:.2f})")
     prompts = ppo_prompts(t.topic)      # the reward measured before and after: every method
-    reward_before = policy_reward(run, prompts, active)
+    # Under mlx.launch every rank trains (data parallel); rank 0 alone grades and writes
+    # (dist.on_main), and every rank returns its record.
+    reward_before = dist.on_main(lambda: policy_reward(run, prompts, active))
     lora.set_active(run.model, active)
     res = _run_trainer(run, method, scfg, items, active, work)
+    return dist.on_main(lambda: _write(run, t, method, scfg, items, active, work, res, prompts,
+                                       reward_before))
+
+
+def _write(run, t, method: str, scfg, items: list, active: list[str], work: Path, res,
+           prompts: list, reward_before: float) -> dict:
+    """Rank 0: the reward after, the adapter and metrics written, the record."""
+    from ..models.adapters import adapter_metadata, load_heads, save_adapter
+    from . import decide
+    from .phases import copy_metrics, policy_reward
+
+    title = TITLE[method]
     reward_after = policy_reward(run, prompts, active + [scfg.adapter_name])
     adir = t.adapter_dir(run) / f"{method}_adapter"
     # keep the trainer's metadata (stack, steps, config) and heads (PPO's value head)

@@ -5,10 +5,14 @@ weights; at the end the final adapter and its grade.
 The phases are `phases`' functions (how adapters stack: its docstring), the decisions
 `decide`'s pure functions; this module sets the run up, walks the curriculum and records
 how it ended.
+
+Under `mlx.launch` every rank runs this: rank 0 holds the run directory (lock, repair,
+state.json, run.json, report) and sends the others its state; they never write it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -26,7 +30,7 @@ from .merge import Merger
 from .phases import TopicRun
 from .plan import estimate, format_estimate, format_plan, load_curriculum, plan_topics
 from .report import summary_table, write_metrics_csv, write_report
-from .state import RunState, check_resume, data_hashes, has_progress, write_run_json
+from .state import RunState, check_resume, data_changes, data_hashes, has_progress, write_run_json
 
 
 @dataclasses.dataclass
@@ -61,24 +65,47 @@ def prepare(cfg: PipelineConfig, resume: bool, dry_run: bool,
         echo("\n# estimate\n" + format_estimate(est))
         echo("\ndry run: nothing trained, nothing written.")
         return PipelineResult(run_dir, {}, "dry run", plan, est)
-    state_file = run_dir / "state.json"
-    if state_file.exists() and not resume and has_progress(run_dir):
-        raise MindprintError(f"{run_dir} already holds a run (state.json); pass --resume to "
-                             "continue it, or choose another run_dir")
-    if resume and state_file.exists():
-        check_resume(run_dir, resolved, hashes)
-        if not (run_dir / "run.json").exists():
+    from .. import distributed as dist
+
+    def open_state() -> dict:      # rank 0: the run directory is its own
+        nonlocal resume, state
+        state_file = run_dir / "state.json"
+        if state_file.exists() and not resume and has_progress(run_dir):
+            raise MindprintError(f"{run_dir} already holds a run (state.json); pass --resume to "
+                                 "continue it, or choose another run_dir")
+        if resume and state_file.exists():
+            check_resume(run_dir, resolved, hashes)
+            if not (run_dir / "run.json").exists():
+                write_run_json(run_dir, resolved, cfg.seed, hashes, plan)
+        else:
+            resume = False
+            run_dir.mkdir(parents=True, exist_ok=True)
             write_run_json(run_dir, resolved, cfg.seed, hashes, plan)
-    else:
-        resume = False
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_json(run_dir, resolved, cfg.seed, hashes, plan)
-    state = RunState.load(run_dir)
-    state.data["plan"] = plan
-    state.data["quiz_repeats_dropped"] = dropped
-    state.data.pop("stopped", None)
-    state.save()
-    return phases.Run(cfg, state, dataset, curriculum, plan, resolved, echo, resume)
+        state = RunState.load(run_dir)
+        state.data["plan"] = plan
+        state.data["quiz_repeats_dropped"] = dropped
+        state.data.pop("stopped", None)
+        state.save()
+        return {"resume": resume, "hashes": hashes,
+                "data": state.without_missing() if dist.size() > 1 else None}
+
+    def same_data() -> None:        # every rank trains on the data rank 0 recorded
+        if opened["hashes"] != hashes:
+            raise MindprintError(f"{cfg.data_dir}: the data differ from rank 0's ("
+                                 + "; ".join(data_changes(opened["hashes"], hashes)[:4])
+                                 + "); copy the same data to every machine")
+
+    state: RunState | None = None
+    opened = dist.on_main(open_state)
+    dist.check_all(same_data)
+    if state is None:               # another rank: rank 0's record, in memory only
+        state = RunState(run_dir, opened["data"], writer=False)
+        echo = _quiet
+    return phases.Run(cfg, state, dataset, curriculum, plan, resolved, echo, opened["resume"])
+
+
+def _quiet(line: str) -> None:
+    """The other ranks' echo: rank 0 alone prints."""
 
 
 def load_model(run: phases.Run) -> None:
@@ -126,7 +153,8 @@ def walk(run: phases.Run) -> str:
 
             run.trained += [t for t in topics if st.phase(t.key, "final") is not None]
             if st.data["units"][unit].get("merged"):
-                load_adapter(run.model, run.run_dir / st.data["units"][unit]["merged"], name=uname)
+                load_adapter(run.model, phases.read_dir(run, st.data["units"][unit]["merged"]),
+                             name=uname)
                 prior.append(uname)
             prior = run.merger.resumed_unit(uname, prior, st.data["units"][unit])
             index += len(topics)
@@ -164,19 +192,33 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, dry_run: bool = Fals
     """Run (or continue, or only plan) the curriculum of `cfg`; see the module docstring.
 
     A run holds the run directory's lock (`runlock`) for its life; resuming first repairs
-    what a killed run left (`io.repair_tree`)."""
+    what a killed run left (`io.repair_tree`). Under `mlx.launch` rank 0 alone does both
+    (the others never touch run_dir); every rank must see the model and the data."""
+    from .. import distributed as dist
     from ..guards import check_model_ref
     from ..io import repair_tree
     from ..runlock import acquire
 
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
-    check_model_ref(cfg.model)      # before run_dir is touched: a typo leaves nothing behind
+    if not dist.is_main():
+        echo = _quiet
+    # before run_dir is touched: a typo leaves nothing behind
+    dist.check_all(lambda: check_model_ref(cfg.model))
     if dry_run:
         return _run_pipeline(cfg, resume, dry_run, echo)
-    with acquire(cfg.run_dir, note=echo):
-        if resume:
-            for line in repair_tree(cfg.run_dir):
-                echo(f"resume: {line}")
+
+    def lock():
+        held = acquire(cfg.run_dir, note=echo)
+        try:
+            if resume:
+                for line in repair_tree(cfg.run_dir):
+                    echo(f"resume: {line}")
+        except BaseException:
+            held.release()
+            raise
+        return held
+    held = dist.on_main(lock, share=False)
+    with held if held is not None else contextlib.nullcontext():
         return _run_pipeline(cfg, resume, dry_run, echo)
 
 
@@ -184,13 +226,6 @@ def _run_pipeline(cfg: PipelineConfig, resume: bool, dry_run: bool,
                   echo: Callable[[str], None]) -> PipelineResult:
     from .. import distributed as dist
 
-    if not dry_run and dist.size() > 1:
-        # The trainers are data parallel, but the pipeline around them (quizzes, merges,
-        # state.json, reloading adapters rank 0 wrote) is not yet: refuse rather than let
-        # ranks on other Macs look for files only rank 0 has.
-        raise MindprintError("mindprint pipeline runs as one process (it is not data parallel yet); "
-                             "under mlx.launch use mindprint sft, mindprint reward train or "
-                             "mindprint ppo")
     run = prepare(cfg, resume, dry_run, echo)
     if isinstance(run, PipelineResult):
         return run
@@ -214,9 +249,11 @@ def _run_pipeline(cfg: PipelineConfig, resume: bool, dry_run: bool,
             st.data.setdefault("wall_seconds", 0.0)
             st.data["wall_seconds"] += time.time() - t0
             st.save()
-            report = write_report(run.run_dir, st.data, run.resolved)
-            write_metrics_csv(run.run_dir)
-    if status == "finished":
+            report = None
+            if dist.is_main():          # no collective here: a failed rank must not wait
+                report = write_report(run.run_dir, st.data, run.resolved)
+                write_metrics_csv(run.run_dir)
+    if status == "finished" and dist.is_main():
         shutil.rmtree(run.work, ignore_errors=True)
         try:
             from ..plots import plot_run

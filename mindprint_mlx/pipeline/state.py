@@ -128,10 +128,14 @@ def data_changes(old: dict, new: dict) -> list[str]:
 
 
 class RunState:
-    """state.json in memory; `save()` writes it atomically."""
+    """state.json in memory; `save()` writes it atomically.
 
-    def __init__(self, run_dir: Path, data: dict | None = None):
+    writer=False (the other ranks of a distributed run): a copy that is never written and
+    trusts its records (rank 0 checked their artefacts, `without_missing`, and sent it)."""
+
+    def __init__(self, run_dir: Path, data: dict | None = None, writer: bool = True):
         self.run_dir = Path(run_dir)
+        self.writer = writer
         self.data = data or {"version": STATE_VERSION, "reward_model": None, "topics": {},
                              "units": {}, "finished": False, "started": time.time()}
 
@@ -147,8 +151,34 @@ class RunState:
         return cls(run_dir, data)
 
     def save(self) -> None:
+        if not self.writer:
+            return
         self.data["updated"] = time.time()
         atomic_write_json(self.run_dir / STATE, self.data)
+
+    def exists(self, rel: str | Path) -> bool:
+        """Whether artefact `rel` (relative to run_dir, or absolute) is on disk; a copy that
+        does not write trusts its records."""
+        return not self.writer or (self.run_dir / rel).exists()
+
+    def without_missing(self) -> dict:
+        """The data with every record whose artefacts are gone dropped (a unit: marked not
+        done), i.e. what `phase`, `unit_done` and the scorers' check already treat as not
+        done: what the other ranks of a distributed run receive, trusting it."""
+        import copy
+
+        data = copy.deepcopy(self.data)
+        for key, t in (data.get("topics") or {}).items():
+            t["phases"] = {ph: r for ph, r in (t.get("phases") or {}).items()
+                           if self.phase(key, ph) is not None}
+        for name, u in (data.get("units") or {}).items():
+            if u.get("done") and not self.unit_done(name):
+                u["done"] = False
+        for key in ("reward_model", "judge_model"):
+            rec = data.get(key)
+            if rec and not rec.get("reused") and not self.exists(rec.get("adapter_dir", "")):
+                data[key] = None
+        return data
 
     # -- topics
     def topic(self, key: str) -> dict:
@@ -160,7 +190,7 @@ class RunState:
         if not rec or not rec.get("done"):
             return None
         for rel in rec.get("artefacts", []):
-            if not (self.run_dir / rel).exists():
+            if not self.exists(rel):
                 return None
         return rec
 
@@ -175,7 +205,7 @@ class RunState:
 
     def unit_done(self, name: str) -> bool:
         u = self.data["units"].get(name) or {}
-        return bool(u.get("done")) and all((self.run_dir / a).exists() for a in u.get("artefacts", []))
+        return bool(u.get("done")) and all(self.exists(a) for a in u.get("artefacts", []))
 
     def rel(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
