@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mindprint_mlx import distributed as dist
 from mindprint_mlx.errors import MindprintError
-from mindprint_mlx.pipeline import interrupt, load_pipeline_config, run_pipeline
+from mindprint_mlx.pipeline import load_pipeline_config, run_pipeline
+from mindprint_mlx.stop import clear_stop, request_stop
 
 
 def main(config: str, out_dir: str, runs: list[dict]) -> None:
@@ -34,13 +35,13 @@ def main(config: str, out_dir: str, runs: list[dict]) -> None:
         def stop_after_the_first_topic(line: str) -> None:
             lines.append(line)
             if "] final " in line and not any("] final " in x for x in lines[:-1]):
-                interrupt.request()      # rank 0 alone: the others only echo nothing
+                request_stop()           # rank 0 alone: the others only echo nothing
 
         if rank:
             overrides = {**overrides, "run_dir": f"{overrides['run_dir']}.rank{rank}"}
         cfg = load_pipeline_config(config, overrides)
         cut = run_pipeline(cfg, echo=stop_after_the_first_topic)
-        interrupt.clear()
+        clear_stop()
         res = run_pipeline(cfg, resume=True, echo=lines.append)
         (out / f"rank{rank}-{i}.json").write_text(json.dumps({
             "size": dist.size(), "statuses": [cut.status, res.status], "state": res.state,
