@@ -27,9 +27,13 @@ from ..errors import MindprintError
 @click.option("--mini-batch", type=click.IntRange(1), default=None, help="PPO rows per optimizer minibatch.")
 @click.option("--forward-batch", type=click.IntRange(1), default=None,
               help="PPO rows per teacher-forced pass over the rollout.")
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Judge the fit for a machine with this much RAM (GiB, e.g. 64 for a 64 GB "
+                   "Mac) instead of this one; 75%% of it counts as usable.")
 def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantize, grad_checkpoint,
-         max_new_tokens, mini_batch, forward_batch):
-    """Estimate peak memory of SFT, reward training and PPO, and whether it fits here."""
+         max_new_tokens, mini_batch, forward_batch, memory_gb):
+    """Estimate peak memory of SFT, reward training and PPO, and whether it fits here
+    (or on a machine with --memory-gb of RAM)."""
     from ..memory import estimate, fmt_bytes, model_shape, plan_table, working_set_limit
 
     cfg = None
@@ -59,13 +63,14 @@ def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantiz
             kw.pop("mini_batch", None)
             kw.pop("forward_batch", None)
         rows.append(estimate(shape, phase, **kw))
-    limit, how = working_set_limit()
+    limit, how = working_set_limit(memory_gb)
     s = shape
     click.echo(f"model: {model} ({s.model_type}, {s.n_params / 1e6:.1f}M parameters, "
                f"{s.num_layers} layers, hidden {s.hidden}"
                + (f", {s.quantized_bits}-bit" if s.quantized_bits else "") + ")")
     click.echo(plan_table(rows, limit))
-    click.echo(f"\nthis machine: {fmt_bytes(limit)} usable ({how})")
+    where = f"a {memory_gb:g} GiB machine" if memory_gb is not None else "this machine"
+    click.echo(f"\n{where}: {fmt_bytes(limit)} usable ({how})")
     for e in rows:
         verdict = "fits" if e.total <= limit else "does NOT fit"
         extra = f"; {'; '.join(e.notes)}" if e.notes else ""
@@ -85,6 +90,11 @@ def _final_adapter(cfg, model: str) -> str:
     from ..pipeline.merge import format_final_sizes
     from ..pipeline.plan import final_adapter_sizes, load_curriculum, plan_topics
 
+    from pathlib import Path
+
+    if not Path(cfg.data_dir).is_dir():
+        # planning before the data exists is the point of a dry estimate: say so, don't fail
+        return f"final adapter: data_dir {cfg.data_dir} not found here: its size is not estimated"
     if str(model) != cfg.model:
         cfg = dataclasses.replace(cfg, model=str(model))
     dataset, curriculum = load_curriculum(cfg)
