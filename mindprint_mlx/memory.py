@@ -112,11 +112,22 @@ def _param_shapes(config: dict) -> tuple[list[tuple[str, tuple]], dict, Any]:
     Model, Args = _get_classes(config)
     cfg = {k: v for k, v in config.items() if k != "quantization"}
     model = Model(Args.from_dict(cfg))
-    shapes = [(k, tuple(v.shape)) for k, v in tree_flatten(model.parameters())]
+    params = dict(tree_flatten(model.parameters()))
     kinds = {}
     for path, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Embedding)) and hasattr(m, "to_quantized"):
             kinds[path] = "quantizable"
+    tc = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tied = config.get("tie_word_embeddings", tc.get("tie_word_embeddings"))
+    if tied is not False and any(k.split(".")[-2:-1] == ["lm_head"] for k in params):
+        # some mlx-lm classes (gemma3_text) always build an lm_head and drop it in sanitize()
+        # when the checkpoint has none, i.e. tied embeddings: let sanitize decide, as load does
+        try:
+            model.sanitize({k: v for k, v in params.items() if ".lm_head." not in f".{k}"})
+            params = dict(tree_flatten(model.parameters()))
+        except Exception:  # noqa: BLE001 - a sanitize that needs real weights: keep the count
+            pass
+    shapes = [(k, tuple(v.shape)) for k, v in params.items()]
     return shapes, kinds, model
 
 
@@ -360,11 +371,20 @@ def estimate(model: str | os.PathLike | dict | ModelShape, phase: str = "sft", *
                           notes=notes)
 
 
-def working_set_limit() -> tuple[int, str]:
+WORKING_SET_FRACTION = 0.75
+
+
+def working_set_limit(memory_gb: float | None = None) -> tuple[int, str]:
     """(bytes, description): the memory a run may use on this machine.
 
     macOS/Metal: MLX's `max_recommended_working_set_size`; otherwise 75% of the total RAM.
+    `memory_gb`: another machine's RAM (GiB, as Apple counts a "64 GB" Mac), 75% of it.
     """
+    if memory_gb is not None:
+        if not memory_gb > 0:
+            raise MindprintError(f"memory_gb must be positive, got {memory_gb!r}")
+        return (int(memory_gb * GiB * WORKING_SET_FRACTION),
+                f"{WORKING_SET_FRACTION:.0%} of {memory_gb:g} GiB RAM, --memory-gb")
     import mlx.core as mx
 
     try:
@@ -388,7 +408,7 @@ def working_set_limit() -> tuple[int, str]:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             total = 0
-    return int(total * 0.75), "75% of total RAM"
+    return int(total * WORKING_SET_FRACTION), "75% of total RAM"
 
 
 def fmt_bytes(n: int | float) -> str:

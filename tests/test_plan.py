@@ -113,6 +113,21 @@ def test_weight_bytes_exact_from_config_only(tiny_llama, bits):
     assert memory.model_shape(tiny_llama, quantize=bits).weight_bytes == loaded
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_tied_gemma3_counts_no_lm_head(tmp_path, bits):
+    """mlx-lm's gemma3_text always builds an lm_head and drops it in sanitize() when the
+    checkpoint ties it: the planner counts what load() keeps, not the throwaway head."""
+    from mindprint_mlx.models.tiny import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "g", arch="gemma3_text", num_layers=6)
+    model, _ = load(d, quantize=bits)
+    loaded = tree_flatten(model.parameters())
+    assert not any("lm_head" in k for k, _ in loaded)
+    shape = memory.model_shape(d, quantize=bits)
+    assert shape.weight_bytes == sum(v.nbytes for _, v in loaded)
+    assert shape.n_params == sum(v.size for _, v in tree_flatten(load(d)[0].parameters()))
+
+
 def test_ppo_estimate_and_errors(tiny_llama):
     est = memory.estimate(tiny_llama, "ppo", batch=8, seq_len=96, max_new_tokens=32, lora_rank=4)
     sft = memory.estimate(tiny_llama, "sft", batch=8, seq_len=96, lora_rank=4)
@@ -146,6 +161,27 @@ def test_plan_cli(tiny_llama, tmp_path):
     assert res.exit_code == 1 and "sft.max_seq_len" in res.output and "max_seq_length" in res.output
     res = CliRunner().invoke(cli, ["plan", "--model", str(tmp_path / "nope")])
     assert res.exit_code == 1 and "error:" in res.output
+
+
+def test_plan_memory_gb_judges_another_machine(tiny_llama, tmp_path):
+    """--memory-gb 64: the verdict for a 64 GB Mac (75% of 64 GiB usable), not this machine's;
+    a data_dir that does not exist yet only skips the final adapter's size."""
+    from mindprint_mlx.cli import cli
+
+    assert memory.working_set_limit(64) == (48 * memory.GiB, "75% of 64 GiB RAM, --memory-gb")
+    with pytest.raises(MindprintError, match="memory_gb"):
+        memory.working_set_limit(0)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_llama}\ndata_dir: {tmp_path / 'not-yet'}\n")
+    res = CliRunner().invoke(cli, ["plan", "--config", str(cfg), "--memory-gb", "64"])
+    assert res.exit_code == 0, res.output
+    assert "a 64 GiB machine: 48.00 GiB usable (75% of 64 GiB RAM, --memory-gb)" in res.output
+    assert "this machine" not in res.output and "| yes (0%) |" in res.output
+    assert "final adapter: data_dir" in res.output and "not found here" in res.output
+    res = CliRunner().invoke(cli, ["plan", "--model", str(tiny_llama), "--memory-gb", "0.0001"])
+    assert res.exit_code == 0 and "does NOT fit" in res.output
+    res = CliRunner().invoke(cli, ["plan", "--model", str(tiny_llama), "--memory-gb", "0"])
+    assert res.exit_code == 2 and "--memory-gb" in res.output
 
 
 def test_plan_cli_shows_the_final_adapter_per_merge_mode(tiny_llama, tmp_path):

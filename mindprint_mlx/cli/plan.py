@@ -32,10 +32,13 @@ from ..errors import MindprintError
               help="Rows per teacher-forced pass over the rollout (DITTO: prompts per sampling call).")
 @click.option("--group-size", type=click.IntRange(2), default=None,
               help="GRPO/RLOO samples per prompt.")
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Judge the fit for a machine with this much RAM (GiB, e.g. 64 for a 64 GB "
+                   "Mac) instead of this one; 75%% of it counts as usable.")
 def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantize, grad_checkpoint,
-         max_new_tokens, mini_batch, forward_batch, group_size):
+         max_new_tokens, mini_batch, forward_batch, group_size, memory_gb):
     """Estimate peak memory of SFT, reward training and each refine method (PPO, GRPO, RLOO,
-    DPO, DITTO), and whether it fits here."""
+    DPO, DITTO), and whether it fits here (or on a machine with --memory-gb of RAM)."""
     from ..memory import estimate, fmt_bytes, model_shape, plan_table, working_set_limit
 
     cfg = None
@@ -69,13 +72,14 @@ def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantiz
         if phase not in ("grpo", "rloo"):
             kw.pop("group_size", None)
         rows.append(estimate(shape, phase, **kw))
-    limit, how = working_set_limit()
+    limit, how = working_set_limit(memory_gb)
     s = shape
     click.echo(f"model: {model} ({s.model_type}, {s.n_params / 1e6:.1f}M parameters, "
                f"{s.num_layers} layers, hidden {s.hidden}"
                + (f", {s.quantized_bits}-bit" if s.quantized_bits else "") + ")")
     click.echo(plan_table(rows, limit))
-    click.echo(f"\nthis machine: {fmt_bytes(limit)} usable ({how})")
+    where = f"a {memory_gb:g} GiB machine" if memory_gb is not None else "this machine"
+    click.echo(f"\n{where}: {fmt_bytes(limit)} usable ({how})")
     for e in rows:
         verdict = "fits" if e.total <= limit else "does NOT fit"
         extra = f"; {'; '.join(e.notes)}" if e.notes else ""
@@ -95,6 +99,11 @@ def _final_adapter(cfg, model: str) -> str:
     from ..pipeline.merge import format_final_sizes
     from ..pipeline.plan import final_adapter_sizes, load_curriculum, plan_topics
 
+    from pathlib import Path
+
+    if not Path(cfg.data_dir).is_dir():
+        # planning before the data exists is the point of a dry estimate: say so, don't fail
+        return f"final adapter: data_dir {cfg.data_dir} not found here: its size is not estimated"
     if str(model) != cfg.model:
         cfg = dataclasses.replace(cfg, model=str(model))
     dataset, curriculum = load_curriculum(cfg)
