@@ -181,6 +181,11 @@ def test_plan_cli_estimates_every_method(tmp_path, tiny_demo_model):
     f = _cfg_file(tmp_path, tiny_demo_model, {"method": "grpo"})
     out = CliRunner().invoke(cli, ["plan", "--config", str(f)])
     assert out.exit_code == 0, out.output
+    # by default the phases this run trains: its refine method (grpo), not the others
+    assert "| grpo |" in out.output and "| dpo |" not in out.output
+    out = CliRunner().invoke(cli, ["plan", "--config", str(f)] + [
+        a for m in ("ppo", "grpo", "rloo", "dpo", "ditto") for a in ("--phase", m)])
+    assert out.exit_code == 0, out.output
     cfg = load_pipeline_config(f)
     for m in ("ppo", "grpo", "rloo", "dpo", "ditto"):
         est = memory.estimate(tiny_demo_model, m, **memory_settings(cfg, m))

@@ -62,8 +62,10 @@ def plan(model, config_file, phases, batch, seq_len, lora_rank, targets, quantiz
     rows = []
     shape = model_shape(model, quantize=q)
     from ..memory import PHASES
+    from ..pipeline.plan import run_phases
 
-    for phase in phases or PHASES:
+    # with a config: the phases its run trains (its refine methods); else every phase
+    for phase in phases or (run_phases(cfg) if cfg else PHASES):
         kw = {**defaults, **(memory_settings(cfg, phase) if cfg else {})}
         kw.update({k: v for k, v in cli.items() if v is not None})
         if phase in ("sft", "reward"):
