@@ -246,3 +246,48 @@ def test_fold_run_resumes_on_the_folded_base_to_the_same_bits(tiny_demo_model, t
     # mlx-lm loads the folded base with the final adapter, as the metadata says
     model, tok = mlx_load(meta["base_model"], adapter_path=str(run_dir / "final_adapter"))
     assert np.isfinite(forward_logits(model, mx.array([tok.encode("a cycle")]))).all()
+
+
+def test_svd_repair_lowers_the_sft_loss_of_the_compressed_adapter(tiny_llama, tmp_path):
+    from types import SimpleNamespace
+
+    from mindprint_mlx.pipeline.config import MergeSettings
+    from mindprint_mlx.pipeline.merge import Merger
+    from mindprint_mlx.train.sft import SFTConfig, train_sft
+
+    model, tok = load(tiny_llama)
+    records = [(f"what does phase {i} of the cycle bring?", f"phase {i} brings {w} and then {v}")
+               for i, (w, v) in enumerate([("growth", "doubt"), ("fear", "calm"), ("rates", "loans"),
+                                           ("cash", "debt"), ("hope", "risk"), ("gold", "bonds")])]
+    scfg = SFTConfig(lora_rank=8, lora_alpha=16.0, learning_rate=5e-3, batch_size=3, epochs=8,
+                     max_seq_length=64, compile=False, lora_targets=["q_proj", "v_proj", "down_proj"])
+    train_sft(model, tok, records, scfg, tmp_path / "sft", adapter_name="unit", progress=False)
+    lora.apply_lora(model, "other", targets=["q_proj"], r=2, alpha=4.0, trainable=False)
+    randomize(model, "other", seed=5)
+    other = {k: np.array(v) for k, v in lora.adapter_state(model, "other").items()}
+    compress_adapter(model, "unit", 1)
+    cfg = SimpleNamespace(merge=MergeSettings(mode="svd", rank=1, repair_epochs=4),
+                          sft=scfg, run_ppo=False, model=tiny_llama)
+    run = SimpleNamespace(cfg=cfg, model=model, tok=tok, run_dir=tmp_path / "run", echo=print,
+                          trained=[SimpleNamespace(key="t", sft=records)])
+    rep = Merger(run)._repair("unit", ["other", "unit"], "unit-0")
+    assert rep["epochs"] == 4 and rep["steps"] == 8 and rep["records"] == 6
+    assert rep["loss_after"] < rep["loss_before"] - 0.05
+    for _, m in lora.lora_layers(model):          # still rank 1, frozen; the neighbour untouched
+        if "unit" in m.adapters:
+            assert m.adapters["unit"].r == 1 and not m.adapters["unit"].trainable
+    assert all(np.array_equal(np.array(v), other[k])
+               for k, v in lora.adapter_state(model, "other").items())
+    assert not (tmp_path / "run" / "work" / "svd_repair" / "unit-0").exists()
+    cfg.merge.repair_epochs = 0
+    assert Merger(run)._repair("unit", ["unit"], "unit-0") == {}
+
+
+@pytest.mark.parametrize("merge, message", [
+    ({"mode": "svd", "repair_epochs": -1}, r"key 'merge\.repair_epochs': must be an integer >= 0"),
+    ({"mode": "svd", "repair_epochs": 1.5}, r"key 'merge\.repair_epochs': expected an integer"),
+    ({"mode": "concat", "repair_epochs": 2}, r"key 'merge\.repair_epochs': only merge\.mode svd"),
+])
+def test_bad_repair_epochs_are_one_line_errors(tmp_path, merge, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline_config(None, {"model": "m", "data_dir": str(tmp_path), "merge": merge})

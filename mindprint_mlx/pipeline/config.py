@@ -85,6 +85,9 @@ class MergeSettings:
         "help": "concat (ranks add up) | svd (compress each unit to `rank`) | fold_into_base"})
     rank: int = field(default=0, metadata={
         "help": "svd's target rank; 0: the most one topic adds (sft.lora_rank + ppo.lora_rank)"})
+    repair_epochs: int = field(default=0, metadata={
+        "help": "svd: after each compression, epochs of SFT (sft's settings) of the compressed "
+                "adapter on every trained topic's SFT records; 0: no repair"})
 
     def validate(self) -> None:
         modes = ("concat", "svd", "fold_into_base")
@@ -95,6 +98,11 @@ class MergeSettings:
                               f"got {self.rank!r}")
         if self.rank and self.mode != "svd":
             raise ConfigError(f"key 'merge.rank': only merge.mode svd uses it (mode is {self.mode})")
+        r = self.repair_epochs
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(f"key 'merge.repair_epochs': must be an integer >= 0 (0: off), got {r!r}")
+        if r and self.mode != "svd":
+            raise ConfigError(f"key 'merge.repair_epochs': only merge.mode svd uses it (mode is {self.mode})")
 
 
 @dataclass

@@ -204,6 +204,11 @@ def format_final_sizes(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def repair_line(rep: dict) -> str:
+    return (f"repaired ({rep['epochs']} epochs of SFT, {rep['steps']} steps on {rep['records']} "
+            f"records): loss {rep['loss_before']:.4f} -> {rep['loss_after']:.4f}")
+
+
 def report_lines(state: dict) -> list[str]:
     """The report's merge section: each unit's SVD error or folded base, and the final adapter."""
     fin = state.get("final_merge") or {}
@@ -216,12 +221,16 @@ def report_lines(state: dict) -> list[str]:
             v = r["svd"]
             out.append(f"- {u}: svd rank {v['rank_before']} -> {v['rank']}, relative error (Frobenius, "
                        f"per projection) max {v['max_error']:.4f}, mean {v['mean_error']:.4f}")
+            if v.get("repair"):
+                out.append(f"  - {repair_line(v['repair'])}")
         if r.get("folded_base"):
             out.append(f"- {u}: folded into the base checkpoint `{r['folded_base']}`; later units train on it")
     if fin.get("svd"):
         v = fin["svd"]
         out.append(f"- final adapter: svd rank {v['rank_before']} -> {v['rank']}, relative error max "
                    f"{v['max_error']:.4f}, mean {v['mean_error']:.4f}")
+        if v.get("repair"):
+            out.append(f"  - {repair_line(v['repair'])}")
     if fin.get("folded_base"):
         out.append(f"- final adapter: sits on the folded base `{fin['folded_base']}` (not on "
                    f"`{fin.get('original_base')}`): load it with that checkpoint")
@@ -269,6 +278,11 @@ class Merger:
         info = self._compress(uname)
         self.run.echo(f"[unit {unit}] svd: rank {info['rank_before']} -> {info['rank']}, "
                       f"relative error max {info['max_error']:.4f}, mean {info['mean_error']:.4f}")
+        rep = self._repair(uname, prior + [uname], f"unit-{unit}")
+        if rep:
+            info["repair"] = rep
+            self.run.echo(f"[unit {unit}] svd repair: {rep['steps']} steps on {rep['records']} "
+                          f"records, loss {rep['loss_before']:.4f} -> {rep['loss_after']:.4f}")
         self._requiz_retention(topics, prior + [uname])
         return {"svd": info}
 
@@ -284,6 +298,34 @@ class Merger:
             set_adapter_weights(self.run.model, name,
                                 dist.broadcast(lora.adapter_state(self.run.model, name)))
         return info
+
+    def _repair(self, name: str, active: list[str], label: str) -> dict:
+        """`merge.repair_epochs` > 0: SFT of the compressed adapter `name` (trainable, the
+        others frozen, `active` on) on the SFT records of every topic trained so far, with
+        `cfg.sft`'s settings (seeded, so a rerun after a kill gives the same factors).
+        Returns {"epochs", "steps", "records", "loss_before", "loss_after"} (the completion
+        loss on those records), or {} when off."""
+        import dataclasses
+        import shutil
+
+        from ..train.sft import train_sft
+
+        run = self.run
+        epochs = run.cfg.merge.repair_epochs
+        records = [r for t in run.trained for r in t.sft]
+        if not epochs or not records:
+            return {}
+        scfg = dataclasses.replace(run.cfg.sft, epochs=epochs, max_steps=0, eval_every=0,
+                                   replay_fraction=0.0, save_every=10 ** 9)
+        work = run.run_dir / "work" / "svd_repair" / label
+        shutil.rmtree(work, ignore_errors=True)       # checkpoint-free: a rerun starts afresh
+        with lora.active_adapters(run.model, active):
+            res = train_sft(run.model, run.tok, records, scfg, work, adapter_name=name,
+                            eval_records=records, resume=False, progress=False, existing=True)
+        lora.set_trainable(run.model, name, False)
+        shutil.rmtree(work, ignore_errors=True)
+        return {"epochs": epochs, "steps": res.steps, "records": len(records),
+                "loss_before": res.eval_loss_start, "loss_after": res.eval_loss}
 
     def _requiz_retention(self, topics: list, active: list[str]) -> None:
         """The retention row of the unit's last topic, graded again on the compressed adapter
@@ -342,9 +384,16 @@ class Merger:
         meta: dict = {"merge": {"mode": self.mode}}
         if self.mode == "svd":
             info = self._compress(name)
-            meta["merge"].update(rank=info["rank"], svd=info)
             run.echo(f"final adapter: svd rank {info['rank_before']} -> {info['rank']}, relative "
                      f"error max {info['max_error']:.4f}, mean {info['mean_error']:.4f}")
+            if not run.state.data.get("final_adapter"):    # else the saved one is what ships
+                rep = self._repair(name, [name], "final")
+                if rep:
+                    info["repair"] = rep
+                    run.echo(f"final adapter: svd repair: {rep['steps']} steps on "
+                             f"{rep['records']} records, loss {rep['loss_before']:.4f} -> "
+                             f"{rep['loss_after']:.4f}")
+            meta["merge"].update(rank=info["rank"], svd=info)
         if self.mode == "fold_into_base" and self.folded:
             path = str((run.run_dir / self.folded).resolve())
             meta["merge"].update(folded_base=self.folded, original_base=self.base)

@@ -204,8 +204,13 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
               out_dir: str | Path, adapter_name: str = "sft", eval_records: Sequence[Any] | None = None,
               resume: bool = False, metrics_path: str | Path | None = None, progress: bool = True,
               on_step: Callable[[int, dict], None] | None = None,
-              replay_records: Sequence[Any] = (), replay_per_epoch: int = 0) -> SFTResult:
+              replay_records: Sequence[Any] = (), replay_per_epoch: int = 0,
+              existing: bool = False) -> SFTResult:
     """Train LoRA adapter `adapter_name` on `records`; returns where the adapter went.
+
+    existing: train the adapter `adapter_name` already in the model (its factors, rank and
+    scale as they are; no fresh LoRA is applied; which adapters are active is the caller's),
+    e.g. to repair an SVD-compressed adapter; on failure it is left in the model.
 
     Replay (the pipeline's guard against forgetting earlier topics): every epoch also takes
     `replay_per_epoch` rows drawn afresh from `replay_records` (seeded by seed and epoch),
@@ -242,9 +247,14 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
         **({"replay": [n_main, n_replay]} if n_replay else {})})
 
     mx.random.seed(cfg.seed)
-    lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
-                    alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    layers=lora_layer_indices(model, cfg.num_layers), trainable=True, enabled=True)
+    if existing:
+        if adapter_name not in lora.adapter_names(model):
+            raise MindprintError(f"SFT: no adapter '{adapter_name}' in the model to train")
+    else:
+        lora.apply_lora(model, adapter_name, targets=cfg.lora_targets, r=cfg.lora_rank,
+                        alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        layers=lora_layer_indices(model, cfg.num_layers), trainable=True,
+                        enabled=True)
     ok, was_training = False, model.training
     try:
         with training_only(model, adapter_name), gradient_checkpointing(model, cfg.grad_checkpoint):
@@ -254,7 +264,7 @@ def train_sft(model: nn.Module, tokenizer, records: Sequence[Any], cfg: SFTConfi
         return result
     finally:
         model.train(was_training)
-        if not ok and adapter_name in lora.adapter_names(model):
+        if not ok and not existing and adapter_name in lora.adapter_names(model):
             lora.remove_adapter(model, adapter_name)
 
 
