@@ -121,3 +121,13 @@ def test_score_trend_compares_the_first_and_last_three_steps():
     assert decide.score_trend(h[:2]) == {"first": 1.5, "last": 1.5, "rises": False}
     assert decide.score_trend(list(reversed(h[:6])))["rises"] is False
     assert decide.score_trend([]) == {"first": None, "last": None, "rises": None}
+
+
+def test_the_run_seed_offsets_every_trainers_seed():
+    from mindprint_mlx.train.sft import SFTConfig
+
+    assert decide.trainer_seed(0, 0) == 0 and decide.trainer_seed(5, 0) == 5   # seed 0: as written
+    assert decide.trainer_seed(0, 2) == 2 and decide.trainer_seed(5, 2) == 7
+    plan = {"sft_epochs": 3, "batch_size": 2, "lr_multiplier": 0.5}
+    assert decide.topic_sft_config(SFTConfig(seed=1), plan, run_seed=3).seed == 4
+    assert decide.topic_sft_config(SFTConfig(seed=1), plan).seed == 1

@@ -134,7 +134,8 @@ class PipelineConfig:
         default="runs/mindprint", metadata={"help": "everything the run writes goes here"})
     quantize: Optional[int] = field(
         default=None, metadata={"help": "quantize the base on load: 4 or 8 (QLoRA); null keeps it"})
-    seed: int = field(default=0, metadata={"help": "the run's seed (model load, splits, sampling)"})
+    seed: int = field(default=0, metadata={
+        "help": "the run's seed: model load, splits, sampling; added to every trainer's own seed"})
     units: list[str] = field(
         default_factory=list, metadata={"help": "only these units (empty: all)"})
     topics: list[str] = field(

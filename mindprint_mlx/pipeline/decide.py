@@ -35,11 +35,19 @@ def topic_plan(topic: Any, quality: Any, bounds: AdaptiveBounds) -> dict:
             "reasons": list(p.reasons)}
 
 
-def topic_sft_config(sft: SFTConfig, plan: dict) -> SFTConfig:
-    """The run's SFT settings with a topic's plan applied: its epochs and batch size, and
-    the learning rate times its multiplier."""
+def trainer_seed(section_seed: int, run_seed: int) -> int:
+    """The seed a trainer of the run gets: its section's own seed offset by the run's, so
+    run seed 0 keeps every section's seed as written and another run seed changes every
+    trainer's data order, LoRA init and sampling (not only the pipeline's own splits)."""
+    return int(section_seed) + int(run_seed)
+
+
+def topic_sft_config(sft: SFTConfig, plan: dict, run_seed: int = 0) -> SFTConfig:
+    """The run's SFT settings with a topic's plan applied: its epochs and batch size, the
+    learning rate times its multiplier, and the seed offset by the run's (`trainer_seed`)."""
     return dataclasses.replace(sft, epochs=plan["sft_epochs"], batch_size=plan["batch_size"],
-                               learning_rate=sft.learning_rate * plan["lr_multiplier"])
+                               learning_rate=sft.learning_rate * plan["lr_multiplier"],
+                               seed=trainer_seed(sft.seed, run_seed))
 
 
 def ppo_skip_reason(score: float, threshold: float, run_ppo: bool, n_prompts: int,

@@ -285,7 +285,9 @@ def train_scorer(run: Run, key: str, label: str, pairs: list) -> Path:
     # distinctions go in as such: RewardConfig.include_distinctions decides
     run.echo(f"{label} model: training on {len(pairs)} pairs")
     lora.set_active(run.model, [])
-    res = train_reward_model(run.model, run.tok, pairs, run.cfg.reward.train, run.run_dir / key,
+    rcfg = run.cfg.reward.train
+    rcfg = dataclasses.replace(rcfg, seed=decide.trainer_seed(rcfg.seed, run.cfg.seed))
+    res = train_reward_model(run.model, run.tok, pairs, rcfg, run.run_dir / key,
                              resume=run.resume)
     adapter_dir = Path(res.adapter_dir)
     st.data[key] = dist.on_main(lambda: {
@@ -367,7 +369,7 @@ def sft(run: Run, t: TopicRun) -> dict:
     lora.set_active(run.model, t.frozen)
 
     def compute() -> dict:
-        scfg = decide.topic_sft_config(run.cfg.sft, t.plan["plan"])
+        scfg = decide.topic_sft_config(run.cfg.sft, t.plan["plan"], run.cfg.seed)
         records = list(t.topic.sft)
         pool = [r for x in run.trained for r in x.sft]
         n_replay = replay_count(len(records), scfg.replay_fraction, len(pool))

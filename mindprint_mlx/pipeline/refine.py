@@ -88,7 +88,11 @@ def methods_used(settings: RefineSettings) -> list[str]:
 
 def section(cfg: Any, method: str):
     """The method's trainer config in the pipeline config (grpo and rloo share `grpo:`)."""
+    from .decide import trainer_seed
+
     sec = getattr(cfg, SECTION[method])
+    if cfg.seed:                    # the run's seed offsets the trainer's own (decide.trainer_seed)
+        sec = dataclasses.replace(sec, seed=trainer_seed(sec.seed, cfg.seed))
     if SECTION[method] == "grpo":
         sec = dataclasses.replace(sec, method=method, adapter_name=method)
     elif sec.adapter_name != method:
