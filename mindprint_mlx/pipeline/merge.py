@@ -209,6 +209,15 @@ def repair_line(rep: dict) -> str:
             f"records): loss {rep['loss_before']:.4f} -> {rep['loss_after']:.4f}")
 
 
+def _svd_lines(label: str, v: dict) -> list[str]:
+    """The report's lines for one svd compression (and its repair pass, if any)."""
+    lines = [f"- {label}: svd rank {v['rank_before']} -> {v['rank']}, relative error (Frobenius, "
+             f"per projection) max {v['max_error']:.4f}, mean {v['mean_error']:.4f}"]
+    if v.get("repair"):
+        lines.append(f"  - {repair_line(v['repair'])}")
+    return lines
+
+
 def report_lines(state: dict) -> list[str]:
     """The report's merge section: each unit's SVD error or folded base, and the final adapter."""
     fin = state.get("final_merge") or {}
@@ -218,19 +227,11 @@ def report_lines(state: dict) -> list[str]:
     out = [f"## Merge ({fin.get('mode', 'svd' if any(r.get('svd') for r in units.values()) else 'fold_into_base')})", ""]
     for u, r in units.items():
         if r.get("svd"):
-            v = r["svd"]
-            out.append(f"- {u}: svd rank {v['rank_before']} -> {v['rank']}, relative error (Frobenius, "
-                       f"per projection) max {v['max_error']:.4f}, mean {v['mean_error']:.4f}")
-            if v.get("repair"):
-                out.append(f"  - {repair_line(v['repair'])}")
+            out += _svd_lines(u, r["svd"])
         if r.get("folded_base"):
             out.append(f"- {u}: folded into the base checkpoint `{r['folded_base']}`; later units train on it")
     if fin.get("svd"):
-        v = fin["svd"]
-        out.append(f"- final adapter: svd rank {v['rank_before']} -> {v['rank']}, relative error max "
-                   f"{v['max_error']:.4f}, mean {v['mean_error']:.4f}")
-        if v.get("repair"):
-            out.append(f"  - {repair_line(v['repair'])}")
+        out += _svd_lines("final adapter", fin["svd"])
     if fin.get("folded_base"):
         out.append(f"- final adapter: sits on the folded base `{fin['folded_base']}` (not on "
                    f"`{fin.get('original_base')}`): load it with that checkpoint")
