@@ -9,9 +9,11 @@ one machine for testing) with MLX's launcher:
 Every rank loads the same base and data, takes its own shard of each batch
 (`shard`), computes gradients on it and averages them (`average_gradients`) before the
 optimizer step, so all ranks keep identical adapters. Only rank 0 writes files and logs
-(`is_main`). Sampling (PPO rollouts) uses `rank_seed(seed)` so ranks draw different
-completions. A single process is a world of size 1 and every helper is then a no-op,
-so the same code path runs with and without `mlx.launch`.
+(`is_main`). Sampling (PPO, GRPO and RLOO rollouts) draws each row's noise as the row of the
+whole batch it is (`ppo.rollout.generate_batch(draw=...)`), so the ranks together sample what
+one process samples for the whole batch; `gather_rows` then hands every rank the whole batch.
+A single process is a world of size 1 and every helper is then a no-op, so the same code
+path runs with and without `mlx.launch`.
 
 Around the trainers (the pipeline): `on_main` runs a piece of work on rank 0 alone (a quiz,
 a file write) and hands every rank its result or its error; `fetch_dir` hands the others a
@@ -36,10 +38,10 @@ from .errors import MindprintError
 
 T = TypeVar("T")
 
-__all__ = ["world", "rank", "size", "is_main", "shard", "shard_batch", "rank_seed",
+__all__ = ["world", "rank", "size", "is_main", "shard", "shard_batch",
            "average_gradients", "all_sum", "global_sum", "global_mean", "token_loss_scale", "barrier",
-           "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather", "on_main",
-           "check_all", "fetch_dir"]
+           "main_only", "broadcast", "broadcast_json", "broadcast_named", "gather", "gather_rows",
+           "on_main", "check_all", "fetch_dir"]
 
 _GROUP: mx.distributed.Group | None = None
 
@@ -97,13 +99,6 @@ def shard_batch(n_rows: int, rank: int | None = None, size: int | None = None) -
                              f"({size}); choose a batch size that is a multiple of {size}")
     per = n_rows // size
     return slice(rank * per, (rank + 1) * per)
-
-
-def rank_seed(seed: int, rank: int | None = None) -> int:
-    """A per-rank seed for sampling (rank 0 keeps `seed`); initialisation should use the
-    plain seed so that every rank starts from the same adapter."""
-    r = world()[0] if rank is None else rank
-    return int(seed) + 1_000_003 * r
 
 
 def global_sum(x: Any, group: mx.distributed.Group | None = None) -> mx.array:
@@ -253,6 +248,24 @@ def gather(x: mx.array, group: mx.distributed.Group | None = None) -> mx.array:
     onehot = mx.zeros((group.size(),) + (1,) * x.ndim, dtype=x.dtype)
     onehot[group.rank()] = 1
     return global_sum(onehot * x[None], group)
+
+
+def gather_rows(x: mx.array, width: int | None = None, fill: Any = 0,
+                group: mx.distributed.Group | None = None) -> mx.array:
+    """Every rank's rows of `x` in the order `shard` dealt them: row g of the result is row
+    g // size of rank g % size's `x` (every rank holds as many rows). `width`: axis 1 is
+    first padded with `fill` to this length (e.g. the longest response of any rank).
+    Evaluated now; call it on every rank. On one process: `x`, padded."""
+    group = group or world()[2]
+    x = mx.array(x) if not isinstance(x, mx.array) else x
+    if width is not None and width > x.shape[1]:
+        x = mx.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
+                   constant_values=fill)
+    if group.size() == 1:
+        return x
+    if x.dtype == mx.bool_:
+        return gather_rows(x.astype(mx.int32), group=group).astype(mx.bool_)
+    return gather(x, group).swapaxes(0, 1).reshape(-1, *x.shape[1:])
 
 
 def barrier(group: mx.distributed.Group | None = None) -> None:

@@ -85,16 +85,17 @@ def main(model_dir: str, out_dir: str, opt_name: str = "sgd", steps: int = 1) ->
     wgrads = dist.average_gradients(wgrads, weight=tmask.sum())
     mx.eval(wgrads)
 
-    # Per-rank sampling seeds must differ: gather them with a one-hot all-sum.
-    seeds = dist.global_sum(mx.array([dist.rank_seed(7) if r == rank else 0 for r in range(size)]))
+    # rows dealt as `shard` deals them (global row g on rank g % size), widths differing by rank
+    mine = [[g] * (1 + rank) for g in dist.shard(range(2 * size))]
+    gathered = dist.gather_rows(mx.array(mine, dtype=mx.int32), 1 + size, fill=-1)
     if dist.is_main():
         out = Path(out_dir)
         save_adapter(model, "sft", out / "adapter")
         atomic_save_safetensors(out / "grads.safetensors", dict(tree_flatten(grads)))
         atomic_save_safetensors(out / "weighted_grads.safetensors", dict(tree_flatten(wgrads)))
         atomic_write_json(out / "report.json", {"size": size, "losses": losses,
-                                                "seeds": seeds.tolist(),
-                                                "global_tokens": float(denom.item() * size)})
+                                                "global_tokens": float(denom.item() * size),
+                                                "gathered": gathered.tolist()})
     dist.barrier()
 
 

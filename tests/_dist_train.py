@@ -9,7 +9,8 @@ row short) and held-out rows, then reward training on 6 pairs for one epoch. Ran
 alone writes out_dir/sft and out_dir/reward; every rank writes out_dir/rank{r}.json (what
 it returned, to check that the ranks agree). `--with-step` first runs
 tests/_dist_step.py's single averaged step into out_dir/step (one launch for both tests);
-`--with-ppo` adds 2 data-parallel PPO steps.
+`--with-ppo` adds 2 data-parallel PPO steps (2 minibatches each) and 2 GRPO steps, whose
+rollouts the ranks sample as one process samples the whole batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mindprint_mlx import distributed as dist
 from mindprint_mlx.data import load_data_dir
 from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 from mindprint_mlx.models import load, lora
+from mindprint_mlx.grpo import GRPOConfig, train_grpo
 from mindprint_mlx.ppo import PPOConfig, train_ppo
 from mindprint_mlx.train.reward import RewardConfig, train_reward_model
 from mindprint_mlx.train.sft import SFTConfig, train_sft
@@ -48,20 +50,25 @@ def main(model_dir: str, out_dir: str, with_step: bool = False, with_ppo: bool =
     rew = train_reward_model(model, tok, list(ds.preference[:6]), rcfg, out / "reward", progress=False)
     ppo = None
     if with_ppo:
-        # PPO samples differently per rank, so it cannot equal one process; the ranks must
-        # still hold identical weights (averaged gradients, same skip decisions).
+        # Each rank samples its rows of the whole batch (each row its share of the batch's
+        # noise): the run equals one process's, up to float rounding.
         pcfg = PPOConfig(steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=4, ppo_epochs=1,
                          learning_rate=1e-2, lora_rank=2, progress=False, save_every=1,
                          score_norm="running")
 
         def reward_fn(tokens, lengths):
-            return (tokens == 40).astype(mx.float32).sum(axis=1)
+            return ((tokens % 5) == 0).astype(mx.float32).sum(axis=1) + 0.1 * lengths.astype(mx.float32)
 
         prompts = [list(r.prompt) for r in ds.sft[:8]]
         res = train_ppo(model, tok, prompts, reward_fn, pcfg, out / "ppo", frozen_adapters=["sft"])
         w = lora.adapter_state(model, "ppo")
         ppo = {"steps": res.steps, "kl_coef": res.history[-1]["objective/kl_coef"],
-               "checksum": float(sum(mx.abs(v).sum().item() for v in w.values()))}
+               "checksum": float(sum(mx.abs(v).sum().item() for v in w.values())),
+               "scores": [h["objective/scores"] for h in res.history]}
+        gcfg = GRPOConfig(steps=2, batch_size=2, group_size=2, max_new_tokens=4, learning_rate=1e-2,
+                          lora_rank=2, progress=False)
+        gres = train_grpo(model, tok, prompts, reward_fn, gcfg, out / "grpo", frozen_adapters=["sft"])
+        ppo["grpo_scores"] = [h["objective/scores"] for h in gres.history]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "size": size, "sft_steps": sft.steps, "sft_train_loss": sft.train_loss,

@@ -87,20 +87,6 @@ def test_masked_mean_var_whiten_hand_computed():
     close(masked_whiten(x, one)[:, 1], [0.0])
 
 
-def test_whitening_over_ranks_is_whitening_of_the_whole_batch():
-    # Two ranks holding the same rows: summing over ranks doubles every sum, and the result
-    # must be the whitening of both ranks' rows stacked (Bessel over 2n entries, not n).
-    x = mx.array([[1.0, 2.0, 4.0, 100.0], [0.5, -1.0, 7.0, 3.0]])
-    m = mx.array([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    twice = lambda v: 2 * v
-    both_x, both_m = mx.concatenate([x, x]), mx.concatenate([m, m])
-    for shift in (True, False):
-        close(masked_whiten(x, m, shift, sum_ranks=twice) * m,
-              (masked_whiten(both_x, both_m, shift) * both_m)[:2])
-    close(masked_var(x, m, sum_ranks=twice), masked_var(both_x, both_m))
-    close(masked_mean(x, m, sum_ranks=twice), masked_mean(x, m))
-
-
 def test_ppo_losses_hand_computed():
     mask = mx.array([[1.0, 1.0, 0.0]])
     logprobs = mx.array([[math.log(1.5), math.log(0.5), 50.0]])    # ratio 1.5, 0.5 (third masked)

@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mindprint_mlx.errors import MindprintError
 from mindprint_mlx.models import load, lora
 from mindprint_mlx.ppo import PPOConfig, PPOTrainer, generate_batch, response_forward
 from mindprint_mlx.ppo.rollout import _finish, batched_response_forward
@@ -67,6 +68,30 @@ def test_generation_stops_at_eos_and_pads_after_it(model_tok):
     m = np.array(g.response_mask) > 0
     assert np.abs(np.array(lp) - np.array(g.sample_logprobs))[m].max() < 1e-4
     assert int(g.response_lengths.max()) > first + 1
+
+
+def test_a_share_of_the_batch_samples_its_rows_of_the_whole_batch(model_tok):
+    """draw=(rows, n): prompts that are rows `rows` of a batch of n (a data-parallel rank's
+    share) sample what the whole batch samples in those rows, rows leaving at EOS included."""
+    model, tok = model_tok
+    ps = prompts(tok) + [prompts(tok)[1]]
+    key = mx.random.key(5)
+    free = generate_batch(model, ps, 6, [tok.eos_token_id], tok.pad_token_id, key=key)
+    eos = [int(free.response_tokens[1, 1]), tok.eos_token_id]     # row 1 ends early
+    whole = generate_batch(model, ps, 6, eos, tok.pad_token_id, key=key)
+    for rows in ([0, 2], [3, 1], [1]):
+        part = generate_batch(model, [ps[r] for r in rows], 6, eos, tok.pad_token_id, key=key,
+                              draw=(rows, len(ps)))
+        R = part.response_tokens.shape[1]
+        assert part.response_tokens.tolist() == whole.response_tokens[mx.array(rows), :R].tolist()
+        assert part.ended.tolist() == whole.ended[mx.array(rows)].tolist()
+        diff = mx.abs(part.sample_logprobs - whole.sample_logprobs[mx.array(rows), :R]).max().item()
+        assert diff < 1e-5
+    # row 1 of the whole batch is not row 0 of a batch of one: the draw is what differs
+    alone = generate_batch(model, [ps[1]], 6, eos, tok.pad_token_id, key=key)
+    assert alone.response_tokens.tolist() != whole.response_tokens[1:2, :alone.response_tokens.shape[1]].tolist()
+    with pytest.raises(MindprintError, match="do not fit"):
+        generate_batch(model, ps[:2], 4, eos, tok.pad_token_id, key=key, draw=([0, 4], 4))
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0)])

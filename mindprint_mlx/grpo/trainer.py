@@ -155,13 +155,20 @@ class GRPOTrainer(pa.PolicyTrainer):
 
     def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
         """k samples per prompt (rows grouped by prompt), their policy and reference
-        log-probs (teacher-forced, as the update computes them) and scores."""
+        log-probs (teacher-forced, as the update computes them) and scores. Data parallel,
+        `prompts` is this rank's `distributed.shard` of the step's prompts, and each sample
+        takes its row of the whole batch's noise (`generate_batch`'s draw): the ranks'
+        samples together are one process's."""
         cfg, model = self.cfg, self.model
-        rows = [p for p in prompts for _ in range(cfg.group_size)]
+        k, n = cfg.group_size, dist.size()
+        rows = [p for p in prompts for _ in range(k)]
+        draw = None if n == 1 else (
+            [g * k + c for g in dist.shard(range(len(prompts) * n)) for c in range(k)],
+            len(prompts) * n * k)
         t0 = time.perf_counter()
         with lora.active_adapters(model, self.policy_adapters):
             gen = generate_batch(model, rows, cfg.max_new_tokens, self.eos_ids, self.pad_id,
-                                 cfg.temperature, cfg.top_p, key)
+                                 cfg.temperature, cfg.top_p, key, draw=draw)
             t1 = time.perf_counter()
             old, _ = batched_response_forward(model, gen, cfg.temperature, None, cfg.forward_batch_size)
         if cfg.beta > 0:
@@ -230,7 +237,7 @@ class GRPOTrainer(pa.PolicyTrainer):
     def train_step(self, prompts: Sequence[Sequence[int]]) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        gen, ro = self.rollout(prompts, pa.step_key(dist.rank_seed(cfg.seed), self.step, SALT_KEY))
+        gen, ro = self.rollout(prompts, pa.step_key(cfg.seed, self.step, SALT_KEY))
         bad = first_nonfinite({"reward score": mx.abs(ro["scores"]).max().item()})
         if bad:
             raise NonFiniteError(f"{self.role}: the {bad[0]} became {bad[1]} at step {self.step + 1}")

@@ -6,47 +6,35 @@ TRL's PPOTrainer up to v0.11) is one visible line below.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import mlx.core as mx
 
 from ..models.heads import last_token_index
 from .kl import kl_estimate
 
 
-def masked_mean(x: mx.array, mask: mx.array, axis: int | None = None,
-                sum_ranks: Callable[[mx.array], mx.array] | None = None) -> mx.array:
-    """Mean of x over the entries where mask is 1 (over `axis`, or all). `sum_ranks` (e.g.
-    `distributed.global_sum`), with axis None: the mean over every data-parallel rank's
-    entries, not just this process's."""
+def masked_mean(x: mx.array, mask: mx.array, axis: int | None = None) -> mx.array:
+    """Mean of x over the entries where mask is 1 (over `axis`, or all)."""
     x = mx.where(mask > 0, x, 0.0)   # an inf or nan outside the mask must not leak in
     if axis is not None:
         return (x * mask).sum(axis=axis) / mask.sum(axis=axis)
-    if sum_ranks is None:
-        return (x * mask).sum() / mask.sum()
-    s, n = sum_ranks(mx.stack([(x * mask).sum(), mask.sum()]))
-    return s / n
+    return (x * mask).sum() / mask.sum()
 
 
-def masked_var(x: mx.array, mask: mx.array, unbiased: bool = True,
-               sum_ranks: Callable[[mx.array], mx.array] | None = None) -> mx.array:
-    """Variance over masked entries (of every rank's, with `sum_ranks`); unbiased (Bessel)
-    unless a single entry is masked."""
-    mean = masked_mean(x, mask, sum_ranks=sum_ranks)
+def masked_var(x: mx.array, mask: mx.array, unbiased: bool = True) -> mx.array:
+    """Variance over masked entries; unbiased (Bessel) unless a single entry is masked."""
+    mean = masked_mean(x, mask)
     centered = x - mean
-    var = masked_mean(centered * centered, mask, sum_ranks=sum_ranks)
+    var = masked_mean(centered * centered, mask)
     if unbiased:
-        n = mask.sum() if sum_ranks is None else sum_ranks(mask.sum())
+        n = mask.sum()
         var = var * mx.where(n > 1, n / mx.maximum(n - 1, 1), 1.0)
     return var
 
 
-def masked_whiten(x: mx.array, mask: mx.array, shift_mean: bool = True,
-                  sum_ranks: Callable[[mx.array], mx.array] | None = None) -> mx.array:
-    """(x - mean) / sqrt(var + 1e-8) over masked entries (of every rank's, with `sum_ranks`:
-    the statistics of the whole data-parallel batch); the mean is added back if not
-    shift_mean."""
-    mean, var = masked_mean(x, mask, sum_ranks=sum_ranks), masked_var(x, mask, sum_ranks=sum_ranks)
+def masked_whiten(x: mx.array, mask: mx.array, shift_mean: bool = True) -> mx.array:
+    """(x - mean) / sqrt(var + 1e-8) over masked entries; the mean is added back if not
+    shift_mean. (Data parallel PPO whitens the whole batch: every rank holds it.)"""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * mx.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

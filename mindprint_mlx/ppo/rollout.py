@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import distributed as dist
 from ..errors import MindprintError
 from ..models.heads import hidden_states, lm_logits
 
@@ -86,7 +87,8 @@ def _sample(logits: mx.array, temperature: float, top_p: float, noise: mx.array)
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
                    top_p: float = 1.0, key: mx.array | None = None,
-                   value_head: nn.Module | None = None) -> Generation:
+                   value_head: nn.Module | None = None,
+                   draw: tuple[Sequence[int], int] | None = None) -> Generation:
     """Sample responses for a batch of token prompts with one batched KV cache.
 
     With a `value_head`, the value of every response position is read from the hidden
@@ -95,6 +97,11 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     A row that emits an EOS leaves the batch (its cache rows are dropped, as mlx-lm's batch
     generation does); sampling stops when every row is done or after `max_new_tokens`.
     Each (step, row) draws its own noise, so a row's tokens do not depend on when others end.
+
+    draw: (rows, n): these prompts are rows `rows` of a batch of `n` (a data-parallel rank's
+    share, `distributed.shard`); each takes its row of the (n, V) noise the whole batch
+    would draw at every token, so the ranks' responses together are the ones one process
+    samples for the whole batch with the same key. Default: rows 0..B-1 of B.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MindprintError("generate_batch needs non-empty prompts")
@@ -105,6 +112,10 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     key = mx.random.key(0) if key is None else key
     keys = mx.random.split(key, max_new_tokens)
     B = len(prompts)
+    rows, n_draw = (None, B) if draw is None else (np.asarray(draw[0], dtype=np.int32), int(draw[1]))
+    if rows is not None and (len(rows) != B or not all(0 <= r < n_draw for r in rows.tolist())):
+        raise MindprintError(f"generate_batch: draw rows {rows.tolist()} do not fit {B} prompts "
+                             f"of a batch of {n_draw}")
     P = max(len(p) for p in prompts)
     left = [P - len(p) for p in prompts]
     x = mx.array([[pad_id] * l + list(p) for l, p in zip(left, prompts)], dtype=mx.int32)
@@ -114,26 +125,27 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     sample_lps = np.zeros((B, max_new_tokens), dtype=np.float32)
     sample_vals = np.zeros((B, max_new_tokens), dtype=np.float32) if value_head is not None else None
     active = np.arange(B)
-    active_mx = None                      # None: all rows
+    # the rows of the (n_draw, V) noise that the active rows take; None: all of it, in order
+    noise_rows = None if rows is None else mx.array(rows)
 
-    def step(inputs: mx.array, i: int, rows: mx.array | None):
+    def step(inputs: mx.array, i: int, take: mx.array | None):
         h = hidden_states(model, inputs, cache=cache)[:, -1:, :]
         logits = lm_logits(model, h)[:, -1, :]
         if temperature <= 0:
             y, lp = _sample(logits, 0.0, 1.0, None)
         else:
-            noise = mx.random.gumbel((B, logits.shape[-1]), key=keys[i])
-            y, lp = _sample(logits, temperature, top_p, noise if rows is None else noise[rows])
+            noise = mx.random.gumbel((n_draw, logits.shape[-1]), key=keys[i])
+            y, lp = _sample(logits, temperature, top_p, noise if take is None else noise[take])
         # one (rows, 2) array: the sampled token's log p and the value, fetched in one copy
         aux = lp[:, None] if value_head is None else mx.stack([lp, value_head(h)[:, -1]], axis=1)
         return y, aux
 
-    y, lp = step(x, 0, None)
+    y, lp = step(x, 0, noise_rows)
     mx.async_eval(y, lp)
     n_steps = 0
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:
-            y_next, lp_next = step(y[:, None], i + 1, active_mx)   # queued before we wait on y
+            y_next, lp_next = step(y[:, None], i + 1, noise_rows)   # queued before we wait on y
             mx.async_eval(y_next, lp_next)
         y_np, aux_np = np.array(y), np.array(lp)
         sampled[active, i] = y_np
@@ -151,7 +163,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                 c.filter(keep_mx)
             y_next, lp_next = y_next[keep_mx], lp_next[keep_mx]
             active = active[keep]
-            active_mx = mx.array(active.astype(np.int32))
+            noise_rows = mx.array((active if rows is None else rows[active]).astype(np.int32))
         y, lp = y_next, lp_next
     return _finish(prompts, sampled[:, :n_steps], sample_lps[:, :n_steps], eos, pad_id,
                    None if sample_vals is None else sample_vals[:, :n_steps])
@@ -178,6 +190,33 @@ def _finish(prompts, sampled: np.ndarray, sample_lps: np.ndarray, eos: np.ndarra
                       sample_logprobs=mx.array(np.where(mask, sample_lps, 0.0).astype(np.float32)),
                       sample_values=None if sample_vals is None else
                       mx.array(np.where(mask, sample_vals, 0.0).astype(np.float32)))
+
+
+def gather_generation(gen: Generation, arrays: dict[str, mx.array | None],
+                      pad_id: int) -> tuple[Generation, dict[str, mx.array | None]]:
+    """The whole data-parallel batch on every rank: every rank's rows of `gen` and of
+    `arrays` ((B, R) per response token, e.g. log-probs, padded with 0; or (B,), e.g.
+    scores), in the order `distributed.shard` dealt the prompts, and laid out as one
+    process's `generate_batch` lays out the whole batch (the longest prompt plus the
+    longest response of any rank). On one process: unchanged. Call it on every rank."""
+    if dist.size() == 1:
+        return gen, arrays
+    P, R = (int(v) for v in dist.gather(mx.array(
+        [int(gen.prompt_lengths.max()), gen.response_tokens.shape[1]], dtype=mx.int32)).max(axis=0).tolist())
+
+    def per_token(x: mx.array | None, fill=0) -> mx.array | None:
+        return None if x is None else dist.gather_rows(x, R, fill)
+
+    whole = Generation(tokens=dist.gather_rows(gen.tokens, P + R, pad_id),
+                       prompt_lengths=dist.gather_rows(gen.prompt_lengths),
+                       response_tokens=per_token(gen.response_tokens, pad_id),
+                       response_mask=per_token(gen.response_mask),
+                       response_lengths=dist.gather_rows(gen.response_lengths),
+                       ended=dist.gather_rows(gen.ended),
+                       sample_logprobs=per_token(gen.sample_logprobs),
+                       sample_values=per_token(gen.sample_values))
+    return whole, {k: v if v is None else per_token(v) if v.ndim == 2 else dist.gather_rows(v)
+                   for k, v in arrays.items()}
 
 
 # Positions of a teacher-forced pass whose (rows, positions, vocab) float32 logits exceed

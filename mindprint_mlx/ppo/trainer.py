@@ -44,7 +44,8 @@ from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, st
 # the adapter init's salt matters in small runs: the fast demo and test_ppo_trainer's
 # reward rise were checked with this draw.
 PROMPT_SALT, STEP_SALT, INIT_SALT = 17, 29, 2
-from .rollout import Generation, batched_response_forward, generate_batch, response_forward
+from .rollout import (Generation, batched_response_forward, gather_generation, generate_batch,
+                      response_forward)
 
 log = logging.getLogger(__name__)
 
@@ -391,15 +392,18 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout
 
-    def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
+    def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array,
+                draw: tuple[Sequence[int], int] | None = None) -> tuple[Generation, dict]:
         """Sample (keeping the sampler's log-probs and values), teacher-force the reference
-        (and the policy, where `old_logprobs` says so), then score."""
+        (and the policy, where `old_logprobs` says so), then score. `draw`: which rows of
+        the whole batch these prompts are (`generate_batch`)."""
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
         with lora.active_adapters(model, self.policy_adapters):
             gen = generate_batch(model, prompts, cfg.max_new_tokens, self.eos_ids, self.pad_id,
                                  cfg.temperature, cfg.top_p, key,
-                                 value_head=self.value_head if self.rollout_logprobs else None)
+                                 value_head=self.value_head if self.rollout_logprobs else None,
+                                 draw=draw)
         t1 = time.perf_counter()
         if self.rollout_logprobs:   # the sampler's own (masked) log-probs and values
             logprobs, values = gen.sample_logprobs, gen.sample_values
@@ -444,8 +448,7 @@ class PPOTrainer:
                                      "PPOTrainer.init_reward_norm(prompts) first (train_ppo does)")
             scores = self.reward_norm.apply(scores)
         if cfg.score_norm != "none":
-            # every rank's scores, so all ranks keep the same running statistics
-            self.score_moments.update(np.array(dist.gather(scores)).reshape(-1))
+            self.score_moments.update(np.array(scores).reshape(-1))
             std = self.score_moments.std
             scale = (std if std > 1e-6 else 1.0) + np.finfo(np.float32).eps   # no spread yet: 1
             scores = (scores - self.score_moments.mean) / scale if cfg.score_norm == "running" \
@@ -532,11 +535,14 @@ class PPOTrainer:
             mx.eval(grads, stats)
         if dist.size() > 1:
             # Before the skip check: every rank takes the same decision (or some would wait
-            # forever in the next all-reduce).
-            grads = dist.average_gradients(grads, weight=n_tok)   # token mean over all ranks
+            # forever in the next all-reduce). Token means over the whole minibatch, as one
+            # process computes them (statistics weighted by each rank's tokens, like micro-batches).
+            grads = dist.average_gradients(grads, weight=n_tok)
             keys = sorted(stats)
-            vals = dist.global_mean(mx.stack([stats[k].astype(mx.float32) for k in keys]))
-            stats = dict(zip(keys, vals.tolist()))
+            tot = dist.global_sum(mx.concatenate([
+                mx.stack([stats[k].astype(mx.float32) for k in keys]) * n_tok,
+                mx.array([n_tok], dtype=mx.float32)]))
+            stats = dict(zip(keys, (tot[:-1] / tot[-1]).tolist()))
         stats = {k: float(v) for k, v in stats.items()}
         if cfg.max_grad_norm is None:
             norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
@@ -554,18 +560,20 @@ class PPOTrainer:
         return stats, True
 
     def update(self, batch: _Batch, rng: np.random.Generator) -> dict:
+        """`ppo_epochs` passes over the whole batch (every rank's rows) in shuffled minibatches
+        of `mini_batch_size`; each rank computes its `distributed.shard` of each minibatch."""
         cfg = self.cfg
         B = batch.tokens.shape[0]
         all_stats: list[dict] = []
         skipped, early = 0, False
-        mbs = cfg.mini_batch_size // dist.size()     # this rank's share of a minibatch
-        gc, ga = self.memory_plan(min(mbs, B), batch.tokens.shape[1])
+        mbs = cfg.mini_batch_size
+        gc, ga = self.memory_plan(min(mbs // dist.size(), B), batch.tokens.shape[1])
         with lora.active_adapters(self.model, self.policy_adapters), \
                 gradient_checkpointing(self.model, gc):
             for _ in range(cfg.ppo_epochs):
                 order = rng.permutation(B)       # a fresh shuffle each epoch
                 for s in range(0, B, mbs):
-                    stats, stepped = self._minibatch(batch.rows(order[s:s + mbs]), ga)
+                    stats, stepped = self._minibatch(batch.rows(dist.shard(order[s:s + mbs])), ga)
                     skipped += not stepped
                     all_stats.append(stats)
                     if cfg.early_stopping and stats["policy/policykl"] > 1.5 * cfg.target_kl:
@@ -585,10 +593,20 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one step
 
     def train_step(self, prompts: Sequence[Sequence[int]]) -> dict:
-        """One PPO step on these tokenized prompts; returns the step's stats."""
+        """One PPO step on these tokenized prompts; returns the step's stats.
+
+        Data parallel, `prompts` is this rank's `distributed.shard` of the step's batch: each
+        rank samples and scores its rows (each with its row of the whole batch's noise), then
+        every rank holds the whole batch (`gather_generation`), so advantages, whitening, score
+        and KL statistics are one process's, and `update` splits each minibatch."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        gen, ro = self.rollout(prompts, step_key(dist.rank_seed(cfg.seed), self.step, STEP_SALT))
+        n = dist.size()
+        draw = None if n == 1 else (dist.shard(range(len(prompts) * n)), len(prompts) * n)
+        gen, ro = self.rollout(prompts, step_key(cfg.seed, self.step, STEP_SALT), draw)
+        gen, whole = gather_generation(
+            gen, {k: ro[k] for k in ("logprobs", "values", "ref_logprobs", "scores")}, self.pad_id)
+        ro.update(whole)
         mask = gen.response_mask
         beta = self.kl_ctl.value
         scores = self._process_scores(ro["scores"], gen.ended)
@@ -597,12 +615,10 @@ class PPOTrainer:
         rewards, kl = kl_penalized_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, beta,
                                            cfg.kl_estimator)
         non_score_reward = -beta * kl
-        # whitening statistics over the whole rollout batch (every rank's rows)
-        sum_ranks = dist.global_sum if dist.size() > 1 else None
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_ranks=sum_ranks) * mask
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask, sum_ranks=sum_ranks) * mask
+        advantages = masked_whiten(advantages, mask) * mask
         batch = _Batch(gen.tokens, gen.prompt_lengths, gen.response_tokens, mask, ro["logprobs"],
                        ro["values"], mx.stop_gradient(advantages), mx.stop_gradient(returns))
         mx.eval(batch.advantages, batch.returns, kl, non_score_reward)
@@ -610,8 +626,7 @@ class PPOTrainer:
         upd = self.update(batch, np.random.default_rng([cfg.seed, self.step, 31]))
         t_end = time.perf_counter()
 
-        mean_kl = kl.sum(axis=1).mean()            # batch mean of each sequence's summed KL
-        mean_kl = float(dist.global_mean(mean_kl) if dist.size() > 1 else mean_kl)  # (all ranks')
+        mean_kl = float(kl.sum(axis=1).mean())     # batch mean of each sequence's summed KL
         _stop_if_nonfinite(self.step, {"KL": mean_kl})
         self.kl_ctl.update(mean_kl, cfg.batch_size)  # once per batch, after the update
         resp_len = np.array(gen.response_lengths)
@@ -649,12 +664,12 @@ class PPOTrainer:
             stats["ppo/reward_norm/gain"] = self.reward_norm.gain
             stats["ppo/reward_norm/bias"] = self.reward_norm.bias
         stats.update({f"ppo/{k}": v for k, v in upd.items()})
-        if dist.size() > 1:   # the logged figures are means over the ranks' shares
-            keys = sorted(stats)
+        if dist.size() > 1:   # times, throughput and memory are each rank's: their means over ranks
+            keys = sorted(k for k in stats if k.startswith(("ppo/time/", "ppo/memory/"))
+                          or k.endswith("tokens_per_sec"))
             vals = dist.global_mean(mx.array([float(stats[k]) for k in keys], dtype=mx.float32))
-            stats = {k: (type(stats[k])(v) if isinstance(stats[k], int) else v)
-                     for k, v in zip(keys, vals.tolist())}
-            stats["objective/kl"] = mean_kl
+            stats.update({k: (type(stats[k])(v) if isinstance(stats[k], int) else v)
+                          for k, v in zip(keys, vals.tolist())})
         if mean_kl < -1:
             log.warning("step %d: mean KL %.3f < -1: the log-probabilities do not reproduce the "
                         "rollout (teacher forcing disagrees with sampling)", self.step, mean_kl)
@@ -748,9 +763,10 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: Re
     `on_step(step, stats)` runs after every PPO step (e.g. an evaluation on held-out prompts).
 
     Data parallel (under `mlx.launch`): every rank passes the same prompts and takes its
-    share of each step's prompts, samples with its own seed (`distributed.rank_seed`),
-    and gradients, minibatch statistics, KL and score statistics are averaged over ranks;
-    rank 0 alone writes. A stop request (`mindprint_mlx.stop.request_stop`, the first
+    share of each step's prompts and samples its rows of the whole batch (each with its row of
+    the batch's noise), then every rank holds the whole batch and computes its share of each
+    minibatch (gradients and minibatch statistics averaged over ranks, by tokens), so the
+    run equals one process up to float rounding; rank 0 alone writes. A stop request (`mindprint_mlx.stop.request_stop`, the first
     Ctrl-C) checkpoints after the current step and raises `Interrupted`.
 
     cfg.reward_norm="sft_samples" fits the reward normalisation before the first step (a
