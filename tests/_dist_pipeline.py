@@ -6,8 +6,9 @@ RUNS_JSON: a JSON list of config overrides, one pipeline run each (its run_dir, 
 other ranks are given run_dir + ".rank{r}", a directory that does not exist (as on a second
 Mac that holds no copy of the run): they must never read or write it. Each run is
 stopped by rank 0 alone
-after the first topic's final quiz (what Ctrl-C on the launching Mac does: the stop
-request exists on rank 0 only, the ranks agree on it), then resumed to the end. Every rank
+at the first line that holds the run's "_stop_on" (default: "] final ", after the first
+topic's final quiz; what Ctrl-C on the launching Mac does: the stop request exists on rank
+0 only, the ranks agree on it), then resumed to the end. Every rank
 writes OUT_DIR/rank{r}-{i}.json: the statuses and the state it ended with (the other
 ranks' copy of state.json, never written to disk). Last, the last run is started again
 without --resume, which rank 0 refuses: OUT_DIR/rank{r}-refused.json holds each rank's error.
@@ -31,10 +32,12 @@ def main(config: str, out_dir: str, runs: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for i, overrides in enumerate(runs):
         lines: list[str] = []
+        overrides = dict(overrides)
+        stop_on = overrides.pop("_stop_on", "] final ")
 
         def stop_after_the_first_topic(line: str) -> None:
             lines.append(line)
-            if "] final " in line and not any("] final " in x for x in lines[:-1]):
+            if stop_on in line and not any(stop_on in x for x in lines[:-1]):
                 request_stop()           # rank 0 alone: the others only echo nothing
 
         if rank:

@@ -13,7 +13,9 @@
   is the last unit's, on the last folded base (its mindprint.json and adapter_config.json
   name it). The reward model and judge were trained on the original base: while they score,
   an inactive-otherwise adapter `unfold` (minus every folded unit's update) undoes the fold,
-  so PPO and the quiz see the same scores as with concat.
+  so PPO and the quiz see the same scores as with concat. Under mlx.launch rank 0 alone
+  writes (and reads back) the checkpoint; the other ranks take its weights from rank 0 over
+  the collective (`share_base_weights`), so they need no copy of it.
 
 Pure functions (`svd_lora`, `final_size`) plus `Merger`, the one object the runner calls.
 """
@@ -140,6 +142,18 @@ def set_base_weights(model, checkpoint: Path) -> int:
     return n
 
 
+def share_base_weights(model) -> None:
+    """Rank 0's base weights of the LoRA'd layers on every rank (a folded base that only
+    rank 0's disk holds): the same bits everywhere, sent one weight at a time, so no rank
+    holds a second copy of them all. Nothing to do on one process."""
+    from .. import distributed as dist
+
+    if dist.size() == 1:
+        return
+    for _, m in lora.lora_layers(model):
+        m.linear.weight = dist.broadcast(m.linear.weight)
+
+
 # ---------------------------------------------------------------- the plan (pure)
 
 def default_rank(sft_rank: int, ppo_rank: int | None) -> int:
@@ -255,16 +269,9 @@ class Merger:
         return cfg.merge.rank or default_rank(cfg.sft.lora_rank, r_ppo)
 
     def check(self) -> None:
-        """Before anything trains: fold_into_base needs a full-precision checkpoint, and one
-        process (the folded base is a checkpoint on rank 0's disk that every rank would load)."""
+        """Before anything trains: fold_into_base needs a full-precision checkpoint."""
         if self.mode != "fold_into_base":
             return
-        from .. import distributed as dist
-
-        if dist.size() > 1:
-            raise MindprintError("merge.mode fold_into_base runs as one process (every rank would "
-                                 "load the folded base checkpoint rank 0 writes); under mlx.launch "
-                                 "use merge.mode concat or svd")
         from ..models.load import read_model_config, resolve_model_path
 
         c = read_model_config(resolve_model_path(self.run.cfg.model))
@@ -350,15 +357,17 @@ class Merger:
 
     def after_unit(self, ui: int, unit: str, uname: str, merged_dir: Path, prior: list[str],
                    rec: dict, last: bool) -> list[str]:
-        """fold_into_base (every unit but the last): write the folded checkpoint, train on it."""
+        """fold_into_base (every unit but the last): write the folded checkpoint (rank 0),
+        train on it (every rank)."""
         if self.mode != "fold_into_base" or last or uname not in prior:
             return prior
+        from .. import distributed as dist
         from ..export.fuse import fuse
 
         run = self.run
         out = run.run_dir / FOLDED_DIR / f"unit-{ui}"
         base = run.run_dir / self.folded if self.folded else self.base
-        fuse(base, merged_dir, out)
+        dist.on_main(lambda: fuse(base, merged_dir, out) and None)
         rec["folded_base"] = run.state.rel(out)
         run.echo(f"[unit {unit}] folded into the base: {rec['folded_base']}")
         return self._fold(uname, prior, rec["folded_base"])
@@ -370,8 +379,13 @@ class Merger:
         return self._fold(uname, prior, rec["folded_base"])
 
     def _fold(self, uname: str, prior: list[str], folded_rel: str) -> list[str]:
+        """The folded checkpoint's weights in memory (rank 0 reads them, every rank takes
+        rank 0's), the unit adapter moved into `unfold`; the adapters left below."""
+        from .. import distributed as dist
+
         run = self.run
-        set_base_weights(run.model, run.run_dir / folded_rel)
+        dist.on_main(lambda: set_base_weights(run.model, run.run_dir / folded_rel))
+        share_base_weights(run.model)
         negate_into(run.model, uname)
         self.folded = folded_rel
         for scorer in {id(s): s for s in (run.rm, getattr(run, "judge", None)) if s is not None}.values():
