@@ -283,6 +283,68 @@ def test_svd_repair_lowers_the_sft_loss_of_the_compressed_adapter(tiny_llama, tm
     assert Merger(run)._repair("unit", ["unit"], "unit-0") == {}
 
 
+def _stop_at(prefix: str, lines: list[str]):
+    """An echo that keeps the lines and requests a stop at the first that starts with `prefix`."""
+    from mindprint_mlx.stop import request_stop
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith(prefix) and sum(x.startswith(prefix) for x in lines) == 1:
+            request_stop()
+    return echo
+
+
+def test_svd_repair_stopped_mid_pass_resumes_to_the_same_bits(tiny_demo_model, tmp_path, clear_stop):
+    """merge.repair_epochs > 0, stopped inside the repair SFT (the stop API, as Ctrl-C does):
+    first inside unit 1's repair, then, resumed, inside the final adapter's repair (both
+    units repaired and saved by then); resumed again, the run ends with the bits of an
+    uninterrupted run (the repair is seeded and checkpoint-free: a resumed merge compresses
+    and repairs again from the saved topics; a done unit's repaired adapter is loaded)."""
+    import yaml
+    from mindprint_mlx.stop import clear_stop as clear
+
+    data = _two_units(tmp_path / "data")
+    cfgs = {}
+    for name in ("whole", "cut"):
+        cfg = _config(tiny_demo_model, data, tmp_path / name, "svd", rank=2)
+        cfg["run_ppo"] = False
+        cfg["merge"]["repair_epochs"] = 2
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        cfgs[name] = load_pipeline_config(tmp_path / f"{name}.yaml")
+    whole = run_pipeline(cfgs["whole"], echo=lambda s: None)
+    assert whole.status == "finished"
+    first = next(iter(TOPICS))
+    sessions = []
+    cuts = [(f"[unit {first}] svd: rank", f"unit-{first}", f"[unit {first}] svd repair"),
+            ("final adapter: svd rank", "final", "final adapter: svd repair"), (None, None, None)]
+    for prefix, label, repaired in cuts:
+        lines: list[str] = []
+        res = run_pipeline(cfgs["cut"], resume=bool(sessions),
+                           echo=_stop_at(prefix, lines) if prefix else lines.append)
+        clear()
+        sessions.append((res, lines))
+        if label:   # stopped inside the repair: its SFT checkpointed the step it stopped after
+            assert res.status == "interrupted"
+            assert (res.run_dir / "work" / "svd_repair" / label / "checkpoint").is_dir()
+            assert not any(x.startswith(repaired) for x in lines)
+    (cut1, _), (cut2, _), (res, _) = sessions
+    assert res.status == "finished"
+    assert not cut1.state["units"][first].get("done") and not cut2.state.get("final_adapter")
+    st = res.state
+    # more than one step each, so a stop after the first was mid-pass
+    assert st["units"][first]["svd"]["repair"]["steps"] > 1 and st["final_merge"]["svd"]["repair"]["steps"] > 1
+    assert not (res.run_dir / "work").exists()
+    for unit in TOPICS:
+        assert st["units"][unit]["svd"]["repair"] == whole.state["units"][unit]["svd"]["repair"]
+    assert st["final_merge"]["svd"]["repair"] == whole.state["final_merge"]["svd"]["repair"]
+    for rel in ["final_adapter"] + [st["units"][u]["merged"] for u in TOPICS]:
+        a = mx.load(str(res.run_dir / rel / "adapters.safetensors"))
+        b = mx.load(str(whole.run_dir / rel / "adapters.safetensors"))
+        assert sorted(a) == sorted(b) and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a), rel
+    assert {k: v["score"] for k, v in st["final_eval"].items()} == \
+        {k: v["score"] for k, v in whole.state["final_eval"].items()}
+
+
 @pytest.mark.parametrize("merge, message", [
     ({"mode": "svd", "repair_epochs": -1}, r"key 'merge\.repair_epochs': must be an integer >= 0"),
     ({"mode": "svd", "repair_epochs": 1.5}, r"key 'merge\.repair_epochs': expected an integer"),
