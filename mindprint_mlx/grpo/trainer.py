@@ -288,8 +288,9 @@ def train_grpo(model: nn.Module, tokenizer, prompts: Sequence[Any], reward_fn: R
     signature; e.g. RewardModel.score_tokens). Writes out_dir/checkpoint/ (exact resume:
     rollouts are keyed by (seed, step)), out_dir/metrics.jsonl and the adapter to
     out_dir/<method>_adapter. Data parallel: every rank passes the same prompts, takes
-    every size-th prompt of each step (whole groups, so advantages stay local) and the
-    gradients are summed over ranks of per-rank shares of the global loss.
+    every size-th prompt of each step (whole groups, so advantages stay local), samples
+    them as one process samples the whole batch (each row its row of the batch's noise),
+    and the gradients are summed over ranks of per-rank shares of the global loss.
     """
     if not prompts:
         raise MindprintError("train_grpo: no prompts")

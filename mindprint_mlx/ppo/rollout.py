@@ -113,7 +113,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     keys = mx.random.split(key, max_new_tokens)
     B = len(prompts)
     rows, n_draw = (None, B) if draw is None else (np.asarray(draw[0], dtype=np.int32), int(draw[1]))
-    if rows is not None and (len(rows) != B or not all(0 <= r < n_draw for r in rows.tolist())):
+    if rows is not None and (len(rows) != B or rows.min() < 0 or rows.max() >= n_draw):
         raise MindprintError(f"generate_batch: draw rows {rows.tolist()} do not fit {B} prompts "
                              f"of a batch of {n_draw}")
     P = max(len(p) for p in prompts)
