@@ -62,7 +62,7 @@ HONEST = ("Note: the demo model is tiny (about a million parameters, pretrained 
           "minute on a plain market primer), so its text is not meant to be good: after SFT "
           "it recalls taught answers with slips, and on new prompts it stitches its primer's "
           "sentences together (real words, loose sense). The "
-          "reward model, trained on 80 pairs, is easy to fool; PPO takes a few small, KL-bounded "
+          "reward model, trained on 40 pairs, is easy to fool; PPO takes a few small, KL-bounded "
           "steps that raise its mean reward (and here the voice markers), not the answers' sense. "
           "The demo shows the machinery, every phase, file and report of a real run, not the "
           "quality of one.")
