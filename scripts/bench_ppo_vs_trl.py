@@ -16,7 +16,7 @@ switched off on both sides. Prints response tokens/s (response tokens of a step 
 step's wall time, generation included) of each, their ratio, and each side's time split.
 
 The TRL side runs as a subprocess (scripts/_trl_ppo_runner.py) in a virtualenv of its own,
-created on first use under ~/.cache/mindprint/trl-venv (or --venv) with torch 2.13.0 (CPU),
+created on first use under ~/.cache/mindprint/trl-venv (or --trl-venv DIR) with torch 2.13.0 (CPU),
 transformers 4.46.3, trl 0.11.4 and peft 0.13.2; none of them is a dependency of this
 project. Not part of the test suite. On Linux, preload OpenBLAS for MLX (scripts/test.sh).
 On a machine shared with other work, read the ratios: both sides run back to back.
@@ -174,7 +174,10 @@ def main(argv=None) -> int:
                    help="repeat each batch's pair (sides alternate order); the best round is kept")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="HF model directory (default: build bench.py's tiny llama)")
-    p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    p.add_argument("--trl-venv", "--venv", dest="venv", type=Path,
+                   default=Path(os.environ.get("MINDPRINT_TRL_VENV", DEFAULT_VENV)),
+                   help="the TRL side's virtualenv, created on first use "
+                        "(default: $MINDPRINT_TRL_VENV or ~/.cache/mindprint/trl-venv)")
     p.add_argument("--only", choices=["both", "mindprint", "trl"], default="both")
     p.add_argument("--json", default=None)
     p.add_argument("--side-spec", default=None, help=argparse.SUPPRESS)   # internal: one mindprint run
