@@ -10,16 +10,19 @@ vocab 2048, fp32) and runs both trainers on it with the same settings: the same 
 prompts, LoRA of the same rank and targets (o/v/up/down, r=1, alpha=1), one minibatch
 of the whole batch, 4 PPO epochs, exactly `--new-tokens` response tokens per row (TRL:
 min_new_tokens = max_new_tokens; mindprint: no stop token), sampling at T=1, the same cheap
-score (share of even token ids), `--threads` BLAS/OpenMP threads (default 2), each side in a
-fresh process. The reference is the base with the adapter
-switched off on both sides. Prints response tokens/s (response tokens of a step / the
-step's wall time, generation included) of each, their ratio, and each side's time split.
+score (share of even token ids), `--threads` BLAS/OpenMP threads (default 2; OpenMP
+threads wait passively, see OMP_NOTE), each side in a fresh process. The reference is the
+base with the adapter switched off on both sides. Prints response tokens/s (response tokens
+of a step / the step's wall time, generation included) of each, their ratio, and each
+side's time split.
 
 The TRL side runs as a subprocess (scripts/_trl_ppo_runner.py) in a virtualenv of its own,
-created on first use under ~/.cache/mindprint/trl-venv (or --trl-venv DIR) with torch 2.13.0 (CPU),
-transformers 4.46.3, trl 0.11.4 and peft 0.13.2; none of them is a dependency of this
-project. Not part of the test suite. On Linux, preload OpenBLAS for MLX (scripts/test.sh).
-On a machine shared with other work, read the ratios: both sides run back to back.
+created on first use under ~/.cache/mindprint/trl-venv (or --trl-venv DIR, or
+$MINDPRINT_TRL_VENV) with torch 2.13.0 (from PyTorch's CPU wheel index where it can be
+reached, else from the configured index), transformers 4.46.3, trl 0.11.4 and peft 0.13.2;
+none of them is a dependency of this project. Not part of the test suite. On Linux,
+preload OpenBLAS for MLX (scripts/test.sh). On a machine shared with other work, read the
+ratios: both sides run back to back.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +47,7 @@ PINS = {"torch": "2.13.0", "transformers": "4.46.3", "trl": "0.11.4", "peft": "0
 EXTRA = ["rich"]          # trl 0.11.4 imports it without declaring it
 TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
 DEFAULT_VENV = Path.home() / ".cache" / "mindprint" / "trl-venv"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 # ---------------------------------------------------------------------- the TRL virtualenv
@@ -63,6 +68,19 @@ def _venv_ok(py: Path) -> bool:
     return all(have.get(p, "").split("+")[0] == v for p, v in PINS.items())
 
 
+def _reachable(url: str, timeout: float = 10.0) -> bool:
+    """Whether `url` answers at all (one request, no retries)."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:       # it answered
+        return True
+    except Exception:  # noqa: BLE001 - DNS, connection, TLS, timeout: pip could not reach it either
+        return False
+
+
 def ensure_venv(venv: Path) -> Path:
     """The TRL virtualenv's python; created (and the pinned packages installed) on first use."""
     py = _venv_python(venv)
@@ -74,9 +92,16 @@ def ensure_venv(venv: Path) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(py), "-m", "pip", "install", "-q"]
     torch_pin = f"torch=={PINS['torch']}"
-    # the CPU wheel index first (no CUDA libraries); a plain index where it cannot be reached
-    r = subprocess.run(pip + ["--index-url", "https://download.pytorch.org/whl/cpu", torch_pin])
-    if r.returncode != 0:
+    # PyTorch's CPU wheel index where it can be reached (no CUDA libraries); otherwise the
+    # configured index (PyPI): on Linux x86-64 its torch wheel is the CUDA build, a larger
+    # download that runs on the CPU all the same, elsewhere it is the CPU build.
+    if _reachable(CPU_INDEX):
+        r = subprocess.run(pip + ["--index-url", CPU_INDEX, torch_pin])
+        ok = r.returncode == 0
+    else:
+        print(f"  {CPU_INDEX} cannot be reached: torch comes from the configured index", flush=True)
+        ok = False
+    if not ok:
         subprocess.run(pip + [torch_pin], check=True)
     subprocess.run(pip + [f"{p}=={v}" for p, v in PINS.items() if p != "torch"] + EXTRA, check=True)
     if not _venv_ok(py):
@@ -86,6 +111,12 @@ def ensure_venv(venv: Path) -> Path:
 
 # ---------------------------------------------------------------------- the two sides
 
+# OMP_NOTE: PyTorch's OpenMP threads spin-wait at every parallel region by default. With
+# more threads than idle cores (a machine shared with other jobs) a spinning thread waits
+# for one that is descheduled, and TRL's step took 10-40x longer (2 threads, 2 cores, load
+# 4: 4 tok/s instead of ~180 at batch 4). OMP_WAIT_POLICY=PASSIVE (set on both sides unless
+# the environment sets it) makes waiting threads sleep; on an idle machine it costs little.
+
 def run_trl(py: Path, spec: dict, tmp: Path) -> dict:
     path = tmp / f"spec-{time.time_ns()}.json"
     path.write_text(json.dumps(spec))
@@ -93,6 +124,7 @@ def run_trl(py: Path, spec: dict, tmp: Path) -> dict:
     env.pop("LD_PRELOAD", None)           # MLX's OpenBLAS preload is not torch's business
     env.pop("PYTHONPATH", None)
     env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # see OMP_NOTE
     r = subprocess.run([str(py), str(HERE / "_trl_ppo_runner.py"), str(path)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -106,6 +138,7 @@ def run_mindprint_subprocess(spec: dict, tmp: Path) -> dict:
     path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.update(OPENBLAS_NUM_THREADS=str(spec["threads"]), OMP_NUM_THREADS=str(spec["threads"]))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side-spec", str(path)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -233,7 +266,7 @@ def main(argv=None) -> int:
 
     load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
-    print(f"model: {model_dir} ({bench.SIZES['tiny'] if not args.model else 'given'}); "
+    print(f"model: {args.model or 'tiny llama ' + str(bench.SIZES['tiny'])}; "
           f"{args.new_tokens} new tokens, LoRA r={args.lora_rank} on {'/'.join(TARGETS)}, "
           f"{args.ppo_epochs} PPO epochs, one minibatch; {args.threads} threads")
     trl_v = next((r["trl"]["versions"] for r in results if "trl" in r), None)
@@ -249,6 +282,7 @@ def main(argv=None) -> int:
         print(f"{split(m) if m else '-'} | {split(t) if t else '-'} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "load_average": load_avg}, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
