@@ -108,7 +108,7 @@ class Bench:
         model, tok = self.load(quantize)
         steps = steps or a.sft_steps
         cfg = SFTConfig(lora_rank=8, lora_alpha=16.0, epochs=100, batch_size=a.batch, max_seq_length=256,
-                        learning_rate=1e-4, warmup_ratio=0.0, eval_fraction=0.0, save_every=10 ** 6,
+                        learning_rate=1e-4, warmup_ratio=0.0, save_every=10 ** 6,
                         max_steps=steps, compile=compile_, grad_checkpoint=grad_checkpoint,
                         lora_targets=TARGETS)
         out = self.tmp / f"sft-{compile_}-{grad_checkpoint}-{quantize}-{time.time_ns()}"
@@ -210,18 +210,24 @@ class Bench:
                                sampler=make_sampler(temp=1.0))
             return sum(len(t) for t in r.token_ids)
 
-        # warm up both (first-call allocations and kernels), then best of `repeats`, interleaved
+        # warm up both (first-call allocations and kernels), then `repeats` rounds,
+        # the two sides alternating which goes first; a round's ratio pairs runs that saw
+        # the same machine load, and their median is the figure (best of each beside it)
         generate_batch(model, prompts, 4, never, pad_id(tok), 1.0, 1.0, mx.random.key(0))
         batch_generate(model, tok, prompts, max_tokens=4, sampler=make_sampler(temp=1.0))
-        best_m = best_r = 0.0
-        for _ in range(a.repeats):
-            (n, _, dt) = peak_of(mine)
-            best_m = max(best_m, n / dt)
-            (n2, _, dt2) = peak_of(ref)
-            best_r = max(best_r, n2 / dt2)
-        self.add(f"rollout tokens/s ({a.gen_batch} x {a.new_tokens} new, T=1)", f"{best_m:,.0f}",
-                 f"batch_generate {best_r:,.0f}", f"{best_m / best_r:.2f}")
-        self.data["rollout"] = dict(mindprint_tps=best_m, mlx_lm_tps=best_r)
+        ms, rs = [], []
+        for i in range(a.repeats):
+            for side in (("mine", "ref") if i % 2 == 0 else ("ref", "mine")):
+                n, _, dt = peak_of(mine if side == "mine" else ref)
+                (ms if side == "mine" else rs).append(n / dt)
+        ratios = [m / r for m, r in zip(ms, rs)]
+        med = float(np.median(ratios))
+        self.add(f"rollout tokens/s ({a.gen_batch} x {a.new_tokens} new, T=1; median of "
+                 f"{len(ratios)} paired rounds, best of each)",
+                 f"{np.median(ms):,.0f} (best {max(ms):,.0f})",
+                 f"batch_generate {np.median(rs):,.0f} (best {max(rs):,.0f})",
+                 f"{med:.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+        self.data["rollout"] = dict(mindprint_tps=ms, mlx_lm_tps=rs, ratios=ratios, ratio_median=med)
 
     # ------------------------------------------------------------------ PPO
     def _ppo(self, quantize=None, grad_checkpoint=False):
@@ -369,7 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="SFT steps left out of tokens/s (compile)")
     p.add_argument("--gen-batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=9,
+                   help="paired rollout rounds (mindprint and batch_generate, alternating order)")
     p.add_argument("--ppo-steps", type=int, default=2)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--ppo-mini-batch", type=int, default=0, help="PPO minibatch rows (0: all)")
