@@ -7,8 +7,8 @@
     python scripts/bench.py --json out.json
 
 Prints a markdown table: SFT tokens/s (mindprint's train_sft vs mlx-lm's LoRA trainer,
-compiled and not), rollout tokens/s (mindprint's PPO rollout vs
-mlx_lm.generate.batch_generate), one PPO step's time split and peak memory over the base
+`--sft-rounds` paired rounds, and mindprint's step compiled once), rollout tokens/s
+(mindprint's PPO rollout vs mlx_lm.generate.batch_generate, `--repeats` paired rounds), one PPO step's time split and peak memory over the base
 weights, 4-bit and 8-bit bases, gradient checkpointing on and off, each beside the memory
 planner's estimate. Parts whose modules are missing are reported as skipped.
 On Linux, run with OpenBLAS preloaded (scripts/test.sh does it; see README).
@@ -102,7 +102,7 @@ class Bench:
         print(f"  {part}: skipped ({why})", flush=True)
 
     # ------------------------------------------------------------------ SFT
-    def _mindprint_sft(self, compile_=True, grad_checkpoint=False, quantize=None, steps=None):
+    def _mindprint_sft(self, compile_=None, grad_checkpoint=False, quantize=None, steps=None):
         from mindprint_mlx.train.sft import SFTConfig, train_sft
         a = self.args
         model, tok = self.load(quantize)
@@ -174,16 +174,35 @@ class Bench:
             import mindprint_mlx.train.sft  # noqa: F401
         except ImportError as e:
             return self.skip("SFT tokens/s", f"mindprint_mlx.train.sft missing ({e})")
-        ref, ref_peak = self._mlx_lm_sft()
-        mine, peak, base = self._mindprint_sft(compile_=True)
-        self.add("SFT tokens/s (compiled step)", f"{mine:,.0f}", f"mlx_lm.lora {ref:,.0f}", f"{mine / ref:.2f}")
-        mine_nc, _, _ = self._mindprint_sft(compile_=False)
-        self.add("SFT tokens/s (no mx.compile)", f"{mine_nc:,.0f}", f"mlx_lm.lora {ref:,.0f}",
-                 f"{mine_nc / ref:.2f}")
+        # `sft_rounds` paired rounds of mlx_lm.lora and mindprint's default step on this
+        # backend (mx.compile on a GPU only), alternating which goes first: a round's ratio
+        # pairs runs that saw the same machine load; the median of the rounds is the figure
+        a = self.args
+        refs, mines, ratios = [], [], []
+        for i in range(a.sft_rounds):
+            for side in (("ref", "mine") if i % 2 == 0 else ("mine", "ref")):
+                if side == "ref":
+                    ref, ref_peak = self._mlx_lm_sft()
+                    refs.append(ref)
+                else:
+                    mine, peak, base = self._mindprint_sft(compile_=None)
+                    mines.append(mine)
+            ratios.append(mines[-1] / refs[-1])
+        med = float(np.median(ratios))
+        default = "mx.compile" if mx.default_device().type == mx.DeviceType.gpu else "no mx.compile"
+        self.add(f"SFT tokens/s (default step: {default}; median of {len(ratios)} paired rounds)",
+                 f"{np.median(mines):,.0f}", f"mlx_lm.lora {np.median(refs):,.0f}",
+                 f"{med:.2f} (rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+        if default == "no mx.compile":       # the compiled step once, beside the last round
+            mine_c, _, _ = self._mindprint_sft(compile_=True)
+            self.add("SFT tokens/s (mx.compile forced, one run)", f"{mine_c:,.0f}",
+                     f"mlx_lm.lora {refs[-1]:,.0f} (last round)", f"{mine_c / refs[-1]:.2f}")
+        else:
+            mine_c = None
         self.add("SFT peak memory", f"{peak / 2**20:,.1f} MiB ({peak / base:.2f}x base)",
                  f"mlx_lm.lora {ref_peak / 2**20:,.1f} MiB", f"{peak / ref_peak:.2f}")
-        self.data["sft"] = dict(mindprint_tps=mine, mindprint_tps_nocompile=mine_nc, mlx_lm_tps=ref,
-                                peak=peak, mlx_lm_peak=ref_peak, base=base)
+        self.data["sft"] = dict(mindprint_tps=mines, mlx_lm_tps=refs, ratios=ratios, ratio_median=med,
+                                mindprint_tps_compiled=mine_c, peak=peak, mlx_lm_peak=ref_peak, base=base)
 
     # ------------------------------------------------------------------ rollout
     def rollout(self):
@@ -371,6 +390,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sft-rows", type=int, default=256)
     p.add_argument("--sft-steps", type=int, default=30)
+    p.add_argument("--sft-rounds", type=int, default=5,
+                   help="paired SFT rounds (mlx_lm.lora and mindprint, alternating order)")
     p.add_argument("--report-every", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="SFT steps left out of tokens/s (compile)")
     p.add_argument("--gen-batch", type=int, default=8)
