@@ -8,9 +8,9 @@
 
 Prints a markdown table: SFT tokens/s (mindprint's train_sft vs mlx-lm's LoRA trainer,
 `--sft-rounds` paired rounds, and mindprint's step compiled once), rollout tokens/s
-(mindprint's PPO rollout vs mlx_lm.generate.batch_generate, `--repeats` paired rounds), one PPO step's time split and peak memory over the base
-weights, 4-bit and 8-bit bases, gradient checkpointing on and off, each beside the memory
-planner's estimate. Parts whose modules are missing are reported as skipped.
+(mindprint's PPO rollout vs mlx_lm.generate.batch_generate, `--repeats` paired rounds),
+one PPO step's time split and peak memory over the base weights, 4-bit and 8-bit bases,
+gradient checkpointing on and off, each beside the memory planner's estimate. Parts whose modules are missing are reported as skipped.
 On Linux, run with OpenBLAS preloaded (scripts/test.sh does it; see README).
 """
 
