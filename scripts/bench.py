@@ -245,7 +245,8 @@ class Bench:
                  f"{len(ratios)} paired rounds, best of each)",
                  f"{np.median(ms):,.0f} (best {max(ms):,.0f})",
                  f"batch_generate {np.median(rs):,.0f} (best {max(rs):,.0f})",
-                 f"{med:.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+                 f"{med:.2f} (quartiles {np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f}, "
+                 f"{np.mean(np.array(ratios) >= 1):.0%} of rounds >= 1)")
         self.data["rollout"] = dict(mindprint_tps=ms, mlx_lm_tps=rs, ratios=ratios, ratio_median=med)
 
     # ------------------------------------------------------------------ PPO
