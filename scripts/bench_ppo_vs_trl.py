@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """PPO steps side by side: mindprint (MLX) against TRL 0.11.4's classic PPOTrainer + peft (PyTorch CPU).
 
-    python scripts/bench_ppo_vs_trl.py                     # batches 4, 8, 16
-    python scripts/bench_ppo_vs_trl.py --batches 8 --steps 5 --rounds 2 --json out.json
+    python scripts/bench_ppo_vs_trl.py                     # batches 4, 8, 16, 3 rounds
+    python scripts/bench_ppo_vs_trl.py --batches 8 --steps 5 --rounds 1 --json out.json
     python scripts/bench_ppo_vs_trl.py --model PATH        # any HF llama-style directory
 
 Builds one Hugging Face model directory (bench.py's `tiny` llama: 4 layers x 256 wide,
@@ -203,8 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rank", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per side (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per side")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat each batch's pair (sides alternate order); the best round is kept")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat each batch's pair (sides alternate order); the best round of each "
+                        "side is kept (one round swings by 2x on a loaded machine)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="HF model directory (default: build bench.py's tiny llama)")
     p.add_argument("--trl-venv", "--venv", dest="venv", type=Path,
