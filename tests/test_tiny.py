@@ -43,3 +43,16 @@ def test_tiny_tokenizer_has_chat_template_and_distinct_pad(tmp_path):
     assert tok.eos_token_id is not None and tok.pad_token_id is not None
     assert tok.eos_token_id != tok.pad_token_id
     assert json.loads((path / "config.json").read_text())["rope_theta"] > 0
+
+
+def test_min_frequency_one_makes_every_word_of_the_texts_one_token(tmp_path):
+    from mindprint_mlx.errors import MindprintError
+
+    texts = ["the harvest comes after a patient winter", "prices rise and fall with the tide"]
+    _, tok = load(build_tiny_model(tmp_path / "whole", texts=texts, vocab_size=4096, min_frequency=1))
+    for t in texts:   # one token per word, as the word appears (with its leading space)
+        assert len(tok.encode(t, add_special_tokens=False)) == len(t.split()), t
+    _, split = load(build_tiny_model(tmp_path / "pieces", texts=texts, vocab_size=4096))
+    assert len(split.encode(" harvest", add_special_tokens=False)) > 1   # seen once: pieces
+    with pytest.raises(MindprintError, match="min_frequency must be an integer >= 1, got 0"):
+        build_tiny_model(tmp_path / "bad", texts=texts, min_frequency=0)

@@ -566,7 +566,8 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama",
     texts = default_corpus() if texts is None else _text_list(texts)
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise MindprintError(f"tiny model: min_frequency must be an integer >= 1, got {min_frequency!r}")
-    texts = texts + [p for p in family.phrases for _ in range(2)]   # seen at least twice
+    # the template's phrases (role names, headers) are seen often enough to become tokens
+    texts = texts + [p for p in family.phrases for _ in range(max(2, min_frequency))]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
