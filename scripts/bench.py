@@ -17,7 +17,6 @@ On Linux, run with OpenBLAS preloaded (scripts/test.sh does it; see README).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -66,6 +65,17 @@ def peak_of(fn):
     t0 = time.perf_counter()
     res = fn()
     return res, mx.get_peak_memory(), time.perf_counter() - t0
+
+
+def paired_rounds(mine, ref, rounds: int) -> tuple[list, list]:
+    """`rounds` rounds of both sides (`mine` first in round 1, then alternating which goes
+    first), so each round's pair saw the same machine load: (mine's results, ref's
+    results), one per round."""
+    ms, rs = [], []
+    for i in range(rounds):
+        for side in (("mine", "ref") if i % 2 == 0 else ("ref", "mine")):
+            (ms if side == "mine" else rs).append(mine() if side == "mine" else ref())
+    return ms, rs
 
 
 def weight_bytes(model) -> int:
@@ -178,16 +188,11 @@ class Bench:
         # backend (mx.compile on a GPU only), alternating which goes first: a round's ratio
         # pairs runs that saw the same machine load; the median of the rounds is the figure
         a = self.args
-        refs, mines, ratios = [], [], []
-        for i in range(a.sft_rounds):
-            for side in (("ref", "mine") if i % 2 == 0 else ("mine", "ref")):
-                if side == "ref":
-                    ref, ref_peak = self._mlx_lm_sft()
-                    refs.append(ref)
-                else:
-                    mine, peak, base = self._mindprint_sft(compile_=None)
-                    mines.append(mine)
-            ratios.append(mines[-1] / refs[-1])
+        r_runs, m_runs = paired_rounds(self._mlx_lm_sft, lambda: self._mindprint_sft(compile_=None),
+                                       a.sft_rounds)      # mlx_lm.lora first in round 1
+        mines, refs = [m[0] for m in m_runs], [r[0] for r in r_runs]
+        (_, peak, base), (_, ref_peak) = m_runs[-1], r_runs[-1]
+        ratios = [m / r for m, r in zip(mines, refs)]
         med = float(np.median(ratios))
         default = "mx.compile" if mx.default_device().type == mx.DeviceType.gpu else "no mx.compile"
         self.add(f"SFT tokens/s (default step: {default}; median of {len(ratios)} paired rounds)",
@@ -234,11 +239,11 @@ class Bench:
         # the same machine load, and their median is the figure (best of each beside it)
         generate_batch(model, prompts, 4, never, pad_id(tok), 1.0, 1.0, mx.random.key(0))
         batch_generate(model, tok, prompts, max_tokens=4, sampler=make_sampler(temp=1.0))
-        ms, rs = [], []
-        for i in range(a.repeats):
-            for side in (("mine", "ref") if i % 2 == 0 else ("ref", "mine")):
-                n, _, dt = peak_of(mine if side == "mine" else ref)
-                (ms if side == "mine" else rs).append(n / dt)
+        def tps(fn):
+            n, _, dt = peak_of(fn)
+            return n / dt
+
+        ms, rs = paired_rounds(lambda: tps(mine), lambda: tps(ref), a.repeats)
         ratios = [m / r for m, r in zip(ms, rs)]
         med = float(np.median(ratios))
         self.add(f"rollout tokens/s ({a.gen_batch} x {a.new_tokens} new, T=1; median of "
