@@ -200,6 +200,32 @@ def test_grpo_gradients_reach_exactly_the_trainable_adapter(tiny_llama):
     check_grads_reach_only(grads, "grpo")
 
 
+def test_grpo_old_logprobs_from_the_sampler_equal_teacher_forcing(tiny_llama):
+    """old_logprobs="rollout" (the default on CPU) keeps the sampler's log-probs instead of a
+    second policy pass: the same samples, old and reference log-probs within 1e-5 of
+    old_logprobs="forward"."""
+    model, tok = fresh(tiny_llama)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+               for t in TEXTS]
+    out = {}
+    for mode in ("rollout", "forward"):
+        cfg = GRPOConfig(group_size=3, max_new_tokens=5, temperature=0.8, old_logprobs=mode,
+                         adapter_name=f"g_{mode}", progress=False)
+        tr = GRPOTrainer(model, tok, count_reward(tok), cfg, frozen_adapters=["sft"])
+        assert tr.rollout_logprobs == (mode == "rollout")
+        for _, m in lora.lora_layers(model):      # a policy unlike the reference
+            m.adapters[cfg.adapter_name].lora_b = 0.3 * mx.random.normal(
+                m.adapters[cfg.adapter_name].lora_b.shape, key=mx.random.key(1))
+        gen, ro = tr.rollout(prompts, mx.random.key(3))
+        mask = np.array(gen.response_mask) > 0
+        out[mode] = (np.array(gen.tokens), np.array(ro["old"]), np.array(ro["ref"]), mask)
+        lora.remove_adapter(model, cfg.adapter_name)
+    (t0, o0, r0, m0), (t1, o1, r1, m1) = out["rollout"], out["forward"]
+    assert (t0 == t1).all() and (m0 == m1).all()
+    assert np.abs(o0 - o1)[m0].max() < 1e-5 and np.abs(r0 - r1)[m0].max() < 1e-5
+    assert np.abs(o0 - r0)[m0].max() > 1e-2          # the two passes read different adapters
+
+
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_grpo_resumes_bit_exactly(tiny_llama, tmp_path, method):
     def run(steps, out, resume=False):
@@ -227,7 +253,7 @@ def test_grpo_resumes_bit_exactly(tiny_llama, tmp_path, method):
     (DITTOConfig, "rounds", 0), (DITTOConfig, "temperature", float("nan")),
     (GRPOConfig, "group_size", 1), (GRPOConfig, "beta", float("nan")), (GRPOConfig, "epsilon", 1.0),
     (GRPOConfig, "epsilon_high", float("inf")), (GRPOConfig, "loss_type", "bnpo"),
-    (GRPOConfig, "method", "ppo")])
+    (GRPOConfig, "method", "ppo"), (GRPOConfig, "old_logprobs", "sampler")])
 def test_configs_reject_bad_values_in_one_line(cls, key, value):
     cfg = cls(**{key: value})
     with pytest.raises(ConfigError, match=f"key '{key}'") as e:

@@ -27,7 +27,8 @@ from ..errors import MindprintError
 from ..guards import NonFiniteError, first_nonfinite
 from ..models import lora
 from ..models.adapters import save_adapter
-from ..ppo.rollout import Generation, batched_response_forward, generate_batch, response_forward
+from ..ppo.rollout import (OLD_LOGPROBS, Generation, batched_response_forward, generate_batch,
+                           keep_sampler_logprobs, response_forward)
 from ..train import policy_adapter as pa
 from ..train.loop import gradient_checkpointing
 from .advantages import group_advantages, group_std_is_zero, rloo_advantages
@@ -73,6 +74,9 @@ class GRPOConfig:
         default=None, metadata={"help": "subtracted from scores of responses without EOS"})
     forward_batch_size: int | None = field(
         default=None, metadata={"help": "rows per no-grad teacher-forced pass (None: all)"})
+    old_logprobs: Literal["auto", "rollout", "forward"] = field(
+        default="auto", metadata={"help": "where the old log-probs come from: auto | rollout "
+                                          "(the sampler's) | forward (teacher forcing)"})
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "global gradient-norm clip (null: off)"})
     weight_decay: float = field(
@@ -113,6 +117,7 @@ class GRPOConfig:
             ("max_new_tokens", self.max_new_tokens >= 1), ("temperature", self.temperature > 0),
             ("top_p", 0 < self.top_p <= 1),
             ("forward_batch_size", self.forward_batch_size is None or self.forward_batch_size >= 1),
+            ("old_logprobs", self.old_logprobs in OLD_LOGPROBS),
             ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
             ("weight_decay", self.weight_decay >= 0), ("adam_epsilon", self.adam_epsilon >= 0),
             ("adapter_name", "." not in self.adapter_name),
@@ -152,10 +157,12 @@ class GRPOTrainer(pa.PolicyTrainer):
         self.role = cfg.method
         self.reward_fn = reward_fn
         super().__init__(model, tokenizer, cfg, frozen_adapters, SALT_INIT)
+        self.rollout_logprobs = keep_sampler_logprobs(cfg.old_logprobs, model)
 
     def rollout(self, prompts: Sequence[Sequence[int]], key: mx.array) -> tuple[Generation, dict]:
-        """k samples per prompt (rows grouped by prompt), their policy and reference
-        log-probs (teacher-forced, as the update computes them) and scores. Data parallel,
+        """k samples per prompt (rows grouped by prompt), their policy log-probs (the
+        sampler's, or teacher-forced as the update computes them: `old_logprobs`), the
+        reference's (teacher-forced) and scores. Data parallel,
         `prompts` is this rank's `distributed.shard` of the step's prompts, and each sample
         takes its row of the whole batch's noise (`generate_batch`'s draw): the ranks'
         samples together are one process's."""
@@ -170,7 +177,8 @@ class GRPOTrainer(pa.PolicyTrainer):
             gen = generate_batch(model, rows, cfg.max_new_tokens, self.eos_ids, self.pad_id,
                                  cfg.temperature, cfg.top_p, key, draw=draw)
             t1 = time.perf_counter()
-            old, _ = batched_response_forward(model, gen, cfg.temperature, None, cfg.forward_batch_size)
+            old = gen.sample_logprobs if self.rollout_logprobs else \
+                batched_response_forward(model, gen, cfg.temperature, None, cfg.forward_batch_size)[0]
         if cfg.beta > 0:
             with lora.active_adapters(model, self.reference_adapters):
                 ref, _ = batched_response_forward(model, gen, cfg.temperature, None,

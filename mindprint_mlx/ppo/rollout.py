@@ -45,6 +45,29 @@ class Generation:
         return self.prompt_lengths + self.response_lengths
 
 
+def activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the trunk computes in: its embedding's (a quantized one's scales')."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    w = getattr(emb, "scales", None) if isinstance(emb, nn.QuantizedEmbedding) else getattr(emb, "weight", None)
+    return w.dtype if w is not None else mx.float32
+
+
+OLD_LOGPROBS = ("auto", "rollout", "forward")
+
+
+def keep_sampler_logprobs(mode: str, model: nn.Module) -> bool:
+    """Where a trainer's old log-probs (and PPO's old values) come from, for its
+    `old_logprobs` setting: "rollout" keeps what the sampler computed (no second policy
+    pass; equal to teacher forcing up to float noise, bit-equal on the CPU backend in fp32
+    and bf16), "forward" recomputes them by teacher forcing, "auto" is rollout except for a
+    bf16/fp16 trunk on a GPU (whose decode and full-sequence kernels round differently).
+    True = keep the sampler's."""
+    if mode not in OLD_LOGPROBS:
+        raise MindprintError(f"old_logprobs: {mode!r} is not one of {', '.join(OLD_LOGPROBS)}")
+    return mode == "rollout" or (mode == "auto" and (mx.default_device().type != mx.gpu
+                                                     or activation_dtype(model) == mx.float32))
+
+
 def _batch_cache(model: nn.Module, left_padding: list[int]) -> list:
     """One batched KV cache per layer (mlx-lm's own per-architecture caches, merged)."""
     from mlx_lm.models.cache import make_prompt_cache

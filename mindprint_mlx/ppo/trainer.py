@@ -44,8 +44,8 @@ from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, st
 # the adapter init's salt matters in small runs: the fast demo and test_ppo_trainer's
 # reward rise were checked with this draw.
 PROMPT_SALT, STEP_SALT, INIT_SALT = 17, 29, 2
-from .rollout import (Generation, batched_response_forward, gather_generation, generate_batch,
-                      response_forward)
+from .rollout import (Generation, activation_dtype, batched_response_forward, gather_generation,
+                      generate_batch, keep_sampler_logprobs, response_forward)
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ class PPOConfig:
         metadata={"help": "reward: start the value head from the reward head (gain, bias folded in)"})
     forward_batch_size: int | None = field(
         default=None, metadata={"help": "rows per teacher-forced pass in rollouts (None: all)"})
-    # "rollout" keeps what the sampler computed (no second policy pass; equal to teacher
-    # forcing up to float noise: bit-equal on the CPU backend, fp32 and bf16), "forward"
-    # recomputes them by teacher forcing; "auto": rollout, except for a bf16/fp16 trunk on a
-    # GPU (whose decode and full-sequence kernels round differently)
+    # rollout.keep_sampler_logprobs says what each choice does
     old_logprobs: Literal["auto", "rollout", "forward"] = field(
         default="auto", metadata={"help": "where the old log-probs and values come from: "
                                           "auto | rollout (the sampler's) | forward (teacher forcing)"})
@@ -272,13 +269,6 @@ def base_weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".adapters." not in k)
 
 
-def activation_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype the trunk computes in: its embedding's (a quantized one's scales')."""
-    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
-    w = getattr(emb, "scales", None) if isinstance(emb, nn.QuantizedEmbedding) else getattr(emb, "weight", None)
-    return w.dtype if w is not None else mx.float32
-
-
 AUTO_MEMORY_PARAMS = 20_000_000   # activation_budget applies to bases of this many parameters and up
 
 
@@ -386,9 +376,7 @@ class PPOTrainer:
         self._loss_and_grad = nn.value_and_grad(self.policy, self._loss)
         if use_compile(cfg.compile):
             self._loss_and_grad = self._compiled_loss_and_grad()
-        self.rollout_logprobs = cfg.old_logprobs == "rollout" or (
-            cfg.old_logprobs == "auto" and (mx.default_device().type != mx.gpu
-                                            or activation_dtype(model) == mx.float32))
+        self.rollout_logprobs = keep_sampler_logprobs(cfg.old_logprobs, model)
 
     # ------------------------------------------------------------------ rollout
 
