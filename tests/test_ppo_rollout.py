@@ -114,6 +114,44 @@ def test_teacher_forcing_reproduces_sampling_logprobs(model_tok, temperature, to
             assert abs(float(full[b, n + j - 1, tok_id]) - float(lp[b, j])) < 1e-4
 
 
+@pytest.mark.parametrize("entropy", [False, True])
+def test_chunked_output_layer_gives_the_same_logprobs_and_gradients(model_tok, entropy):
+    """response_forward's output layer in checkpointed chunks (what a real vocabulary gets:
+    above 8 MiB of logits) gives one piece's log-probs, entropies and gradients, under
+    nn.value_and_grad with a trainable adapter (the token ids are indices: no gradient)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model, tok = model_tok
+    with lora.active_adapters(model, ["sft"]):
+        g = generate_batch(model, prompts(tok), 7, [tok.eos_token_id], tok.pad_token_id, 1.0,
+                           key=mx.random.key(4))
+    lora.apply_lora(model, "chunk_t", r=2, alpha=4.0)
+    try:
+        for _, m in lora.lora_layers(model):
+            m.adapters["chunk_t"].lora_b = 0.2 * mx.random.normal(m.adapters["chunk_t"].lora_b.shape,
+                                                                  key=mx.random.key(2))
+        got = {}
+        for chunk in (0, 2):
+            def loss(params):
+                model.update(params)
+                lp, _, ent = response_forward(model, g.tokens, g.prompt_lengths, g.response_tokens,
+                                              0.8, return_entropy=entropy, logit_chunk=chunk)
+                out = (lp * g.response_mask).sum()
+                return out + (ent * g.response_mask).sum() if entropy else out
+
+            with lora.active_adapters(model, ["sft", "chunk_t"]):
+                val, grads = mx.value_and_grad(loss)(model.trainable_parameters())
+            got[chunk] = (float(val), {k: np.array(v) for k, v in tree_flatten(grads)})
+    finally:
+        lora.remove_adapter(model, "chunk_t")
+    (v0, g0), (v2, g2) = got[0], got[2]
+    assert abs(v0 - v2) <= 1e-5 * max(1.0, abs(v0)) and g0.keys() == g2.keys() and g0
+    for k in g0:
+        assert np.abs(g0[k] - g2[k]).max() <= 1e-5 * max(1e-6, np.abs(g0[k]).max()), k
+    assert any(np.abs(v).max() > 0 for v in g0.values())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_and_values_equal_teacher_forcing(model_tok, temperature):
     """The old log-probs and values PPO keeps from the rollout (no second policy pass) are

@@ -311,7 +311,9 @@ def response_forward(model: nn.Module, tokens: mx.array, prompt_lengths: mx.arra
     if not logit_chunk or logit_chunk >= R:
         out = _token_head(model, h, response_tokens, temperature, return_entropy)
     else:
-        head = mx.checkpoint(lambda hh, tt: _token_head(model, hh, tt, temperature, return_entropy))
+        # the token ids are indices: no gradient (mx.checkpoint would ask for one of every input)
+        head = mx.checkpoint(lambda hh, tt: _token_head(model, hh, mx.stop_gradient(tt), temperature,
+                                                        return_entropy))
         parts = [head(h[:, s:s + logit_chunk], response_tokens[:, s:s + logit_chunk])
                  for s in range(0, R, logit_chunk)]
         out = ([mx.concatenate([p[i] for p in parts], axis=1) for i in range(2)] if return_entropy
