@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mindprint_mlx.grpo import group_advantages, grpo_loss, k3_kl, loss_denominator, rloo_advantages
-from mindprint_mlx.preference import dpo_loss, sequence_logps
+from mindprint_mlx.preference import dpo_loss, rpo_nll, sequence_logps
 
 PC = [-12.5, -30.25, -7.0, -41.0, -3.3]
 PR = [-14.0, -29.0, -9.5, -40.0, -8.1]
@@ -70,6 +70,12 @@ def test_sequence_logps_sum_and_mean():
     m = mx.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     np.testing.assert_allclose(np.array(sequence_logps(lp, m)), [-3.0, -0.5])
     np.testing.assert_allclose(np.array(sequence_logps(lp, m, average=True)), [-1.5, -0.5])
+
+
+def test_rpo_nll_is_the_chosen_answers_per_token_nll():
+    lp = mx.array([[-1.0, -2.0, -4.0], [-0.5, float("nan"), 0.0]])
+    m = mx.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(np.array(rpo_nll(lp, m)), [7.0 / 3.0, 0.5])
 
 
 def test_group_advantages_by_hand():

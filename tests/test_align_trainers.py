@@ -120,6 +120,41 @@ def test_dpo_gradients_reach_exactly_the_trainable_adapter(tiny_llama):
         DPOTrainer(model, tok, DPOConfig(progress=False, adapter_name="x"))
 
 
+def test_rpo_adds_the_chosen_answers_nll_and_keeps_it_likely(tiny_llama, tmp_path):
+    """rpo_alpha: each pair's loss is DPO's plus alpha x the chosen answer's per-token NLL
+    (checked on one batch against the two computed apart); trained, the chosen answers'
+    log-probs end higher than plain DPO leaves them."""
+    from mindprint_mlx.preference.losses import dpo_loss as dl, sequence_logps as sl
+
+    model, tok = fresh(tiny_llama)
+    tr = DPOTrainer(model, tok, DPOConfig(rpo_alpha=0.5, progress=False), frozen_adapters=["sft"])
+    for _, m in lora.lora_layers(model):          # a policy unlike the reference
+        m.adapters["dpo"].lora_b = 0.2 * mx.random.normal(m.adapters["dpo"].lora_b.shape, key=mx.random.key(3))
+    b = pair_batch(encode_pairs(tok, PAIRS, 64), tr.pad_id)
+    ref = tr.reference_logps(b)
+    with lora.active_adapters(model, tr.policy_adapters):
+        (loss, stats), _ = tr._loss_and_grad(model, (b, ref))
+        lp, _, _ = response_forward(model, b.tokens, b.prompt_lengths, b.response_tokens)
+    B = len(PAIRS)
+    seq = sl(lp, b.mask)
+    plain = dl(seq[:B], seq[B:], ref[:B], ref[B:], 0.1)[0]
+    nll = -(np.array(lp[:B] * b.mask[:B]).sum(1) / np.array(b.mask[:B]).sum(1))
+    expect = float(np.mean(np.array(plain) + 0.5 * nll))
+    assert abs(float(loss) - expect) < 1e-5 * max(1.0, abs(expect))
+    assert abs(float(stats["nll_loss"]) - nll.mean()) < 1e-5
+    lora.remove_adapter(model, "dpo")
+
+    chosen = {}
+    for alpha in (None, 1.0):
+        model, tok = fresh(tiny_llama)
+        cfg = DPOConfig(steps=8, batch_size=2, learning_rate=2e-2, rpo_alpha=alpha, progress=False,
+                        save_every=0)
+        res = train_dpo(model, tok, PAIRS, cfg, tmp_path / f"rpo{alpha}", frozen_adapters=["sft"])
+        chosen[alpha] = res.history[-1]["logps/chosen"]
+        assert res.history[-1]["rewards/margins"] > 0
+    assert chosen[1.0] > chosen[None], chosen
+
+
 def test_dpo_resumes_bit_exactly(tiny_llama, tmp_path):
     def run(steps, out, resume=False):
         model, tok = fresh(tiny_llama)
@@ -249,7 +284,7 @@ def test_grpo_resumes_bit_exactly(tiny_llama, tmp_path, method):
 @pytest.mark.parametrize("cls,key,value", [
     (DPOConfig, "beta", float("nan")), (DPOConfig, "learning_rate", float("inf")),
     (DPOConfig, "beta", 0.0), (DPOConfig, "label_smoothing", 0.5), (DPOConfig, "loss_type", "hinge"),
-    (DPOConfig, "gradient_accumulation_steps", 3),
+    (DPOConfig, "gradient_accumulation_steps", 3), (DPOConfig, "rpo_alpha", -1.0),
     (DITTOConfig, "rounds", 0), (DITTOConfig, "temperature", float("nan")),
     (GRPOConfig, "group_size", 1), (GRPOConfig, "beta", float("nan")), (GRPOConfig, "epsilon", 1.0),
     (GRPOConfig, "epsilon_high", float("inf")), (GRPOConfig, "loss_type", "bnpo"),

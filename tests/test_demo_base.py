@@ -182,6 +182,9 @@ def test_pretrained_demo_model_is_cached_and_records_its_pretraining(pretrained_
     again = ensure_demo_model(pretrained_demo_model.parent,
                               texts=curriculum_texts(DEMO_CURRICULUM_DIR))
     assert again == pretrained_demo_model
+    from mindprint_mlx.io import dir_mode, file_mode
+    assert pretrained_demo_model.stat().st_mode & 0o777 == dir_mode()    # not mkdtemp's 0700
+    assert all(f.stat().st_mode & 0o777 == file_mode() for f in pretrained_demo_model.iterdir())
 
 
 def test_pretrained_demo_model_logits_match_transformers(pretrained_demo_model):

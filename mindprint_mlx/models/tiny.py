@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import MindprintError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, dir_mode
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text")
 
@@ -681,6 +681,7 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None,
     try:
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=base))
+        os.chmod(tmp, dir_mode())   # mkdtemp makes it 0700; the cache is a normal directory
     except OSError as e:
         raise MindprintError(f"cannot create the model cache in {base}: {e.strerror} "
                              "(set MINDPRINT_CACHE to a writable directory)") from None

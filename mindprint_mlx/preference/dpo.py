@@ -25,7 +25,7 @@ from ..models.adapters import save_adapter
 from ..ppo.rollout import response_forward
 from ..train import policy_adapter as pa
 from ..train.loop import gradient_checkpointing
-from .losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from .losses import DPO_LOSS_TYPES, dpo_loss, rpo_nll, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class DPOConfig:
         default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
     label_smoothing: float = field(
         default=0.0, metadata={"help": "conservative DPO (sigmoid only), in [0, 0.5)"})
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "RPO: + alpha x the chosen answer's per-token NLL "
+                                        "(keeps the preferred answers likely; null: off)"})
     max_seq_length: int = field(
         default=512, metadata={"help": "tokens per row (prompt + answer + EOS)"})
     max_grad_norm: float | None = field(
@@ -82,6 +85,7 @@ class DPOConfig:
                 ("loss_type", self.loss_type in DPO_LOSS_TYPES),
                 ("label_smoothing", 0 <= self.label_smoothing < 0.5
                  and (self.loss_type == "sigmoid" or self.label_smoothing == 0)),
+                ("rpo_alpha", self.rpo_alpha is None or self.rpo_alpha >= 0),
                 ("max_seq_length", self.max_seq_length >= 4),
                 ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0),
                 ("weight_decay", self.weight_decay >= 0), ("adam_epsilon", self.adam_epsilon >= 0),
@@ -192,8 +196,12 @@ class DPOTrainer(pa.PolicyTrainer):
 
     def sequence_logps(self, b: PairBatch) -> mx.array:
         """(2B,) sequence log-probs of the rows under the active adapters (IPO: means)."""
+        return self._logps(b)[0]
+
+    def _logps(self, b: PairBatch) -> tuple[mx.array, mx.array]:
+        """(sequence log-probs (2B,), per-token log-probs (2B, R))."""
         lp, _, _ = response_forward(self.model, b.tokens, b.prompt_lengths, b.response_tokens)
-        return sequence_logps(lp, b.mask, average=self.cfg.loss_type == "ipo")
+        return sequence_logps(lp, b.mask, average=self.cfg.loss_type == "ipo"), lp
 
     def reference_logps(self, b: PairBatch) -> mx.array:
         with lora.active_adapters(self.model, self.reference_adapters):
@@ -204,16 +212,21 @@ class DPOTrainer(pa.PolicyTrainer):
     def _loss(self, model: nn.Module, part: tuple[PairBatch, mx.array]):
         b, ref = part
         cfg = self.cfg
-        seq = self.sequence_logps(b)
+        seq, lp = self._logps(b)
         B = seq.shape[0] // 2
         losses, cr, rr = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], cfg.beta, cfg.loss_type,
                                   cfg.label_smoothing)
-        loss = losses.mean()
         sg = mx.stop_gradient
+        extra = {}
+        if cfg.rpo_alpha is not None:
+            nll = rpo_nll(lp[:B], b.mask[:B])
+            losses = losses + cfg.rpo_alpha * nll
+            extra["nll_loss"] = sg(nll).mean()
+        loss = losses.mean()
         stats = {"loss": sg(loss), "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(),
                  "rewards/accuracies": (cr > rr).astype(mx.float32).mean(),
                  "rewards/margins": (cr - rr).mean(), "logps/chosen": sg(seq[:B]).mean(),
-                 "logps/rejected": sg(seq[B:]).mean()}
+                 "logps/rejected": sg(seq[B:]).mean(), **extra}
         return loss, stats
 
     def train_step(self, pairs: Sequence[EncodedPair]) -> dict:

@@ -11,6 +11,10 @@ the policy's chosen-over-rejected log-ratio minus the reference's.
     (IPO is defined on per-token *mean* log-probabilities; the trainer passes those.)
 The implicit rewards are beta times each answer's policy-over-reference log-ratio,
 detached: r_w = beta * (log pi(y_w) - log ref(y_w)), r_l likewise.
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's `rpo_alpha`)
+    adds alpha times the chosen answer's negative log-likelihood per token to each pair's
+    loss: DPO alone can lower the chosen answer's likelihood along with the rejected one's
+    (it only widens the gap), and the NLL term keeps the preferred answers likely.
 """
 
 from __future__ import annotations
@@ -51,3 +55,9 @@ def sequence_logps(token_logprobs: mx.array, mask: mx.array, average: bool = Fal
     """Sum (or, with `average`, the mean) of each row's masked token log-probabilities."""
     total = (mx.where(mask > 0, token_logprobs, 0.0) * mask).sum(axis=-1)
     return total / mx.maximum(mask.sum(axis=-1), 1.0) if average else total
+
+
+def rpo_nll(chosen_token_logprobs: mx.array, chosen_mask: mx.array) -> mx.array:
+    """RPO's term, per pair (B,): the chosen answer's negative log-likelihood per token
+    (its length-normalised NLL, as in Pang et al. 2024)."""
+    return -sequence_logps(chosen_token_logprobs, chosen_mask, average=True)
