@@ -44,8 +44,8 @@ from ..train.policy_adapter import cycled_indices, encode_prompts, init_seed, st
 # the adapter init's salt matters in small runs: the fast demo and test_ppo_trainer's
 # reward rise were checked with this draw.
 PROMPT_SALT, STEP_SALT, INIT_SALT = 17, 29, 2
-from .rollout import (Generation, activation_dtype, batched_response_forward, gather_generation,
-                      generate_batch, keep_sampler_logprobs, response_forward)
+from .rollout import (OLD_LOGPROBS, Generation, activation_dtype, batched_response_forward,
+                      gather_generation, generate_batch, keep_sampler_logprobs, response_forward)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class PPOConfig:
         need(self.value_head_init in ("zero", "reward"), "value_head_init", "must be zero or reward")
         need(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
              "must be >= 1 or null")
-        need(self.old_logprobs in ("auto", "rollout", "forward"), "old_logprobs",
+        need(self.old_logprobs in OLD_LOGPROBS, "old_logprobs",
              "must be auto, rollout or forward")
         need(self.activation_budget is None or self.activation_budget > 0, "activation_budget",
              "must be > 0 or null")
