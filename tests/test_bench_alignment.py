@@ -44,7 +44,8 @@ def test_method_settings_match_ppo_where_they_mean_the_same(ba):
     a = type("A", (), {"ppo_steps": 40, "max_tokens": 48, "temperature": 0.7, "progress": False})()
     g = ba.method_settings("grpo", a, 0)
     assert g["num_iterations"] == 4 and g["batch_size"] * g["group_size"] == 16 and g["steps"] == 40
-    assert ba.method_settings("ditto", a, 0)["rpo_alpha"] == 1.0
+    d = ba.method_settings("ditto", a, 0)
+    assert d["rpo_alpha"] == 1.0 and d["temperature"] == 1.0 and d["steps"] * d["rounds"] <= 40
     assert "rpo_alpha" not in ba.method_settings("dpo", a, 0)
     with pytest.raises(SystemExit, match="unknown method"):
         ba.method_settings("kto", a, 0)
