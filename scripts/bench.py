@@ -67,15 +67,16 @@ def peak_of(fn):
     return res, mx.get_peak_memory(), time.perf_counter() - t0
 
 
-def paired_rounds(mine, ref, rounds: int) -> tuple[list, list]:
-    """`rounds` rounds of both sides (`mine` first in round 1, then alternating which goes
-    first), so each round's pair saw the same machine load: (mine's results, ref's
-    results), one per round."""
-    ms, rs = [], []
+def paired_rounds(first, second, rounds: int) -> tuple[list, list]:
+    """`rounds` rounds of both sides (`first` goes first in round 1, then they alternate),
+    so each round's pair saw the same machine load: (first's results, second's results),
+    one per round."""
+    a, b = [], []
     for i in range(rounds):
-        for side in (("mine", "ref") if i % 2 == 0 else ("ref", "mine")):
-            (ms if side == "mine" else rs).append(mine() if side == "mine" else ref())
-    return ms, rs
+        order = ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a))
+        for fn, out in order:
+            out.append(fn())
+    return a, b
 
 
 def weight_bytes(model) -> int:
@@ -189,7 +190,7 @@ class Bench:
         # pairs runs that saw the same machine load; the median of the rounds is the figure
         a = self.args
         r_runs, m_runs = paired_rounds(self._mlx_lm_sft, lambda: self._mindprint_sft(compile_=None),
-                                       a.sft_rounds)      # mlx_lm.lora first in round 1
+                                       a.sft_rounds)      # mlx_lm.lora goes first in round 1
         mines, refs = [m[0] for m in m_runs], [r[0] for r in r_runs]
         (_, peak, base), (_, ref_peak) = m_runs[-1], r_runs[-1]
         ratios = [m / r for m, r in zip(mines, refs)]
