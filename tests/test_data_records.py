@@ -50,7 +50,7 @@ def write_valid(d: Path, topics=(("unit-1", "ch-1", "t-1"),), persona=True) -> P
 
 def test_valid_dir_loads(tmp_path):
     ds = load_data_dir(write_valid(tmp_path / "d"))
-    assert ds.summary() == {"sft": 3, "preference": 1, "quiz": 1, "distinctions": 1}
+    assert ds.summary() == {"sft": 3, "preference": 1, "quiz": 1, "distinctions": 1, "prompts": 0}
     assert ds.persona.name == "Test Persona" and ds.persona.voice_markers == ["patience", "the cycle"]
     r = ds.sft[0]
     assert r.prompt == ({"role": "user", "content": "What is t-1 0?"},)
@@ -236,7 +236,7 @@ json_values = st.recursive(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["sft", "preference", "quiz", "distinctions"]), value=json_values)
+@given(kind=st.sampled_from(["sft", "preference", "quiz", "distinctions", "prompts"]), value=json_values)
 def test_parse_record_never_raises_raw(kind, value):
     try:
         rec, warns = parse_record(kind, value, "f.jsonl:1")
@@ -248,7 +248,7 @@ def test_parse_record_never_raises_raw(kind, value):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fname=st.sampled_from(["sft_data.jsonl", "preference_data.jsonl", "quiz_data.jsonl",
-                              "critical_distinctions.jsonl", "persona.json"]),
+                              "critical_distinctions.jsonl", "prompt_data.jsonl", "persona.json"]),
        payload=st.one_of(st.binary(max_size=200),
                          st.lists(json_values, max_size=4).map(
                              lambda vs: "\n".join(json.dumps(v) for v in vs).encode())))
@@ -330,6 +330,35 @@ def test_curriculum_texts(tmp_path):
     assert all(isinstance(t, str) and t for t in texts)
 
 
+def test_prompt_records_are_prompts_without_answers_attached_to_their_topic(tmp_path):
+    d = write_valid(tmp_path / "d", topics=(("unit-1", "ch-1", "t-1"), ("unit-1", "ch-1", "t-2")))
+    _jsonl(d / "prompt_data.jsonl", [
+        {"prompt": "How do I wait?", **_where()},
+        {"prompt": [{"role": "user", "content": "And then?"}], "system": "Be brief.", **_where()},
+        {"prompt": "Orphan?", **_where(topic="t-9")},
+        {"prompt": "Untagged?"}])
+    ds = load_data_dir(d)
+    assert ds.summary()["prompts"] == 4
+    assert ds.prompts[1].prompt == ({"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "And then?"})
+    # a topic without SFT data, and untagged prompts (which no topic uses), are warned about
+    warned = sorted(w.line for w in ds.warnings if "has prompts but no SFT data" in w.message)
+    assert warned == [3, 4]
+    cur = build_curriculum(ds)
+    t1, t2 = cur.topics
+    assert [r.prompt[-1]["content"] for r in t1.prompts] == ["How do I wait?", "And then?"]
+    assert t2.prompts == []
+    # the tokenizer's texts leave the prompt-only file out
+    assert "How do I wait?" not in curriculum_texts(d)
+    # a prompt record holds no answer
+    _jsonl(d / "prompt_data.jsonl", [{"prompt": "Q?", "completion": "A."}, {"question": "Q?"}])
+    with pytest.raises(DataError) as e:
+        load_data_dir(d)
+    assert [(p.line, p.message.split(";")[0]) for p in e.value.errors] == [
+        (1, "a prompt record holds no answer (field 'completion')"),
+        (2, "prompt record is missing field 'prompt' (has: question)")]
+
+
 def test_demo_curriculum_is_valid():
     from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 
@@ -337,3 +366,7 @@ def test_demo_curriculum_is_valid():
     assert len(cur.units) >= 2 and len(cur.topics) >= 8
     assert cur.dataset.warnings == []
     assert len(curriculum_texts(DEMO_CURRICULUM_DIR)) > 100
+    # practice prompts for every topic's PPO, none of them answered anywhere in the data
+    answered = {json.dumps(r.prompt) for r in cur.dataset.sft + cur.dataset.preference}
+    assert all(len(t.prompts) >= 6 for t in cur.topics)
+    assert not any(json.dumps(r.prompt) in answered for r in cur.dataset.prompts)

@@ -24,7 +24,7 @@ def _norm(s: str) -> str:
 def _curriculum_prompts() -> set[str]:
     ds = load_data_dir(DEMO_CURRICULUM_DIR, require=())
     out = set()
-    for recs in (ds.sft, ds.preference, ds.distinctions):
+    for recs in (ds.sft, ds.preference, ds.distinctions, ds.prompts):
         for r in recs:
             p = r.prompt if isinstance(r.prompt, str) else " ".join(
                 m["content"] for m in r.prompt if m.get("role") == "user")
@@ -68,7 +68,7 @@ def test_heldout_prompts_appear_in_no_data_file():
     cur = _curriculum_prompts()
     corpus_q = {_norm(q) for q, _ in neutral_pairs()}
     # Not a prompt anywhere, and not even a phrase inside any data text.
-    every_text = [_norm(t) for t in curriculum_texts(DEMO_CURRICULUM_DIR) + neutral_texts()]
+    every_text = [_norm(t) for t in curriculum_texts(DEMO_CURRICULUM_DIR) + neutral_texts()] + sorted(cur)
     for p in prompts:
         n = _norm(p)
         assert n not in cur and n not in corpus_q, p

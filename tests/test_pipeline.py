@@ -51,7 +51,8 @@ def _config(model: Path, data: Path, run_dir: Path) -> dict:
         "model": str(model), "data_dir": str(data), "run_dir": str(run_dir), "seed": 0,
         # (1 epoch on 16 pairs: at chance; the run goes on to PPO all the same)
         "reward": {"train": {"lora_rank": 2, "lora_alpha": 4.0, "epochs": 1, "batch_size": 8,
-                             "max_seq_length": 96, "compile": False}, "continue_at_chance": True},
+                             "max_seq_length": 96, "compile": False}, "continue_at_chance": True,
+                   "contrast_samples": 1},
         "sft": {"lora_rank": 2, "lora_alpha": 4.0, "max_seq_length": 96, "compile": False},
         "ppo": {"steps": 3, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
                 "max_new_tokens": 8, "save_every": 1, "progress": False, "learning_rate": 1e-3},
@@ -178,6 +179,10 @@ def test_interrupted_and_killed_run_resumes_to_the_same_result(setup):
     assert (merged / "adapters.safetensors").is_file()
     assert st["units"][UNIT]["done"] and len(st["units"][UNIT]["verify"]) == 2
     assert (run_dir / "reward_model" / "adapter" / "heads.safetensors").is_file()
+    # reward.contrast_samples 1: the person's answers (17 SFT answers and the reward half's
+    # chosen ones) each over one base-model sample, on top of the reward half of the 20 pairs
+    rm = st["reward_model"]
+    assert 0 < rm["contrast_pairs"] <= 27 and rm["pairs"] == 10 + rm["contrast_pairs"]
     assert (run_dir / "final_adapter" / "adapter_config.json").is_file()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["plan"] == planned == st["plan"]          # the dry run's plan is what ran

@@ -80,8 +80,28 @@ def test_training_records_that_repeat_a_quiz_question_are_warned_about_and_dropp
     assert [(w.file.endswith(f), w.line) for w, f in zip(warned, ["sft_data.jsonl", "preference_data.jsonl"])] \
         == [(True, 2), (True, 1)]
     cur = build_curriculum(ds)
-    assert drop_quiz_repeats(ds, cur) == {"sft": 1, "preference": 1, "distinctions": 0}
+    assert drop_quiz_repeats(ds, cur) == {"sft": 1, "preference": 1, "distinctions": 0,
+                                          "prompts": 0}
     (topic,) = cur.topics
     assert [r.completion for r in topic.sft] == ["A season."] and len(ds.preference) == 1
     # PPO's prompts never include the quiz questions
     assert [p[-1]["content"] for p in ppo_prompts(topic)] == ["What is a cycle?", "Why wait?"]
+    # with practice prompts (prompt_data.jsonl) PPO samples on those alone, quiz repeats dropped
+    write("prompt_data.jsonl", [{"prompt": "How long is a season?"}, {"prompt": "What is a trend"},
+                                {"prompt": "How long is a season?"}])
+    ds = load_data_dir(tmp_path)
+    cur = build_curriculum(ds)
+    assert drop_quiz_repeats(ds, cur)["prompts"] == 1
+    (topic,) = cur.topics
+    assert [p[-1]["content"] for p in ppo_prompts(topic)] == ["How long is a season?"]
+
+
+def test_contrast_pairs_prefer_the_persons_answer_to_each_base_sample():
+    from mindprint_mlx.pipeline.phases import contrast_pairs
+
+    q1, q2 = ({"role": "user", "content": "Q1"},), ({"role": "user", "content": "Q2"},)
+    pairs = contrast_pairs([(q1, "Mind the season."), (q2, "Risk first.")],
+                           [["A cycle is a pattern.", " Mind the season. ", ""], ["Buy now."]])
+    # a sample equal to the person's answer (or empty) is no contrast
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (q1, "Mind the season.", "A cycle is a pattern."), (q2, "Risk first.", "Buy now.")]

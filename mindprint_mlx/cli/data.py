@@ -5,21 +5,20 @@ from __future__ import annotations
 import click
 
 
-def _files(sft, preference, quiz, distinctions, persona):
+def _files(sft, preference, quiz, distinctions, persona, prompts=None):
     from ..data import DataFiles
 
-    d = DataFiles()
     kw = {k: v for k, v in (("sft", sft), ("preference", preference), ("quiz", quiz),
-                            ("distinctions", distinctions), ("persona", persona)) if v}
-    return DataFiles(**{**{f: getattr(d, f) for f in ("sft", "preference", "quiz",
-                                                      "distinctions", "persona", "required")},
-                        **kw})
+                            ("distinctions", distinctions), ("persona", persona),
+                            ("prompts", prompts)) if v}
+    return DataFiles(**kw)
 
 
 def _file_options(f):
     for name, default in reversed((("sft", "sft_data.jsonl"), ("preference", "preference_data.jsonl"),
                                    ("quiz", "quiz_data.jsonl"),
                                    ("distinctions", "critical_distinctions.jsonl"),
+                                   ("prompts", "prompt_data.jsonl"),
                                    ("persona", "persona.json"))):
         f = click.option(f"--{name}-file", name, default=None, metavar="NAME",
                          help=f"File name inside DIR (default {default}).")(f)
@@ -44,12 +43,13 @@ def data() -> None:
 @click.argument("directory", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--strict", is_flag=True, help="Treat warnings (unknown keys, duplicates) as errors.")
 @_file_options
-def check(directory, strict, units, topics, sft, preference, quiz, distinctions, persona):
+def check(directory, strict, units, topics, sft, preference, quiz, distinctions, prompts, persona):
     """Validate DIR: exit 1 listing every problem (file:line: what is wrong), else a summary."""
     from ..data import DataError
 
     try:
-        cur = _load(directory, units, topics, _files(sft, preference, quiz, distinctions, persona))
+        cur = _load(directory, units, topics, _files(sft, preference, quiz, distinctions, persona,
+                                                     prompts))
     except DataError as e:
         errs, warns = e.errors, e.warnings
         for p in errs + warns:
@@ -63,11 +63,11 @@ def check(directory, strict, units, topics, sft, preference, quiz, distinctions,
     s = ds.summary()
     click.echo(f"ok: {len(cur.units)} units, {sum(len(u.chapters) for u in cur.units)} chapters, "
                f"{len(cur.topics)} topics; {s['sft']} SFT, {s['preference']} preference, "
-               f"{s['quiz']} quiz, {s['distinctions']} distinctions; "
+               f"{s['quiz']} quiz, {s['distinctions']} distinctions, {s['prompts']} prompts; "
                f"{len(ds.persona.voice_markers)} voice markers; {len(ds.warnings)} warnings")
     for t in cur.topics:
         click.echo(f"  {t.key}: {len(t.sft)} SFT, {len(t.preference)} pref, {len(t.quiz)} quiz, "
-                   f"{len(t.distinctions)} dist")
+                   f"{len(t.distinctions)} dist" + (f", {len(t.prompts)} prompts" if t.prompts else ""))
     if strict and ds.warnings:
         click.secho(f"--strict: {len(ds.warnings)} warnings count as errors", fg="red", err=True)
         click.get_current_context().exit(1)
@@ -83,7 +83,7 @@ def check(directory, strict, units, topics, sft, preference, quiz, distinctions,
               help="Override a bound, e.g. --set max_epochs=4.")
 @_file_options
 def report(directory, output, bounds_path, overrides, units, topics, sft, preference, quiz,
-           distinctions, persona):
+           distinctions, prompts, persona):
     """Write a markdown quality report for DIR: per-topic counts, lengths, voice-marker
     density, preference quality, weak-topic flags, recommendations and adaptive plans."""
     from ..data import DataError
@@ -93,7 +93,8 @@ def report(directory, output, bounds_path, overrides, units, topics, sft, prefer
 
     bounds = load_bounds(bounds_path, list(overrides) or None)
     try:
-        cur = _load(directory, units, topics, _files(sft, preference, quiz, distinctions, persona))
+        cur = _load(directory, units, topics, _files(sft, preference, quiz, distinctions, persona,
+                                                     prompts))
     except DataError as e:
         for p in e.errors + e.warnings:
             click.echo(str(p))

@@ -2,8 +2,8 @@
 
 Order: units, then chapters within a unit, then topics within a chapter, each by natural
 sort ("unit-2" before "unit-10", case-insensitive). A topic exists when it has SFT or quiz
-records; preference pairs and critical distinctions attach to the topic with the same
-(unit, chapter, topic). `Topic.rel_dir` is "unit/chapter/topic" with each part passed
+records; preference pairs, critical distinctions and prompt-only records attach to the
+topic with the same (unit, chapter, topic). `Topic.rel_dir` is "unit/chapter/topic" with each part passed
 through `mindprint_mlx.io.safe_name`, so it never holds "..", extra slashes or an
 absolute path.
 """
@@ -19,7 +19,7 @@ from typing import Iterable
 from ..errors import MindprintError
 from ..io import safe_name
 from .records import (DataError, DataFiles, Dataset, DistinctionRecord, PreferenceRecord, Problem,
-                      QuizRecord, SFTRecord, load_data_dir)
+                      PromptRecord, QuizRecord, SFTRecord, load_data_dir)
 
 _CHUNKS = re.compile(r"(\d+)")
 
@@ -51,6 +51,7 @@ class Topic:
     preference: list[PreferenceRecord] = field(default_factory=list)
     quiz: list[QuizRecord] = field(default_factory=list)
     distinctions: list[DistinctionRecord] = field(default_factory=list)
+    prompts: list[PromptRecord] = field(default_factory=list)   # practice prompts (no answer)
 
     def preference_pairs(self) -> list[PreferenceRecord]:
         """The topic's preference pairs plus its critical distinctions as pairs."""
@@ -154,6 +155,10 @@ def build_curriculum(dataset: Dataset, units: Iterable[str] | None = None,
         t = topic_for(r, False)
         if t is not None:
             t.distinctions.append(r)
+    for r in dataset.prompts:
+        t = topic_for(r, False)
+        if t is not None:
+            t.prompts.append(r)
 
     # Two different topics must not share a directory (or a key).
     seen: dict[str, Topic] = {}

@@ -9,6 +9,8 @@ A data directory holds (names configurable with `DataFiles`):
                                 conversations sharing the prompt messages)
     quiz_data.jsonl             {"question", "reference_answer"}
     critical_distinctions.jsonl {"prompt", "correct", "incorrect"}
+    prompt_data.jsonl           {"prompt"} (TRL's prompt-only layout: prompts without answers,
+                                for the refine methods that sample their own; optional)
     persona.json                {"name", "description", "system_prompt", "voice_markers"} (optional)
 
 Every record may carry `unit`, `chapter` and `topic` strings (default "default").
@@ -99,6 +101,19 @@ class QuizRecord:
 
 
 @dataclass(frozen=True)
+class PromptRecord:
+    """A prompt without an answer: what the refine methods that sample their own answers
+    (PPO, GRPO, RLOO) practise on, beyond the prompts the person answered."""
+    prompt: tuple[dict, ...]
+    unit: str = DEFAULT_GROUP
+    chapter: str = DEFAULT_GROUP
+    topic: str = DEFAULT_GROUP
+    source: str = ""  # "file:line"
+
+    __hash__ = _record_hash
+
+
+@dataclass(frozen=True)
 class DistinctionRecord:
     """A prompt where the correct answer must be told apart from a plausible incorrect one."""
     prompt: tuple[dict, ...]
@@ -173,10 +188,11 @@ class DataFiles:
     preference: str = "preference_data.jsonl"
     quiz: str = "quiz_data.jsonl"
     distinctions: str = "critical_distinctions.jsonl"
+    prompts: str = "prompt_data.jsonl"
     persona: str = "persona.json"
     required: tuple[str, ...] = ("sft", "preference", "quiz")
 
-    KINDS = ("sft", "preference", "quiz", "distinctions")
+    KINDS = ("sft", "preference", "quiz", "distinctions", "prompts")
 
 
 @dataclass
@@ -185,6 +201,7 @@ class Dataset:
     preference: list[PreferenceRecord] = field(default_factory=list)
     quiz: list[QuizRecord] = field(default_factory=list)
     distinctions: list[DistinctionRecord] = field(default_factory=list)
+    prompts: list[PromptRecord] = field(default_factory=list)
     persona: Persona = field(default_factory=Persona)
     warnings: list[Problem] = field(default_factory=list)
     root: Path | None = None
@@ -196,7 +213,7 @@ class Dataset:
 
     def summary(self) -> dict[str, int]:
         return {"sft": len(self.sft), "preference": len(self.preference), "quiz": len(self.quiz),
-                "distinctions": len(self.distinctions)}
+                "distinctions": len(self.distinctions), "prompts": len(self.prompts)}
 
 
 # --------------------------------------------------------------------------- validation
@@ -408,11 +425,22 @@ def _parse_distinction(rec: dict, warn: list[str]) -> tuple[dict, Any]:
             ("prompt", "correct", "incorrect", "system"))
 
 
+def _parse_prompt(rec: dict, warn: list[str]) -> tuple[dict, Any]:
+    _require(rec, ("prompt",), "prompt")
+    for k in ("completion", "chosen", "rejected"):
+        if k in rec:
+            raise _Invalid(f"a prompt record holds no answer (field '{k}'); answered prompts "
+                           "belong in the SFT or preference file")
+    return {"prompt": _system(rec, _prompt(rec["prompt"], "prompt", warn))}, ("prompt", "system")
+
+
 _KIND_NAMES = {"sft": "an SFT record", "preference": "a preference record",
-               "quiz": "a quiz record", "distinctions": "a critical-distinction record"}
+               "quiz": "a quiz record", "distinctions": "a critical-distinction record",
+               "prompts": "a prompt record"}
 
 _PARSERS = {"sft": (_parse_sft, SFTRecord), "preference": (_parse_preference, PreferenceRecord),
-            "quiz": (_parse_quiz, QuizRecord), "distinctions": (_parse_distinction, DistinctionRecord)}
+            "quiz": (_parse_quiz, QuizRecord), "distinctions": (_parse_distinction, DistinctionRecord),
+            "prompts": (_parse_prompt, PromptRecord)}
 
 
 def _curriculum_fields(rec: dict) -> dict:
@@ -649,7 +677,7 @@ def question_key(text: str) -> str:
 
 
 def quiz_repeats(records: Iterable[Any], quiz: Iterable[QuizRecord]) -> list[tuple[Any, QuizRecord]]:
-    """Training records (SFT, preference, distinction) whose last user turn repeats a quiz
+    """Training records (SFT, preference, distinction, prompt) whose last user turn repeats a quiz
     question, with the quiz record it repeats: the quiz must be held out, so these are
     dropped from training."""
     questions = {}
@@ -664,7 +692,7 @@ def quiz_repeats(records: Iterable[Any], quiz: Iterable[QuizRecord]) -> list[tup
 
 
 def _quiz_repeat_checks(ds: Dataset, problems: list[Problem]) -> None:
-    for kind in ("sft", "preference", "distinctions"):
+    for kind in ("sft", "preference", "distinctions", "prompts"):
         for r, q in quiz_repeats(getattr(ds, kind), ds.quiz):
             file, _, line = r.source.rpartition(":")
             problems.append(Problem(file or r.source, int(line) if line.isdigit() else None,
@@ -683,6 +711,7 @@ def _topic_checks(ds: Dataset, display: dict[str, str], problems: list[Problem],
 
     sft, quiz = first_lines(ds.sft), first_lines(ds.quiz)
     pref, dist = first_lines(ds.preference), first_lines(ds.distinctions)
+    prompts = first_lines(ds.prompts)
 
     def split(source: str) -> tuple[str, int | None]:
         f, _, ln = source.rpartition(":")
@@ -697,11 +726,12 @@ def _topic_checks(ds: Dataset, display: dict[str, str], problems: list[Problem],
                 problems.append(Problem(*split(src), f"topic '{name(k)}' has SFT data but no quiz "
                                                      f"questions in {display['quiz']}"))
     for what, table in (("quiz questions", quiz), ("preference pairs", pref),
-                        ("critical distinctions", dist)):
+                        ("critical distinctions", dist), ("prompts", prompts)):
         for k, src in table.items():
-            if k in sft or (what != "quiz questions" and k == (DEFAULT_GROUP,) * 3):
+            held = what in ("quiz questions", "prompts")   # used by their topic only
+            if k in sft or (not held and k == (DEFAULT_GROUP,) * 3):
                 continue  # untagged pairs are global (reward model), not a topic's
-            if sft or what == "quiz questions":
+            if sft or held:
                 problems.append(Problem(*split(src), f"topic '{name(k)}' has {what} but no SFT "
                                                      f"data", "warning"))
 
@@ -763,7 +793,9 @@ def message_texts(messages: Iterable[dict]) -> list[str]:
 
 
 def curriculum_texts(data_dir: str | os.PathLike, files: DataFiles | None = None) -> list[str]:
-    """Every piece of text in a data directory (prompts, answers, persona), in file order.
+    """Every piece of text of a data directory's answered records (prompts, answers) and
+    persona, in file order; the prompt-only file is left out (no answer of the model is
+    taught from it, and adding practice prompts should not change the demo model).
 
     Used to train the demo model's tokenizer. Raises DataError on invalid data.
     """

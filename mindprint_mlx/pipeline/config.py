@@ -37,6 +37,19 @@ class RewardSection:
     continue_at_chance: bool = field(
         default=False,
         metadata={"help": "go on to PPO with a reward model at chance validation accuracy"})
+    contrast_samples: int = field(
+        default=0,
+        metadata={"help": "answers the base model samples per person-written answer (SFT answers, "
+                          "the reward half's chosen ones), each a rejected answer to it (0: none)"})
+    contrast_temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of those base-model answers"})
+
+    def validate(self) -> None:
+        if self.contrast_samples < 0:
+            raise ConfigError(f"key 'reward.contrast_samples': must be >= 0, got {self.contrast_samples}")
+        if not self.contrast_temperature > 0:
+            raise ConfigError("key 'reward.contrast_temperature': must be > 0, got "
+                              f"{self.contrast_temperature}")
 
 
 @dataclass

@@ -15,26 +15,30 @@ from typing import Callable
 
 from ..errors import MindprintError
 
-# Tuned on seed 0 with bias-corrected Adam on the pretrained demo base: SFT at lr 2e-3 over 20
-# epochs with replay keeps every taught answer (token F1 of the final adapter's greedy answers
-# to the SFT prompts: 0.99 and more on every topic; at 1e-3 it leaves them half learnt); PPO
-# with 4 epochs per batch raises the reward model's mean reward on most topics (2 epochs left
-# it flat on some) at a KL of a few nats; 2e-3 ran to 18 nats.
+# Tuned with bias-corrected Adam on the pretrained demo base: SFT at lr 2e-3 over 20 epochs
+# with replay keeps every taught answer (token F1 of the final adapter's greedy answers to the
+# SFT prompts: 0.99 and more on every topic; at 1e-3 it leaves them half learnt). The reward
+# model learns from contrast pairs (the person's answers over 4 base-model samples each) on
+# every linear layer; PPO samples 16 answers a step at temperature 0.7 on each topic's
+# practice prompts, at lr 3e-4 with a nearly fixed KL coefficient of 0.05 (KL to SFT 1-4 nats
+# after 16 steps). Seeds 0-2 and what each change bought: docs/demo.md.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEMO_CONFIG: dict = {
     "seed": 0,
     "reward": {"train": {"lora_rank": 8, "lora_alpha": 16.0, "epochs": 6, "batch_size": 8,
                          "max_seq_length": 96, "learning_rate": 1e-3, "weight_decay": 0.01, "patience": 2,
-                         "log_every": 2, "include_distinctions": True, "compile": False}},
+                         "log_every": 2, "include_distinctions": True, "compile": False,
+                         "lora_targets": ALL_LINEAR},
+               "contrast_samples": 4},
     "sft": {"lora_rank": 16, "lora_alpha": 32.0, "learning_rate": 2e-3, "max_seq_length": 96, "save_every": 100,
             "lora_targets": ALL_LINEAR, "compile": False, "replay_fraction": 0.75},
-    "ppo": {"steps": 12, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 4,
-            "learning_rate": 1e-3, "max_new_tokens": 56, "init_kl_coef": 0.2,
-            "adap_kl_ctrl": True, "target": 3.0, "horizon": 8.0, "missing_eos_penalty": 1.0,
+    "ppo": {"steps": 16, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
+            "learning_rate": 3e-4, "max_new_tokens": 56, "temperature": 0.7, "init_kl_coef": 0.05,
+            "adap_kl_ctrl": True, "target": 6.0, "horizon": 10000.0, "missing_eos_penalty": 1.0,
             "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_LINEAR, "save_every": 4,
             "progress": False},
-    # the other refine methods (refine.method: grpo | rloo | dpo | ditto), sized like PPO's
+    # the other refine methods (refine.method: grpo | rloo | dpo | ditto): a few steps, rank 4
     "grpo": {"steps": 12, "batch_size": 2, "group_size": 4, "learning_rate": 1e-3, "beta": 0.04,
              "max_new_tokens": 56, "missing_eos_penalty": 1.0, "lora_rank": 4, "lora_alpha": 8.0,
              "lora_targets": ALL_LINEAR, "save_every": 4, "progress": False},
@@ -62,8 +66,9 @@ HONEST = ("Note: the demo model is tiny (about a million parameters, pretrained 
           "minute on a plain market primer), so its text is not meant to be good: after SFT "
           "it recalls taught answers with slips, and on new prompts it stitches its primer's "
           "sentences together (real words, loose sense). The "
-          "reward model, trained on 40 pairs, is easy to fool; PPO takes a few small, KL-bounded "
-          "steps that raise its mean reward (and here the voice markers), not the answers' sense. "
+          "reward model, trained on 40 hand-written pairs and the person's answers preferred over "
+          "the base's own, is easy to fool; PPO takes a few small, KL-bounded steps that raise its "
+          "reward (and here the voice markers), not the answers' sense. "
           "The demo shows the machinery, every phase, file and report of a real run, not the "
           "quality of one.")
 

@@ -133,7 +133,7 @@ def drop_quiz_repeats(dataset, curriculum) -> dict[str, int]:
     from ..data.records import quiz_repeats
 
     counts = {}
-    for kind in ("sft", "preference", "distinctions"):
+    for kind in ("sft", "preference", "distinctions", "prompts"):
         bad = {id(r) for r, _ in quiz_repeats(getattr(dataset, kind), dataset.quiz)}
         counts[kind] = len(bad)
         setattr(dataset, kind, [r for r in getattr(dataset, kind) if id(r) not in bad])
@@ -162,10 +162,14 @@ def split_pairs(pairs: list, seed: int) -> tuple[list, list]:
 
 
 def ppo_prompts(topic) -> list[list[dict]]:
-    """PPO's prompts: the topic's SFT and preference prompts (unique). Never its quiz
-    questions: the quiz grades PPO's result, so it must stay held out."""
+    """The prompts PPO (GRPO, RLOO) samples on (unique): the topic's practice prompts
+    (prompt_data.jsonl) when it has any, else its SFT and preference prompts. Practice
+    prompts are the better choice: the SFT policy already recites the taught answers, so on
+    those prompts its samples barely differ and PPO has little to learn from (docs/pipeline.md).
+    Never the quiz questions: the quiz grades PPO's result, so it must stay held out."""
     out, seen = [], set()
-    prompts = [list(r.prompt) for r in topic.sft] + [list(r.prompt) for r in topic.preference]
+    prompts = ([list(r.prompt) for r in topic.prompts] if topic.prompts else
+               [list(r.prompt) for r in topic.sft] + [list(r.prompt) for r in topic.preference])
     for p in prompts:
         key = repr(p)
         if key not in seen:
@@ -257,7 +261,15 @@ def reward_models(run: Run) -> None:
         st.data["reward_model"] = {"done": True, "adapter_dir": str(adapter_dir), "reused": True}
         st.save()
     else:
-        adapter_dir = train_scorer(run, "reward_model", "reward", reward_pairs)
+        contrast = []
+        if cfg.reward.contrast_samples and not scorer_done(run, "reward_model"):
+            contrast = base_contrast_pairs(run, reward_pairs)
+            run.echo(f"reward model: {len(contrast)} contrast pairs (the person's answer over "
+                     f"{cfg.reward.contrast_samples} base-model samples each)")
+        adapter_dir = train_scorer(run, "reward_model", "reward", reward_pairs + contrast)
+        if contrast:
+            st.data["reward_model"]["contrast_pairs"] = len(contrast)
+            st.save()
     judge_dir = train_scorer(run, "judge_model", "judge", judge_pairs) if judge == "split" else None
     run.rm = RewardModel.load(run.model, run.tok, adapter_dir)
     if judge_dir is not None:
@@ -270,13 +282,58 @@ def reward_models(run: Run) -> None:
     lora.set_active(run.model, [])
 
 
+def contrast_pairs(sources: list[tuple[tuple, str]], samples: list[list[str]]) -> list:
+    """Preference pairs that prefer the person's answer to each of the base model's answers
+    to the same prompt: `sources[i]` = (prompt, the person's answer), `samples[i]` = the
+    base model's answers to it. A sample equal to the person's answer is no contrast."""
+    from ..data.records import PreferenceRecord
+
+    return [PreferenceRecord(prompt=tuple(prompt), chosen=answer, rejected=x)
+            for (prompt, answer), xs in zip(sources, samples) for x in xs
+            if x.strip() and x.strip() != answer.strip()]
+
+
+def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
+    """reward.contrast_samples answers of the base model (no adapter) to every prompt the
+    person answered (the SFT answers and the reward half's chosen answers), each a rejected
+    answer against the person's: the reward model learns what separates the person's voice
+    from the base's own, on the kind of text the policy writes (the pairs are hand-written).
+    Sampled like PPO (its length, top_p) at reward.contrast_temperature, with keys from the
+    run's seed: the same on every rank and on a rerun."""
+    from ..data.records import PreferenceRecord
+    from ..ppo.rollout import generate_batch
+
+    cfg = run.cfg
+    sources = [(r.prompt, r.completion) for r in run.dataset.sft]
+    sources += [(p.prompt, p.chosen) for p in reward_pairs if isinstance(p, PreferenceRecord)]
+    enc = [ev.encode_prompt(run.tok, list(p)) for p, _ in sources]
+    eos, pad = eos_ids(run.tok), pad_id(run.tok)
+    samples: list[list[str]] = [[] for _ in sources]
+    lora.set_active(run.model, [])
+    for k in range(cfg.reward.contrast_samples):
+        for i in range(0, len(enc), 16):
+            g = generate_batch(run.model, enc[i:i + 16], cfg.ppo.max_new_tokens, eos, pad,
+                               cfg.reward.contrast_temperature, cfg.ppo.top_p,
+                               mx.random.key(cfg.seed * 1000 + 4241 + k * 7919 + i))
+            toks, n, ended = (g.response_tokens.tolist(), g.response_lengths.tolist(),
+                              g.ended.tolist())
+            for j, (t, m, e) in enumerate(zip(toks, n, ended)):
+                samples[i + j].append(run.tok.decode(t[:m - 1] if e else t[:m]))
+    return contrast_pairs(sources, samples)
+
+
+def scorer_done(run: Run, key: str) -> bool:
+    rec = run.state.data.get(key)
+    return bool(rec and run.state.exists(rec["adapter_dir"]))
+
+
 def train_scorer(run: Run, key: str, label: str, pairs: list) -> Path:
     """Train (or find done) a Bradley-Terry scorer into run_dir/{key}; its adapter dir."""
     from ..train.reward import train_reward_model
 
     st = run.state
     rec = st.data.get(key)
-    if rec and st.exists(rec["adapter_dir"]):
+    if scorer_done(run, key):
         run.echo(f"{label} model: done ({rec['adapter_dir']})")
         return read_dir(run, rec["adapter_dir"])
     if not pairs:
