@@ -6,7 +6,7 @@ learns from and which section of the config holds its settings:
 
 | method | learns from (the topic's) | settings | training-batch score |
 |---|---|---|---|
-| ppo | prompts (SFT + preference), the run's reward model | `ppo:` | objective/scores |
+| ppo | practice prompts (else SFT + preference), the run's reward model | `ppo:` | objective/scores |
 | grpo, rloo | the same prompts and reward model | `grpo:` (method set by refine) | objective/scores |
 | dpo | preference pairs and critical distinctions | `dpo:` | rewards/margins |
 | ditto | SFT demonstrations | `ditto:` | rewards/margins |
