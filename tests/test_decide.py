@@ -34,7 +34,8 @@ def test_adaptive_plan_of_a_topic_halfway_between_the_bounds():
     row = decide.topic_plan(_topic(36), _quality(36), AdaptiveBounds())
     assert row["plan"] == {"sft_epochs": 4, "batch_size": 5, "lr_multiplier": 0.75,
                            "pass_threshold": 0.8, "trainable": True}
-    assert row["counts"] == {"sft": 36, "preference": 1, "quiz": 2, "distinctions": 0}
+    assert row["counts"] == {"sft": 36, "preference": 1, "quiz": 2, "distinctions": 0,
+                             "prompts": 0}
     assert (row["key"], row["unit"], row["chapter"], row["topic"]) == ("u/c/t", "u", "c", "t")
     assert row["quality"]["marker_coverage"] == 50.0
     assert any(r.startswith("sft_epochs=4:") for r in row["reasons"])

@@ -150,7 +150,7 @@ def render_report(state: dict, config: dict | None = None) -> str:
         lines.append("")
         c = p["counts"]
         lines.append(f"Data: {c['sft']} SFT, {c['preference']} preference, {c['quiz']} quiz, "
-                     f"{c['distinctions']} distinctions.")
+                     f"{c['distinctions']} distinctions, {c.get('prompts', 0)} practice prompts.")
         if pl["trainable"]:
             lines.append(f"Adaptive plan: SFT {pl['sft_epochs']} epochs, batch {pl['batch_size']}, "
                          f"lr x{pl['lr_multiplier']:.3g}, pass threshold {pl['pass_threshold']:.2f}.")
