@@ -297,7 +297,8 @@ def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
     """reward.contrast_samples answers of the base model (no adapter) to every prompt the
     person answered (the SFT answers and the reward half's chosen answers), each a rejected
     answer against the person's: the reward model learns what separates the person's voice
-    from the base's own, on the kind of text the policy writes (the pairs are hand-written).
+    from the base's own, on the kind of text the policy writes (the hand-written pairs are
+    few, and both of their sides fluent).
     Sampled like PPO (its length, top_p) at reward.contrast_temperature, with keys from the
     run's seed: the same on every rank and on a rerun."""
     from ..data.records import PreferenceRecord
