@@ -82,18 +82,18 @@ def test_fast_demo_teaches_the_voice_keeps_both_topics_and_ppo_stays_bounded(
     with lora.active_adapters(model, ["shipped"]):
         f1 = {t.name: ev.taught_f1(model, tok, t.sft) for t in cur.topics}
     assert min(f1.values()) >= 0.7, f1
-    # PPO ran below the threshold on both topics, its KL to the SFT policy stayed bounded, and
-    # the reward model's mean reward of sampled answers to the topic's prompts (the same
-    # sampling keys before and after) rose on at least one of them; the training-batch trend
-    # is reported (first 3 steps against the last 3: batches of different prompts, so on
-    # this tiny demo it rises or falls with the demo base's last bits; docs/demo.md); the
-    # final adapter is graded and the report says so.
+    # PPO ran below the threshold on both topics on their practice prompts, its KL to the SFT
+    # policy stayed bounded, and on both it climbed: the training-batch reward (the mean of
+    # the last 3 steps above the first 3) and the reward model's mean reward of sampled
+    # answers to the topic's prompts (the same sampling keys before and after) rose (in
+    # every run of these two topics measured, across seeds and BLAS builds: docs/demo.md);
+    # the final adapter is graded and the report says so.
     assert len(made["ppo"]) == 2, "PPO ran on too few topics"
     for p in made["ppo"]:
         assert p["kl_mean"] is not None and 0 <= p["kl_last"] < 10.0, p
         assert p["answer_before"] is not None and p["answer_after"] is not None
-        assert isinstance(p["trend"]["rises"], bool) and p["trend"]["first"] is not None, p
-    assert any(p["reward_after"] > p["reward_before"] for p in made["ppo"]), made["ppo"]
+        assert p["trend"]["rises"] is True and p["trend"]["last"] > p["trend"]["first"], p
+        assert p["reward_after"] > p["reward_before"], p
     text = parts_text(made)
     assert "Held-out prompts" in text and "PPO " in text and "KL to the SFT policy" in text
     assert "| topic |" in made["summary"] and "Pass rate of the final adapter" in made["summary"]
