@@ -5,8 +5,9 @@ padding) is imported on its own: `from mindprint_mlx.data.batching import ...`.
 """
 
 from .records import (CURRICULUM_KEYS, DEFAULT_GROUP, ROLES, DataError, DataFiles, Dataset,
-                      DistinctionRecord, Message, Persona, PreferenceRecord, Problem, PromptRecord, QuizRecord,
-                      SFTRecord, curriculum_texts, load_data_dir, load_persona, parse_record)
+                      DistinctionRecord, Message, Persona, PreferenceRecord, Problem, PromptRecord,
+                      QuizRecord, SFTRecord, curriculum_texts, load_data_dir, load_persona,
+                      parse_record)
 from .curriculum import (Chapter, Curriculum, Topic, Unit, build_curriculum, load_curriculum,
                          natural_key, natural_sorted)
 from .quality import (QualityReport, QualityThresholds, TopicQuality, quality_report,
@@ -15,8 +16,8 @@ from .adaptive import AdaptiveBounds, TopicPlan, decide, load_bounds
 
 __all__ = [
     "CURRICULUM_KEYS", "DEFAULT_GROUP", "ROLES", "DataError", "DataFiles", "Dataset",
-    "DistinctionRecord", "Message", "Persona", "PreferenceRecord", "Problem", "PromptRecord", "QuizRecord",
-    "SFTRecord", "curriculum_texts", "load_data_dir", "load_persona", "parse_record",
+    "DistinctionRecord", "Message", "Persona", "PreferenceRecord", "Problem", "PromptRecord",
+    "QuizRecord", "SFTRecord", "curriculum_texts", "load_data_dir", "load_persona", "parse_record",
     "Chapter", "Curriculum", "Topic", "Unit", "build_curriculum", "load_curriculum",
     "natural_key", "natural_sorted",
     "QualityReport", "QualityThresholds", "TopicQuality", "quality_report", "render_markdown",
