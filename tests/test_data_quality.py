@@ -150,7 +150,7 @@ def test_report_renders(tmp_path):
     rep = quality_report(cur)
     assert len(rep.topics) == len(rep.plans) == 2 and rep.summary["topics"] == 2
     md = render_markdown(rep)
-    assert "| u1/c/a | 3 | 1 | 1 | 1 |" in md
+    assert "| u1/c/a | 3 | 1 | 1 | 1 | 0 |" in md      # SFT, pref, quiz, dist, practice prompts
     assert "## Adaptive training plan" in md and "decision: sft_epochs=5" in md
     assert "recommend:" in md
 
@@ -163,3 +163,4 @@ def test_demo_report():
     assert all(p.trainable for p in rep.plans)
     assert all(q.preference_score is not None and 0 <= q.preference_score <= 1 for q in rep.topics)
     assert "Tove" in render_markdown(rep) or rep.persona.name in render_markdown(rep)
+    assert all(q.n_prompts == 6 for q in rep.topics) and "48 practice prompts" in render_markdown(rep)

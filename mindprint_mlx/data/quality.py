@@ -88,6 +88,7 @@ class TopicQuality:
     preference_score: float | None          # [0, 1]; None without preference pairs
     quality_score: float                    # [0, 1]
     n_duplicates: int = 0
+    n_prompts: int = 0                      # practice prompts (prompt_data.jsonl)
     flags: list[str] = field(default_factory=list)
     recommendations: list[str] = field(default_factory=list)
 
@@ -126,7 +127,7 @@ def topic_quality(topic: Topic, persona: Persona | None = None,
 
     q = TopicQuality(topic.key, topic.rel_dir, len(topic.sft), len(topic.preference),
                      len(topic.quiz), len(topic.distinctions), LengthStats.of(lengths), len(markers),
-                     coverage, per100, pref, quality, dups)
+                     coverage, per100, pref, quality, dups, n_prompts=len(topic.prompts))
     _flag(q, th)
     return q
 
@@ -215,16 +216,17 @@ def render_markdown(report: QualityReport, title: str = "Data quality report") -
     out.append("")
     out.append(f"{s['units']} units, {s['chapters']} chapters, {s['topics']} topics; "
                f"{s['sft']} SFT examples, {s['preference']} preference pairs, {s['quiz']} quiz "
-               f"questions, {s['distinctions']} critical distinctions; {s['voice_markers']} voice "
+               f"questions, {s['distinctions']} critical distinctions, {s.get('prompts', 0)} practice "
+               f"prompts; {s['voice_markers']} voice "
                f"markers. Weak topics: {s['weak_topics']}; untrainable: {s['untrainable_topics']}.")
     out += ["", "## Topics", "",
-            "| topic | SFT | pref | quiz | dist | words mean (min-max) | marker coverage | "
+            "| topic | SFT | pref | quiz | dist | prompts | words mean (min-max) | marker coverage | "
             "markers/100 words | pref score | quality | weak |",
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for q in report.topics:
         w = q.completion_words
         out.append(f"| {_cell(q.key)} | {q.n_sft} | {q.n_preference} | {q.n_quiz} | "
-                   f"{q.n_distinctions} | {w.mean:.1f} ({w.min}-{w.max}) | "
+                   f"{q.n_distinctions} | {q.n_prompts} | {w.mean:.1f} ({w.min}-{w.max}) | "
                    f"{_fmt(q.marker_coverage, '.0f', '%')} | {_fmt(q.markers_per_100_words)} | "
                    f"{_fmt(q.preference_score)} | {q.quality_score:.2f} | "
                    f"{'yes' if q.weak else 'no'} |")
