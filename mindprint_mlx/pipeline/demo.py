@@ -38,8 +38,10 @@ DEMO_CONFIG: dict = {
             "adap_kl_ctrl": True, "target": 6.0, "horizon": 10000.0, "missing_eos_penalty": 1.0,
             "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_LINEAR, "save_every": 4,
             "progress": False},
-    # the other refine methods (refine.method: grpo | rloo | dpo | ditto): a few steps, rank 4
-    "grpo": {"steps": 12, "batch_size": 2, "group_size": 4, "learning_rate": 1e-3, "beta": 0.04,
+    # the other refine methods (refine.method: grpo | rloo | dpo | ditto): a few steps, rank 4;
+    # GRPO/RLOO sized like PPO (16 rollouts a step, 4 passes, lr 3e-4, temperature 0.7)
+    "grpo": {"steps": 16, "batch_size": 4, "group_size": 4, "num_iterations": 4,
+             "learning_rate": 3e-4, "temperature": 0.7, "beta": 0.04,
              "max_new_tokens": 56, "missing_eos_penalty": 1.0, "lora_rank": 4, "lora_alpha": 8.0,
              "lora_targets": ALL_LINEAR, "save_every": 4, "progress": False},
     "dpo": {"steps": 12, "batch_size": 4, "learning_rate": 1e-3, "beta": 0.1, "max_seq_length": 128,
