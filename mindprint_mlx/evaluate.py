@@ -152,13 +152,24 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max
                    batch_size: int = 16) -> list[str]:
     """Greedy answers to chat `prompts`, `batch_size` at a time in one batched KV cache,
     each cut at its first EOS (which is not part of the text)."""
+    return sampled_answers(model, tokenizer, prompts, max_tokens, temperature=0.0,
+                           batch_size=batch_size)
+
+
+def sampled_answers(model: nn.Module, tokenizer, prompts: Sequence[Messages], max_tokens: int = 64,
+                    temperature: float = 1.0, top_p: float = 1.0,
+                    key_of: Callable[[int], Any] | None = None, batch_size: int = 16) -> list[str]:
+    """Answers to chat `prompts` sampled at `temperature` (0: greedy), `batch_size` at a
+    time in one batched KV cache, each cut at its first EOS (not part of the text).
+    `key_of(i)`: the sampling key of the batch that starts at prompt i (None: MLX's own)."""
     from .ppo.rollout import generate_batch
 
     out: list[str] = []
     enc = [encode_prompt(tokenizer, p) for p in prompts]
     for i in range(0, len(enc), batch_size):
         g = generate_batch(model, enc[i:i + batch_size], max_tokens, eos_ids(tokenizer),
-                           pad_id(tokenizer), temperature=0.0)
+                           pad_id(tokenizer), temperature, top_p,
+                           key=key_of(i) if key_of is not None else None)
         toks, n, ended = g.response_tokens.tolist(), g.response_lengths.tolist(), g.ended.tolist()
         for row, k, e in zip(toks, n, ended):
             out.append(tokenizer.decode(row[:k - 1] if e else row[:k]))

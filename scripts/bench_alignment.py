@@ -103,7 +103,6 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     from mindprint_mlx.data import PreferenceRecord, load_data_dir
     from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
     from mindprint_mlx.models import load, lora
-    from mindprint_mlx.ppo import generate_batch
     from mindprint_mlx.train.reward import RewardConfig, RewardModel, train_reward_model
     from mindprint_mlx.train.sft import SFTConfig, train_sft
 
@@ -151,18 +150,10 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     # 2. answers sampled from the SFT policy, every pair of them whose gold scores differ by at
     #    least --min-gap labelled by gold; a reward model on those labels alone
     def sample_pairs(prompts, key_seed: int, samples: int) -> list[tuple[list, str, str, float, float]]:
-        enc = [ev.encode_prompt(tok, p) for p in prompts]
-        texts = []
         with lora.active_adapters(model, policy):
-            for k in range(samples):
-                row = []
-                for i in range(0, len(enc), 16):
-                    g = generate_batch(model, enc[i:i + 16], a.max_tokens, ev.eos_ids(tok), ev.pad_id(tok),
-                                       temperature=a.temperature,
-                                       key=mx.random.key(key_seed * 7919 + k * 131 + i))
-                    toks, n, ended = g.response_tokens.tolist(), g.response_lengths.tolist(), g.ended.tolist()
-                    row += [tok.decode(t[:m - 1] if e else t[:m]) for t, m, e in zip(toks, n, ended)]
-                texts.append(row)
+            texts = [ev.sampled_answers(model, tok, prompts, a.max_tokens, a.temperature,
+                                        key_of=lambda i, k=k: mx.random.key(key_seed * 7919 + k * 131 + i))
+                     for k in range(samples)]
         out_pairs = []
         for j, p in enumerate(prompts):
             answers = [row[j] for row in texts]

@@ -302,25 +302,18 @@ def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
     Sampled like PPO (its length, top_p) at reward.contrast_temperature, with keys from the
     run's seed: the same on every rank and on a rerun."""
     from ..data.records import PreferenceRecord
-    from ..ppo.rollout import generate_batch
 
     cfg = run.cfg
     sources = [(r.prompt, r.completion) for r in run.dataset.sft]
     sources += [(p.prompt, p.chosen) for p in reward_pairs if isinstance(p, PreferenceRecord)]
-    enc = [ev.encode_prompt(run.tok, list(p)) for p, _ in sources]
-    eos, pad = eos_ids(run.tok), pad_id(run.tok)
-    samples: list[list[str]] = [[] for _ in sources]
+    prompts = [list(p) for p, _ in sources]
     lora.set_active(run.model, [])
-    for k in range(cfg.reward.contrast_samples):
-        for i in range(0, len(enc), 16):
-            g = generate_batch(run.model, enc[i:i + 16], cfg.ppo.max_new_tokens, eos, pad,
-                               cfg.reward.contrast_temperature, cfg.ppo.top_p,
-                               mx.random.key(cfg.seed * 1000 + 4241 + k * 7919 + i))
-            toks, n, ended = (g.response_tokens.tolist(), g.response_lengths.tolist(),
-                              g.ended.tolist())
-            for j, (t, m, e) in enumerate(zip(toks, n, ended)):
-                samples[i + j].append(run.tok.decode(t[:m - 1] if e else t[:m]))
-    return contrast_pairs(sources, samples)
+    draws = [ev.sampled_answers(run.model, run.tok, prompts, cfg.ppo.max_new_tokens,
+                                cfg.reward.contrast_temperature, cfg.ppo.top_p,
+                                key_of=lambda i, k=k: mx.random.key(cfg.seed * 1000 + 4241
+                                                                     + k * 7919 + i))
+             for k in range(cfg.reward.contrast_samples)]
+    return contrast_pairs(sources, [list(xs) for xs in zip(*draws)])
 
 
 def scorer_done(run: Run, key: str) -> bool:
