@@ -212,3 +212,19 @@ def test_ppo_refuses_a_model_whose_logits_the_trunk_split_does_not_give(tiny_lla
     with pytest.raises(MindprintError, match="trunk/output split does not reproduce"):
         PPOTrainer(model, tok, lambda t, l: mx.zeros((t.shape[0],)), PPOConfig(progress=False))
     assert "ppo" not in lora.adapter_names(model)
+
+
+def test_value_head_from_a_bias_free_reward_head():
+    # A RewardModel's head has no bias (Bradley-Terry cannot train one); the value head
+    # built from it takes the normalisation's bias alone (a pipeline run with
+    # value_head_init: reward used to fail here).
+    from mindprint_mlx.ppo.reward_norm import RewardNorm, value_head_from_reward
+
+    mx.random.seed(5)
+    head = ScalarHead(16, zero_init=False, bias=False)
+    norm = RewardNorm(gain=2.0, bias=-0.5)
+    v = value_head_from_reward(head, 16, norm)
+    np.testing.assert_allclose(np.array(v.summary.weight), 2.0 * np.array(head.summary.weight), rtol=1e-6)
+    assert v.bias_value == pytest.approx(-0.5)
+    x = mx.random.normal((3, 16))
+    np.testing.assert_allclose(np.array(v(x)), 2.0 * np.array(head(x)) - 0.5, rtol=1e-5, atol=1e-6)

@@ -118,7 +118,8 @@ def value_head_from_reward(reward_head: ScalarHead, hidden: int,
     gain, bias = (norm.gain, norm.bias) if norm is not None else (1.0, 0.0)
     head = ScalarHead(hidden)
     head.summary.weight = (w.astype(mx.float32) * gain)
-    head.summary.bias = reward_head.summary.bias.astype(mx.float32) * gain + bias
+    # a RewardModel's head has no bias (Bradley-Terry cannot train one): bias_value is 0
+    head.summary.bias = mx.array([reward_head.bias_value * gain + bias], dtype=mx.float32)
     mx.eval(head.parameters())
     return head
 
