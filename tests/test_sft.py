@@ -170,3 +170,19 @@ def test_compiled_step_trains_the_same_adapter_as_the_plain_one(tiny_llama, demo
     assert plain.keys() == comp.keys() and plain
     assert max(float(np.abs(plain[k] - comp[k]).max()) for k in plain) < 1e-5
     assert max(float(np.abs(plain[k]).max()) for k in plain if k.endswith("lora_b")) > 0
+
+
+def test_training_leaves_the_model_in_eval_mode_so_answers_after_it_are_deterministic(
+        tiny_llama, demo_sft, tmp_path):
+    # With adapter dropout, a model left in training mode answers the quiz after SFT with
+    # dropout on: the same prompt gives different logits on each call.
+    from mindprint_mlx.data.batching import encode_prompt
+
+    model, tok = load(tiny_llama)
+    assert not model.training                      # mlx-lm loads in eval mode
+    train_sft(model, tok, demo_sft[:8], _cfg(epochs=1, lora_dropout=0.5), tmp_path / "a",
+              progress=False)
+    assert not model.training
+    assert not any(a.training for _, m in lora.lora_layers(model) for a in m.adapters.values())
+    x = mx.array([encode_prompt(tok, demo_sft[0].prompt)])
+    np.testing.assert_array_equal(np.array(model(x)), np.array(model(x)))
