@@ -307,12 +307,12 @@ def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
     sources = [(r.prompt, r.completion) for r in run.dataset.sft]
     sources += [(p.prompt, p.chosen) for p in reward_pairs if isinstance(p, PreferenceRecord)]
     prompts = [list(p) for p, _ in sources]
-    lora.set_active(run.model, [])
-    draws = [ev.sampled_answers(run.model, run.tok, prompts, cfg.ppo.max_new_tokens,
-                                cfg.reward.contrast_temperature, cfg.ppo.top_p,
-                                key_of=lambda i, k=k: mx.random.key(cfg.seed * 1000 + 4241
-                                                                     + k * 7919 + i))
-             for k in range(cfg.reward.contrast_samples)]
+    with lora.active_adapters(run.model, []):
+        draws = [ev.sampled_answers(run.model, run.tok, prompts, cfg.ppo.max_new_tokens,
+                                    cfg.reward.contrast_temperature, cfg.ppo.top_p,
+                                    key_of=lambda i, k=k: mx.random.key(cfg.seed * 1000 + 4241
+                                                                         + k * 7919 + i))
+                 for k in range(cfg.reward.contrast_samples)]
     return contrast_pairs(sources, [list(xs) for xs in zip(*draws)])
 
 
