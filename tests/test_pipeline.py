@@ -126,6 +126,28 @@ def test_dry_run_prints_the_plan_and_trains_nothing(setup, capsys):
     assert not run_dir.exists()
 
 
+def test_dry_run_estimate_counts_the_contrast_sampling(setup):
+    """reward.contrast_samples base-model answers per person-written answer are generated
+    before the reward model trains: the estimate counts them (and the pairs they add)."""
+    cfg_file, _, run_dir = setup
+    d = yaml.safe_load(cfg_file.read_text())
+    runs = {}
+    for n in (0, 4):
+        d.setdefault("reward", {})["contrast_samples"] = n
+        cfg_file.write_text(yaml.safe_dump(d))
+        lines = []
+        runs[n] = (run_pipeline(load_pipeline_config(cfg_file), dry_run=True,
+                                echo=lines.append).estimate, "\n".join(lines))
+    (none, text0), (four, text4) = runs[0], runs[4]
+    assert none["contrast_seconds"] == 0 and "contrast samples" not in text0
+    assert four["contrast_seconds"] > 0 and "its contrast samples" in text4
+    assert four["reward_seconds"] > none["reward_seconds"]
+    assert four["total_seconds"] == pytest.approx(
+        none["total_seconds"] + four["contrast_seconds"]
+        + four["reward_seconds"] - none["reward_seconds"])
+    assert not run_dir.exists()
+
+
 def test_unknown_key_is_an_error_naming_key_and_file(setup):
     cfg_file, _, _ = setup
     d = yaml.safe_load(cfg_file.read_text())

@@ -137,11 +137,18 @@ def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
         total += s
         per_topic.append({"key": p["key"], "seconds": s, "sft": t_sft, "eval": t_eval, "ppo_if_run": t_ppo})
     pairs = len(dataset.preference) + len(dataset.distinctions)
-    t_reward = 0.0 if cfg.reward.path else 6 * params * pairs * 2 * 100 * 3 / rate
-    total += t_reward
+    # Contrast pairs (reward.contrast_samples base-model answers to every prompt the person
+    # answered: the SFT records and, at most, every preference pair's chosen side): sampled
+    # like PPO's rollouts, then trained on with the other pairs.
+    n_contrast = 0 if cfg.reward.path else (
+        cfg.reward.contrast_samples * (len(dataset.sft) + len(dataset.preference)))
+    t_contrast = n_contrast * 10 * 2 * params * gen / rate
+    t_reward = 0.0 if cfg.reward.path else 6 * params * (pairs + n_contrast) * 2 * 100 * 3 / rate
+    total += t_reward + t_contrast
     return {"params": params, "base_bytes": shape.weight_bytes,
             "peak_memory_bytes": max(peaks.values()), "memory_by_phase": peaks,
-            "assumed_tflops": tflops, "reward_seconds": t_reward, "total_seconds": total,
+            "assumed_tflops": tflops, "reward_seconds": t_reward,
+            "contrast_seconds": t_contrast, "total_seconds": total,
             "per_topic": per_topic, "final_adapter": plan_final_sizes(cfg, plan, shape),
             "note": "rough time: counts FLOPs at the assumed rate, assumes PPO runs on every topic"}
 
@@ -204,7 +211,10 @@ def format_estimate(est: dict) -> str:
             + ", ".join(f"{k} {human_bytes(v)}" for k, v in est["memory_by_phase"].items())
             + f"); time ~"
             f"{human_seconds(est['total_seconds'])} (reward model "
-            f"{human_seconds(est['reward_seconds'])}) at {est['assumed_tflops']} TFLOP/s; {est['note']}")
+            f"{human_seconds(est['reward_seconds'])}"
+            + (f", its contrast samples {human_seconds(est['contrast_seconds'])}"
+               if est.get("contrast_seconds") else "")
+            + f") at {est['assumed_tflops']} TFLOP/s; {est['note']}")
     if est.get("final_adapter"):
         text += "\n" + format_final_sizes(est["final_adapter"])
     return text
