@@ -5,8 +5,9 @@ The experiment RLHF papers run when the true preference is known (a "gold" funct
    --rm-from sft, fold it into the base weights so the reward model starts from the SFT policy;
 2. sample answers from the SFT policy (--samples per prompt, at --temperature) on the
    training prompts and the base's primer questions, label every pair whose gold scores
-   differ by at least --min-gap with the gold function, train a reward model on those labels
-   alone;
+   differ by at least --min-gap with the gold function (while fewer than --min-pairs pairs
+   are labelled, --samples more answers a prompt, up to --max-samples), train a reward model
+   on those labels alone;
 3. PPO on the training prompts against that reward model;
 4. grade greedy answers to held-out prompts (in no training file) with the gold function,
    for the base, SFT and SFT+PPO, over several seeds, with a bootstrap interval of PPO - SFT;
@@ -96,6 +97,40 @@ def bootstrap_ci(diffs: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[fl
     return float(lo), float(hi)
 
 
+def gold_pairs(prompts, answers, grades, min_gap: float) -> list[tuple[list, str, str, float, float]]:
+    """Every pair of a prompt's answers whose gold scores differ by at least `min_gap`, the
+    higher-scored one chosen: (prompt, chosen, rejected, gold chosen, gold rejected).
+    `answers[j]` / `grades[j]`: prompt j's answers and their gold scores."""
+    out = []
+    for p, xs, g in zip(prompts, answers, grades):
+        for u in range(len(xs)):
+            for v in range(u + 1, len(xs)):
+                if abs(g[u] - g[v]) >= min_gap:
+                    hi, lo = (u, v) if g[u] > g[v] else (v, u)
+                    out.append((p, xs[hi], xs[lo], g[hi], g[lo]))
+    return out
+
+
+def pairs_in_rounds(prompts, draw, grade, samples: int, min_gap: float, min_pairs: int = 0,
+                    max_samples: int = 0) -> tuple[list, int]:
+    """Gold-labelled pairs (`gold_pairs`) of answers drawn `samples` a prompt at a time:
+    `draw(k0, n)` gives answer rows k0 .. k0+n-1 (row k: one answer per prompt, the k-th
+    sampling key), `grade(prompt, answer)` the gold score. Draws again while fewer than
+    `min_pairs` pairs are labelled and another round stays within `max_samples` answers a
+    prompt (a gold that ties most answers labels few pairs from a few samples). Returns the
+    pairs and the answers drawn a prompt."""
+    answers: list[list[str]] = [[] for _ in prompts]
+    grades: list[list[float]] = [[] for _ in prompts]
+    while True:
+        for row in draw(len(answers[0]), samples):
+            for j, (p, x) in enumerate(zip(prompts, row)):
+                answers[j].append(x)
+                grades[j].append(grade(p, x))
+        pairs = gold_pairs(prompts, answers, grades, min_gap)
+        if len(pairs) >= min_pairs or len(answers[0]) + samples > max_samples:
+            return pairs, len(answers[0])
+
+
 def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     import mlx.core as mx
 
@@ -149,24 +184,20 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
 
     # 2. answers sampled from the SFT policy, every pair of them whose gold scores differ by at
     #    least --min-gap labelled by gold; a reward model on those labels alone
-    def sample_pairs(prompts, key_seed: int, samples: int) -> list[tuple[list, str, str, float, float]]:
-        with lora.active_adapters(model, policy):
-            texts = [ev.sampled_answers(model, tok, prompts, a.max_tokens, a.temperature,
-                                        key_of=lambda i, k=k: mx.random.key(key_seed * 7919 + k * 131 + i))
-                     for k in range(samples)]
-        out_pairs = []
-        for j, p in enumerate(prompts):
-            answers = [row[j] for row in texts]
-            g = [float(gold(user_text(p), x)) for x in answers]
-            for u in range(len(answers)):
-                for v in range(u + 1, len(answers)):
-                    if abs(g[u] - g[v]) >= a.min_gap:
-                        hi, lo = (u, v) if g[u] > g[v] else (v, u)
-                        out_pairs.append((p, answers[hi], answers[lo], g[hi], g[lo]))
-        return out_pairs
+    def sample_pairs(prompts, key_seed: int, samples: int, min_pairs: int = 0,
+                     max_samples: int = 0) -> tuple[list, int]:
+        def draw(k0: int, n: int) -> list[list[str]]:
+            with lora.active_adapters(model, policy):
+                return [ev.sampled_answers(model, tok, prompts, a.max_tokens, a.temperature,
+                                           key_of=lambda i, k=k: mx.random.key(key_seed * 7919 + k * 131 + i))
+                        for k in range(k0, k0 + n)]
 
-    pairs = sample_pairs(rm_prompts, seed * 1000, a.samples)
-    test_pairs = sample_pairs(held, seed * 1000 + 999, a.test_samples)
+        return pairs_in_rounds(prompts, draw, lambda p, x: float(gold(user_text(p), x)), samples,
+                               a.min_gap, min_pairs, max_samples)
+
+    pairs, out["rm_samples"] = sample_pairs(rm_prompts, seed * 1000, a.samples, a.min_pairs,
+                                            a.max_samples)
+    test_pairs, _ = sample_pairs(held, seed * 1000 + 999, a.test_samples)
     records = [PreferenceRecord(prompt=tuple(p), chosen=c, rejected=r) for p, c, r, _, _ in pairs]
     # LoRA on every linear layer, as the SFT and PPO adapters here: with the default targets
     # (no q_proj/k_proj) the reward model cannot change where it attends, and it agreed with
@@ -181,7 +212,8 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
     out["rm_pairs"], out["rm_test_pairs"] = len(records), len(test_pairs)
     out["rm_gold_agreement"] = float(np.mean([x > y for x, y in zip(sc, sr)])) if test_pairs else None
     out["rm_val_accuracy"] = res.best_val_accuracy
-    echo(f"seed {seed}: reward model on {len(records)} gold-labelled pairs (validation accuracy "
+    echo(f"seed {seed}: reward model on {len(records)} gold-labelled pairs ({out['rm_samples']} "
+         f"samples a prompt; validation accuracy "
          f"{res.best_val_accuracy:.3f}); agreement with gold on {len(test_pairs)} held-out pairs "
          f"{out['rm_gold_agreement']:.3f}")
 
@@ -367,6 +399,11 @@ def main(argv=None) -> int:
                          "policy (folded into the base weights first)")
     ap.add_argument("--samples", type=int, default=4,
                     help="SFT-policy answers sampled per training prompt for the reward model's pairs")
+    ap.add_argument("--min-pairs", type=int, default=1500,
+                    help="while fewer reward-model pairs are labelled, sample --samples more answers "
+                         "a prompt (a gold that ties most answers labels few pairs)")
+    ap.add_argument("--max-samples", type=int, default=12,
+                    help="at most this many answers a training prompt for --min-pairs")
     ap.add_argument("--test-samples", type=int, default=8,
                     help="answers sampled per held-out prompt for the agreement pairs (8: about 500 "
                          "pairs a seed)")
@@ -388,6 +425,10 @@ def main(argv=None) -> int:
                          "to rloo; repeatable)")
     ap.add_argument("--progress", action="store_true", help="show the trainers' progress bars")
     a = ap.parse_args(argv)
+    if a.samples < 2 or a.test_samples < 2:
+        ap.error("--samples and --test-samples: at least 2 (pairs of answers to one prompt)")
+    if a.min_pairs < 0:
+        ap.error(f"--min-pairs: must be >= 0, got {a.min_pairs}")
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in a.methods:
         if m not in ("ppo", "grpo", "rloo", "dpo", "ditto"):

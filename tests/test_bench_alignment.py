@@ -1,6 +1,6 @@
 """scripts/bench_alignment.py's own parts: a user's gold function by path, the default gold,
-the bootstrap interval and each method's settings (the benchmark itself is minutes long and
-runs by hand: docs/benchmarks.md)."""
+the bootstrap interval, the gold-labelled pairs and each method's settings (the benchmark
+itself is minutes long and runs by hand: docs/benchmarks.md)."""
 
 import importlib.util
 from pathlib import Path
@@ -49,3 +49,45 @@ def test_method_settings_match_ppo_where_they_mean_the_same(ba):
     assert "rpo_alpha" not in ba.method_settings("dpo", a, 0)
     with pytest.raises(SystemExit, match="unknown method"):
         ba.method_settings("kto", a, 0)
+
+
+def test_gold_pairs_label_every_pair_far_enough_apart(ba):
+    pairs = ba.gold_pairs(["p", "q"], [["a", "b", "c"], ["x", "y"]],
+                          [[0.1, 0.5, 0.12], [0.3, 0.3]], min_gap=0.05)
+    # p: (b > a), (b > c); a and c are 0.02 apart: no pair; q: a tie
+    assert pairs == [("p", "b", "a", 0.5, 0.1), ("p", "b", "c", 0.5, 0.12)]
+
+
+def test_pairs_in_rounds_draws_more_while_a_gold_labels_too_few(ba):
+    calls = []
+
+    def draw(k0, n):
+        calls.append((k0, n))
+        return [[f"p{j}-{k}" for j in range(3)] for k in range(k0, k0 + n)]
+
+    # answers tie (score 0) except every third sampling key: few pairs from the first round
+    def grade(prompt, answer):
+        return 1.0 if int(answer.split("-")[1]) % 3 == 0 else 0.0
+
+    pairs, n = ba.pairs_in_rounds(list("abc"), draw, grade, samples=2, min_gap=0.5)
+    assert calls == [(0, 2)] and n == 2 and len(pairs) == 3          # min_pairs 0: one round
+    calls.clear()
+    pairs, n = ba.pairs_in_rounds(list("abc"), draw, grade, samples=2, min_gap=0.5,
+                                  min_pairs=100, max_samples=7)
+    assert calls == [(0, 2), (2, 2), (4, 2)] and n == 6   # another round would pass 7 a prompt
+    # keys 0 and 3 score 1 among 6: 2 x 4 pairs a prompt, 3 prompts
+    assert len(pairs) == 24 and all(c.endswith(("-0", "-3")) for _, c, *_ in pairs)
+    calls.clear()
+    pairs, n = ba.pairs_in_rounds(list("abc"), draw, grade, samples=2, min_gap=0.5,
+                                  min_pairs=9, max_samples=12)
+    assert n == 4 and len(pairs) == 12                                # stops once enough
+
+
+def test_the_example_golds_load_by_path_and_score_in_range(ba):
+    for name in ("nature_sentences", "concise_and_warm"):
+        g = ba.load_gold(f"{ROOT / 'scripts' / 'gold_examples.py'}:{name}")
+        for text in ("The season turns. Prices fall. Patience wins.", "Prices rise. Prices rise.", "a b"):
+            assert 0.0 <= g("Why?", text) <= 1.0
+    nature = ba.load_gold(f"{ROOT / 'scripts' / 'gold_examples.py'}:nature_sentences")
+    assert nature("q", "The season turns. Prices fall. Patience wins.") == 1.0
+    assert nature("q", "Prices rise and fall. Volume matters a lot here.") == 0.0
