@@ -119,6 +119,8 @@ def pairs_in_rounds(prompts, draw, grade, samples: int, min_gap: float, min_pair
     `min_pairs` pairs are labelled and another round stays within `max_samples` answers a
     prompt (a gold that ties most answers labels few pairs from a few samples). Returns the
     pairs and the answers drawn a prompt."""
+    if not prompts:
+        return [], 0
     answers: list[list[str]] = [[] for _ in prompts]
     grades: list[list[float]] = [[] for _ in prompts]
     while True:

@@ -81,6 +81,7 @@ def test_pairs_in_rounds_draws_more_while_a_gold_labels_too_few(ba):
     pairs, n = ba.pairs_in_rounds(list("abc"), draw, grade, samples=2, min_gap=0.5,
                                   min_pairs=9, max_samples=12)
     assert n == 4 and len(pairs) == 12                                # stops once enough
+    assert ba.pairs_in_rounds([], draw, grade, samples=2, min_gap=0.5, min_pairs=9) == ([], 0)
 
 
 def test_the_example_golds_load_by_path_and_score_in_range(ba):
