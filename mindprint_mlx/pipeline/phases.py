@@ -253,9 +253,8 @@ def reward_models(run: Run) -> None:
     from ..train.reward import RewardModel
 
     cfg, st = run.cfg, run.state
-    pairs = list(run.dataset.preference) + list(run.dataset.distinctions)
     judge = cfg.eval.judge
-    reward_pairs, judge_pairs = split_pairs(pairs, cfg.seed) if judge == "split" else (pairs, [])
+    reward_pairs, judge_pairs = reward_halves(cfg, run.dataset)
     if cfg.reward.path:
         adapter_dir = Path(cfg.reward.path)
         st.data["reward_model"] = {"done": True, "adapter_dir": str(adapter_dir), "reused": True}
@@ -282,6 +281,23 @@ def reward_models(run: Run) -> None:
     lora.set_active(run.model, [])
 
 
+def reward_halves(cfg: PipelineConfig, dataset) -> tuple[list, list]:
+    """The pairs (preference pairs and critical distinctions) the reward model trains on,
+    and the judge's: `split_pairs` with eval.judge `split`, else all of them and none."""
+    pairs = list(dataset.preference) + list(dataset.distinctions)
+    return split_pairs(pairs, cfg.seed) if cfg.eval.judge == "split" else (pairs, [])
+
+
+def contrast_sources(dataset, reward_pairs: list) -> list[tuple[tuple, str]]:
+    """(prompt, the person's answer) for every answer the person wrote that the reward
+    model's contrast pairs set base-model samples against: the SFT answers and the chosen
+    answers of the reward model's preference pairs."""
+    from ..data.records import PreferenceRecord
+
+    return ([(r.prompt, r.completion) for r in dataset.sft]
+            + [(p.prompt, p.chosen) for p in reward_pairs if isinstance(p, PreferenceRecord)])
+
+
 def contrast_pairs(sources: list[tuple[tuple, str]], samples: list[list[str]]) -> list:
     """Preference pairs that prefer the person's answer to each of the base model's answers
     to the same prompt: `sources[i]` = (prompt, the person's answer), `samples[i]` = the
@@ -301,11 +317,8 @@ def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
     few, and both of their sides fluent).
     Sampled like PPO (its length, top_p) at reward.contrast_temperature, with keys from the
     run's seed: the same on every rank and on a rerun."""
-    from ..data.records import PreferenceRecord
-
     cfg = run.cfg
-    sources = [(r.prompt, r.completion) for r in run.dataset.sft]
-    sources += [(p.prompt, p.chosen) for p in reward_pairs if isinstance(p, PreferenceRecord)]
+    sources = contrast_sources(run.dataset, reward_pairs)
     prompts = [list(p) for p, _ in sources]
     with lora.active_adapters(run.model, []):
         draws = [ev.sampled_answers(run.model, run.tok, prompts, cfg.ppo.max_new_tokens,

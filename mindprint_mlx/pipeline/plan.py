@@ -136,14 +136,17 @@ def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
         s = t_sft + t_eval + t_ppo
         total += s
         per_topic.append({"key": p["key"], "seconds": s, "sft": t_sft, "eval": t_eval, "ppo_if_run": t_ppo})
-    pairs = len(dataset.preference) + len(dataset.distinctions)
-    # Contrast pairs (reward.contrast_samples base-model answers to every prompt the person
-    # answered: the SFT records and, at most, every preference pair's chosen side): sampled
-    # like PPO's rollouts, then trained on with the other pairs.
-    n_contrast = 0 if cfg.reward.path else (
-        cfg.reward.contrast_samples * (len(dataset.sft) + len(dataset.preference)))
-    t_contrast = n_contrast * 10 * 2 * params * gen / rate
-    t_reward = 0.0 if cfg.reward.path else 6 * params * (pairs + n_contrast) * 2 * 100 * 3 / rate
+    t_reward = t_contrast = 0.0
+    if not cfg.reward.path:
+        from .phases import contrast_sources, reward_halves
+
+        # The reward model's and the judge's pairs, and the reward model's contrast pairs:
+        # reward.contrast_samples base-model answers to every answer the person wrote for it,
+        # sampled like PPO's rollouts.
+        pairs, judge_pairs = reward_halves(cfg, dataset)
+        n_contrast = cfg.reward.contrast_samples * len(contrast_sources(dataset, pairs))
+        t_contrast = n_contrast * 10 * 2 * params * gen / rate
+        t_reward = 6 * params * (len(pairs) + len(judge_pairs) + n_contrast) * 2 * 100 * 3 / rate
     total += t_reward + t_contrast
     return {"params": params, "base_bytes": shape.weight_bytes,
             "peak_memory_bytes": max(peaks.values()), "memory_by_phase": peaks,
