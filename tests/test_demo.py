@@ -1,5 +1,6 @@
 """`mindprint demo`'s settings and guards (the demo itself runs in CI as a script: it takes minutes)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ def test_fast_demo_teaches_the_voice_keeps_both_topics_and_ppo_stays_bounded(
     # persona's markers, the SFT adapters do.
     held = made["heldout"]
     assert held["base"]["with_markers"] == 0 and held["sft"]["with_markers"] >= 3, held
+    # each stage also has the voice score's mean over 8 sampled answers a prompt
+    assert all(held[s]["samples"] == 8 and 0 <= held[s]["voice_sampled"] <= 1 for s in held
+               if s != "prompts")
     # Retention: the final adapter, as saved, still answers what both topics taught.
     from mindprint_mlx import evaluate as ev
     from mindprint_mlx.data import build_curriculum, load_data_dir
@@ -99,3 +103,18 @@ def test_fast_demo_teaches_the_voice_keeps_both_topics_and_ppo_stays_bounded(
     assert "| topic |" in made["summary"] and "Pass rate of the final adapter" in made["summary"]
     assert (tmp_path / "demo" / "final_adapter" / "adapter_config.json").is_file()
     assert "final_adapter/" in where_text(made) and "not meant to be good" in HONEST
+    assert "sampled voice" in text
+    # scripts/heldout_voice.py reads the run as a user would: the final adapter's greedy and
+    # sampled scores are the demo's own, and a run against itself differs by exactly 0
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "heldout_voice", Path(__file__).resolve().parent.parent / "scripts" / "heldout_voice.py")
+    hv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hv)
+    run = tmp_path / "demo"
+    assert hv.main([str(run), "--against", str(run), "--json", str(tmp_path / "hv.json")]) == 0
+    got = json.loads((tmp_path / "hv.json").read_text())
+    assert got["voice"] == pytest.approx(held["final"]["voice"])
+    assert got["voice_sampled"] == pytest.approx(held["final"]["voice_sampled"])
+    assert got["minus_against"] == 0 and got["sampled_minus_against"] == 0

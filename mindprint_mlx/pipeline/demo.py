@@ -146,47 +146,72 @@ def run_demo(out: str | Path = "mindprint-demo", fast: bool = False,
     return made
 
 
-def heldout_comparison(model_dir: str | Path, run_dir: str | Path, state: dict,
-                       max_tokens: int = 64) -> dict:
-    """Greedy answers to the held-out prompts (in no data file) of the base model, of every
-    topic's SFT adapter stacked (the PPO adapters left out) and of the final adapter as
-    saved; per stage the share of answers made of real words, the voice score
+def heldout_scores(model, tok, active: list[str], max_tokens: int = 64, samples: int = 8,
+                   temperature: float = 0.7, seed: int = 4242) -> dict:
+    """The demo's held-out prompts (in no data file) answered with the `active` adapters:
+    greedy answers, the share of them made of real words, their voice score
     (`demo.gold.voice_in_real_words`: the persona's images and short sentences, counted as
-    far as the answer is real words) and the answers with voice markers."""
+    far as the answer is real words) and how many use voice markers; and the voice score's
+    mean over `samples` answers a prompt sampled at `temperature` (keys from `seed`, the
+    same for every adapter). A tiny model's greedy answers on new prompts are chaotic (a
+    small change of the weights flips a whole answer), so the greedy score moves by about
+    0.05-0.1 with any change; the sampled mean is the expectation PPO optimises and moves
+    far less (docs/demo.md)."""
+    import mlx.core as mx
+
     from .. import evaluate as ev
     from ..demo import DEMO_CURRICULUM_DIR, heldout_prompts
     from ..demo.gold import voice_in_real_words
-    from ..models import load, lora
+    from ..models import lora
+
+    prompts = heldout_prompts()
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    markers = json.loads((DEMO_CURRICULUM_DIR / "persona.json").read_text())["voice_markers"]
+    lexicon = ev.demo_lexicon()
+    with lora.active_adapters(model, active):
+        answers = ev.greedy_answers(model, tok, chats, max_tokens=max_tokens)
+        drawn = [ev.sampled_answers(model, tok, chats, max_tokens, temperature,
+                                    key_of=lambda i, k=k: mx.random.key(seed + k * 131 + i))
+                 for k in range(samples)]
+    sampled = [voice_in_real_words(p, a) for row in drawn for p, a in zip(prompts, row)]
+    return {"answers": answers,
+            "real_words": _mean([float(ev.is_real_words(a, lexicon)) for a in answers]),
+            "voice": _mean([voice_in_real_words(p, a) for p, a in zip(prompts, answers)]),
+            "with_markers": sum(ev.marker_count(a, markers) > 0 for a in answers),
+            "voice_sampled": _mean(sampled), "samples": samples}
+
+
+def heldout_comparison(model_dir: str | Path, run_dir: str | Path, state: dict,
+                       max_tokens: int = 64, samples: int = 8) -> dict:
+    """`heldout_scores` of the base model, of every topic's SFT adapter stacked (the PPO
+    adapters left out) and of the final adapter as saved."""
+    from ..demo import heldout_prompts
+    from ..models import load
     from ..models.adapters import load_adapter
 
     run_dir = Path(run_dir)
     model, tok = load(str(model_dir))
-    prompts = heldout_prompts()
-    chats = [[{"role": "user", "content": p}] for p in prompts]
     sft = [run_dir / rec["phases"]["sft"]["adapter"] for rec in state.get("topics", {}).values()
            if (rec.get("phases", {}).get("sft") or {}).get("adapter")]
     stages = {"base": [], "sft": [load_adapter(model, d, name=f"sft{i}") for i, d in enumerate(sft)],
               "final": [load_adapter(model, run_dir / state["final_adapter"], name="final")]}
-    markers = json.loads((DEMO_CURRICULUM_DIR / "persona.json").read_text())["voice_markers"]
-    lexicon = ev.demo_lexicon()
-    out = {"prompts": prompts}
+    out = {"prompts": heldout_prompts()}
     for stage, names in stages.items():
-        with lora.active_adapters(model, names):
-            answers = ev.greedy_answers(model, tok, chats, max_tokens=max_tokens)
-        out[stage] = {"answers": answers,
-                      "real_words": _mean([float(ev.is_real_words(a, lexicon)) for a in answers]),
-                      "voice": _mean([voice_in_real_words(p, a) for p, a in zip(prompts, answers)]),
-                      "with_markers": sum(ev.marker_count(a, markers) > 0 for a in answers)}
+        out[stage] = heldout_scores(model, tok, names, max_tokens, samples)
     return out
 
 
 def heldout_text(h: dict) -> str:
     n = len(h["prompts"])
-    lines = [f"Held-out prompts ({n}, in no data file), greedy answers:",
-             f"  {'':22} {'real words':>10} {'voice score':>11} {'with markers':>12}"]
+    k = h["final"].get("samples", 0)
+    lines = [f"Held-out prompts ({n}, in no data file), greedy answers"
+             + (f" (and the voice score's mean over {k} sampled answers a prompt)" if k else "") + ":",
+             f"  {'':22} {'real words':>10} {'voice score':>11} {'with markers':>12}"
+             + (f" {'sampled voice':>13}" if k else "")]
     for stage, label in (("base", "base"), ("sft", "SFT adapters only"), ("final", "final adapter")):
         r = h[stage]
-        lines.append(f"  {label:22} {r['real_words']:10.2f} {r['voice']:11.3f} {r['with_markers']:>7}/{n}")
+        lines.append(f"  {label:22} {r['real_words']:10.2f} {r['voice']:11.3f} {r['with_markers']:>7}/{n}"
+                     + (f" {r['voice_sampled']:13.3f}" if k else ""))
     i = max(range(n), key=lambda j: len(h["final"]["answers"][j]), default=None)
     if i is not None:
         lines += [f"  e.g. {h['prompts'][i]}", f"    base:  {h['base']['answers'][i]!r}",
