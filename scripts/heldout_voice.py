@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             r = heldout_scores(model, tok, [name], a.max_tokens, a.samples, a.temperature)
             lora.remove_adapter(model, name)
             n = len(r["answers"])
-            rows[group].append({"run": str(d), **{k: v for k, v in r.items()}})
+            rows[group].append({"run": str(d), **r})
             print(f"{str(d)[-40:]:40} {r['real_words']:10.2f} {r['voice']:7.3f} {r['with_markers']:>4}/{n}"
                   + (f" {r['voice_sampled']:13.3f}" if a.samples else "")
                   + ("   (against)" if group == "against" else ""))

@@ -155,8 +155,8 @@ def heldout_scores(model, tok, active: list[str], max_tokens: int = 64, samples:
     mean over `samples` answers a prompt sampled at `temperature` (keys from `seed`, the
     same for every adapter). A tiny model's greedy answers on new prompts are chaotic (a
     small change of the weights flips a whole answer), so the greedy score moves by about
-    0.05-0.1 with any change; the sampled mean is the expectation PPO optimises and moves
-    far less (docs/demo.md)."""
+    0.05-0.1 with any change; the mean over sampled answers (the distribution PPO trains
+    on) moves far less (docs/demo.md)."""
     import mlx.core as mx
 
     from .. import evaluate as ev
