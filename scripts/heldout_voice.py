@@ -19,7 +19,6 @@ both (docs/demo.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,18 +28,14 @@ def load_final(run_dir: Path, cache: dict):
     are loaded once and shared between runs."""
     from mindprint_mlx.models import load
     from mindprint_mlx.models.adapters import load_adapter
+    from mindprint_mlx.pipeline.merge import shipped_base
 
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
+    if not (run_dir / "run.json").is_file():
         raise SystemExit(f"{run_dir}: not a pipeline run directory (no run.json)")
-    cfg = json.loads(run_json.read_text())["config"]
     adapter = run_dir / "final_adapter"
     if not adapter.is_dir():
         raise SystemExit(f"{run_dir}: no final_adapter/ (has the run finished?)")
-    meta_file = adapter / "mindprint.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    folded = (meta.get("merge") or {}).get("folded_base")   # merge.mode fold_into_base
-    base = str(run_dir / folded) if folded else cfg["model"]
+    base = shipped_base(run_dir, adapter)
     if base not in cache:
         cache[base] = load(base)
     model, tok = cache[base]

@@ -29,12 +29,11 @@ def main(argv=None) -> int:
     from mindprint_mlx.models import load, lora
     from mindprint_mlx.models.adapters import load_adapter
 
+    from mindprint_mlx.pipeline.merge import shipped_base
+
     cfg = json.loads((a.run_dir / "run.json").read_text())["config"]
     adapter = a.adapter or a.run_dir / "final_adapter"
-    meta_file = Path(adapter) / "mindprint.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    folded = (meta.get("merge") or {}).get("folded_base")   # merge.mode fold_into_base
-    model, tok = load(a.run_dir / folded if folded else cfg["model"])
+    model, tok = load(shipped_base(a.run_dir, adapter))
     load_adapter(model, adapter, name="shipped")
     cur = build_curriculum(load_data_dir(cfg["data_dir"]), units=cfg.get("units") or None,
                            topics=cfg.get("topics") or None)

@@ -160,13 +160,13 @@ def heldout_scores(model, tok, active: list[str], max_tokens: int = 64, samples:
     import mlx.core as mx
 
     from .. import evaluate as ev
-    from ..demo import DEMO_CURRICULUM_DIR, heldout_prompts
+    from ..demo import demo_voice_markers, heldout_prompts
     from ..demo.gold import voice_in_real_words
     from ..models import lora
 
     prompts = heldout_prompts()
     chats = [[{"role": "user", "content": p}] for p in prompts]
-    markers = json.loads((DEMO_CURRICULUM_DIR / "persona.json").read_text())["voice_markers"]
+    markers = demo_voice_markers()
     lexicon = ev.demo_lexicon()
     with lora.active_adapters(model, active):
         answers = ev.greedy_answers(model, tok, chats, max_tokens=max_tokens)

@@ -36,6 +36,20 @@ UNFOLD = "unfold"
 FOLDED_DIR = "folded_base"
 
 
+def shipped_base(run_dir: str | Path, adapter_dir: str | Path) -> str:
+    """The base an adapter a run wrote sits on, as a user loads it: the folded base its
+    mindprint.json names (merge.mode fold_into_base), else the model of the run's config."""
+    import json
+
+    run_dir, adapter_dir = Path(run_dir), Path(adapter_dir)
+    meta_file = adapter_dir / "mindprint.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    folded = (meta.get("merge") or {}).get("folded_base")
+    if folded:
+        return str(run_dir / folded)
+    return json.loads((run_dir / "run.json").read_text())["config"]["model"]
+
+
 # ---------------------------------------------------------------- the math (pure)
 
 def svd_lora(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
