@@ -106,6 +106,50 @@ def demo_lexicon() -> frozenset[str]:
                      for w in words(t))
 
 
+def gold_agreement(grades: Sequence[Sequence[float]], scores: Sequence[Sequence[float]],
+                   min_gap: float = 0.05) -> tuple[float | None, int]:
+    """How often a scorer orders a prompt's answers as a gold judge does: over every pair of
+    prompt i's answers whose gold scores `grades[i]` differ by at least `min_gap`, the share
+    the scorer's `scores[i]` put the same way round (a tie counts half); and the number of
+    such pairs. (None, 0) when gold separates no pair. 0.5 is chance."""
+    won, n = 0.0, 0
+    for g, s in zip(grades, scores):
+        for u in range(len(g)):
+            for v in range(u + 1, len(g)):
+                if abs(g[u] - g[v]) < min_gap:
+                    continue
+                d = (s[u] - s[v]) * (1.0 if g[u] > g[v] else -1.0)
+                won += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+                n += 1
+    return (won / n if n else None), n
+
+
+def scorer_agreement(model: nn.Module, tokenizer, prompts: Sequence[Messages],
+                     answers: Sequence[Sequence[str]], grades: Sequence[Sequence[float]],
+                     scorers: dict[str, Any], min_gap: float = 0.05) -> tuple[dict, int]:
+    """`gold_agreement` of each reward model in `scorers` ({name: RewardModel}) on prompt i's
+    `answers[i]` (gold scores `grades[i]`), and of two scorers that know nothing of the
+    preference: "likelihood", the mean log-likelihood of the answer under `model` with its
+    active adapters (the policy that wrote them), and "length", its length in tokens.
+    Returns ({name: agreement}, number of pairs)."""
+    flat_p = [p for p, xs in zip(prompts, answers) for _ in xs]
+    flat_a = [a for xs in answers for a in xs]
+    sizes = [len(xs) for xs in answers]
+
+    def per_prompt(values: Sequence[float]) -> list[list[float]]:
+        out, i = [], 0
+        for n in sizes:
+            out.append(list(values[i:i + n]))
+            i += n
+        return out
+
+    scores = {"likelihood": reference_likelihood(model, tokenizer, flat_p, flat_a),
+              "length": [float(len(tokenizer.encode(a))) for a in flat_a]}
+    scores.update({name: reward_scores(rm, tokenizer, flat_p, flat_a) for name, rm in scorers.items()})
+    agree = {name: gold_agreement(grades, per_prompt(xs), min_gap) for name, xs in scores.items()}
+    return {name: a for name, (a, _) in agree.items()}, agree["length"][1]
+
+
 def sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))

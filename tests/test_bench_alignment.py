@@ -92,3 +92,26 @@ def test_the_example_golds_load_by_path_and_score_in_range(ba):
     nature = ba.load_gold(f"{ROOT / 'scripts' / 'gold_examples.py'}:nature_sentences")
     assert nature("q", "The season turns. Prices fall. Patience wins.") == 1.0
     assert nature("q", "Prices rise and fall. Volume matters a lot here.") == 0.0
+
+
+@pytest.fixture(scope="module")
+def ra():
+    spec = importlib.util.spec_from_file_location("rm_agreement", ROOT / "scripts" / "rm_agreement.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rm_agreement_prompts_file_errors_name_the_line(ra, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "Why wait?"}\n\n{"text": "no prompt"}\n')
+    with pytest.raises(SystemExit, match=r"p.jsonl:3: expected a JSON object"):
+        ra.read_prompts(f)
+    f.write_text('{"prompt": "Why wait?"}\n{"prompt": "  "}\n')
+    with pytest.raises(SystemExit, match=r"p.jsonl:2: \"prompt\" must be a non-empty string"):
+        ra.read_prompts(f)
+    f.write_text('{"prompt": "Why wait?"}\n')
+    assert ra.read_prompts(f) == ["Why wait?"]
+    with pytest.raises(SystemExit, match="not found"):
+        ra.read_prompts(tmp_path / "missing.jsonl")
+    assert len(ra.read_prompts(ra.DEFAULT_PROMPTS)) == 28

@@ -118,3 +118,19 @@ def test_fast_demo_teaches_the_voice_keeps_both_topics_and_ppo_stays_bounded(
     assert got["voice"] == pytest.approx(held["final"]["voice"])
     assert got["voice_sampled"] == pytest.approx(held["final"]["voice_sampled"])
     assert got["minus_against"] == 0 and got["sampled_minus_against"] == 0
+    # scripts/rm_agreement.py: the run's reward model and judge, and the two floors (the
+    # policy's likelihood, the answer's length), each ordering the gold-labelled pairs of the
+    # final adapter's sampled answers to the held-out prompts
+    spec = importlib.util.spec_from_file_location(
+        "rm_agreement", Path(__file__).resolve().parent.parent / "scripts" / "rm_agreement.py")
+    ra = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ra)
+    assert ra.main([str(run), "--json", str(tmp_path / "ra.json")]) == 0
+    got = json.loads((tmp_path / "ra.json").read_text())
+    assert got["pairs"] == held["final"]["agreement_pairs"] > 0 and got["prompts"] == 28
+    assert set(got["agreement"]) == {"likelihood", "length", "reward_model", "judge"}
+    assert all(0 <= v <= 1 for v in got["agreement"].values()), got
+    # the same answers as the demo's own held-out line, so the same figures
+    for k, v in held["final"]["agreement"].items():
+        assert got["agreement"][k] == pytest.approx(v), (k, got, held["final"])
+    assert "the reward model orders" in text

@@ -179,3 +179,16 @@ def test_topic_quiz_items_and_target_density():
     assert ev.topic_target_density(t, ["patience"]) == pytest.approx(100 * 5 / 18)
     t.quiz = []                                      # no quiz: the SFT examples serve
     assert [(it.messages, it.reference) for it in ev.topic_quiz_items(t, 5)] == [(p, t.sft[0].completion)]
+
+
+def test_gold_agreement_counts_pairs_gold_separates_ties_half():
+    from mindprint_mlx.evaluate import gold_agreement
+
+    # prompt 0: gold 0.9 > 0.1 > (0.12 is within the gap of 0.1); the scorer orders
+    # (a, b) right, (a, c) right; prompt 1: a tie in the scorer; prompt 2: wrong way round
+    grades = [[0.9, 0.1, 0.12], [0.8, 0.2], [0.0, 1.0]]
+    scores = [[3.0, 1.0, 2.0], [5.0, 5.0], [1.0, 0.0]]
+    got, n = gold_agreement(grades, scores, min_gap=0.05)
+    assert n == 4 and got == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert gold_agreement([[0.5, 0.52]], [[0.0, 1.0]], min_gap=0.05) == (None, 0)
+    assert gold_agreement(grades, grades, min_gap=0.05)[0] == 1.0

@@ -147,7 +147,7 @@ def run_demo(out: str | Path = "mindprint-demo", fast: bool = False,
 
 
 def heldout_scores(model, tok, active: list[str], max_tokens: int = 64, samples: int = 8,
-                   temperature: float = 0.7, seed: int = 4242) -> dict:
+                   temperature: float = 0.7, seed: int = 4242, scorers: dict | None = None) -> dict:
     """The demo's held-out prompts (in no data file) answered with the `active` adapters:
     greedy answers, the share of them made of real words, their voice score
     (`demo.gold.voice_in_real_words`: the persona's images and short sentences, counted as
@@ -156,7 +156,12 @@ def heldout_scores(model, tok, active: list[str], max_tokens: int = 64, samples:
     same for every adapter). A tiny model's greedy answers on new prompts are chaotic (a
     small change of the weights flips a whole answer), so the greedy score moves by about
     0.05-0.1 with any change; the mean over sampled answers (the distribution PPO trains
-    on) moves far less (docs/demo.md)."""
+    on) moves far less (docs/demo.md).
+
+    `scorers` ({name: RewardModel}, e.g. the run's reward model and judge): how often each
+    orders the sampled answers to a prompt as the voice score does (`evaluate.gold_agreement`,
+    pairs 0.05 apart or more), beside two scorers that know nothing of the voice (the policy's
+    own likelihood of the answer, its length): what PPO's reward can tell it on new prompts."""
     import mlx.core as mx
 
     from .. import evaluate as ev
@@ -174,11 +179,18 @@ def heldout_scores(model, tok, active: list[str], max_tokens: int = 64, samples:
                                     key_of=lambda i, k=k: mx.random.key(seed + k * 131 + i))
                  for k in range(samples)]
     sampled = [voice_in_real_words(p, a) for row in drawn for p, a in zip(prompts, row)]
-    return {"answers": answers,
-            "real_words": _mean([float(ev.is_real_words(a, lexicon)) for a in answers]),
-            "voice": _mean([voice_in_real_words(p, a) for p, a in zip(prompts, answers)]),
-            "with_markers": sum(ev.marker_count(a, markers) > 0 for a in answers),
-            "voice_sampled": _mean(sampled), "samples": samples}
+    out = {"answers": answers,
+           "real_words": _mean([float(ev.is_real_words(a, lexicon)) for a in answers]),
+           "voice": _mean([voice_in_real_words(p, a) for p, a in zip(prompts, answers)]),
+           "with_markers": sum(ev.marker_count(a, markers) > 0 for a in answers),
+           "voice_sampled": _mean(sampled), "samples": samples}
+    if scorers and samples >= 2:
+        per_prompt = [[row[i] for row in drawn] for i in range(len(prompts))]
+        grades = [[voice_in_real_words(p, x) for x in xs] for p, xs in zip(prompts, per_prompt)]
+        with lora.active_adapters(model, active):
+            out["agreement"], out["agreement_pairs"] = ev.scorer_agreement(
+                model, tok, chats, per_prompt, grades, scorers)
+    return out
 
 
 def heldout_comparison(model_dir: str | Path, run_dir: str | Path, state: dict,
@@ -195,9 +207,15 @@ def heldout_comparison(model_dir: str | Path, run_dir: str | Path, state: dict,
            if (rec.get("phases", {}).get("sft") or {}).get("adapter")]
     stages = {"base": [], "sft": [load_adapter(model, d, name=f"sft{i}") for i, d in enumerate(sft)],
               "final": [load_adapter(model, run_dir / state["final_adapter"], name="final")]}
+    from ..train.reward import RewardModel
+
+    scorers = {name: RewardModel.load(model, tok, run_dir / state[key]["adapter_dir"], name=f"heldout_{key}")
+               for key, name in (("reward_model", "reward_model"), ("judge_model", "judge"))
+               if (state.get(key) or {}).get("adapter_dir")}
     out = {"prompts": heldout_prompts()}
     for stage, names in stages.items():
-        out[stage] = heldout_scores(model, tok, names, max_tokens, samples)
+        out[stage] = heldout_scores(model, tok, names, max_tokens, samples,
+                                    scorers=scorers if stage == "final" else None)
     return out
 
 
@@ -212,6 +230,13 @@ def heldout_text(h: dict) -> str:
         r = h[stage]
         lines.append(f"  {label:22} {r['real_words']:10.2f} {r['voice']:11.3f} {r['with_markers']:>7}/{n}"
                      + (f" {r['voice_sampled']:13.3f}" if k else ""))
+    agree = h["final"].get("agreement") or {}
+    if agree.get("reward_model") is not None:
+        others = [f"the {name} {agree[name]:.0%}" for name in ("judge",) if agree.get(name) is not None]
+        lines.append(f"  the reward model orders {agree['reward_model']:.0%} of the "
+                     f"{h['final']['agreement_pairs']} pairs of the final adapter's sampled answers "
+                     f"as the voice score does (chance 50%; the policy's own likelihood "
+                     f"{agree['likelihood']:.0%}" + "".join("; " + o for o in others) + ")")
     i = max(range(n), key=lambda j: len(h["final"]["answers"][j]), default=None)
     if i is not None:
         lines += [f"  e.g. {h['prompts'][i]}", f"    base:  {h['base']['answers'][i]!r}",
