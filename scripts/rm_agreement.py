@@ -5,16 +5,16 @@ person's answers against the base model's); PPO asks something else of it: to or
 answers the policy samples, on prompts it never saw. This measures that, from outside the
 run: for a pipeline run (or `mindprint demo`'s), sample --samples answers a prompt from its
 final adapter (loaded as a user would) at --temperature on held-out prompts (default: the
-demo's 28, in no data file; the same keys as `mindprint demo`'s held-out scores), grade them with a gold function, and for every pair of a
-prompt's answers whose gold scores differ by at least --min-gap, count how often each
-scorer prefers the gold's choice:
+demo's 28, in no data file, with the sampling keys of `mindprint demo`'s held-out scores),
+grade them with a gold function, and for every pair of a prompt's answers whose gold scores
+differ by at least --min-gap, count how often each scorer prefers the gold's choice:
 
 - the run's reward model (what PPO climbs) and its judge (the quiz's preference part);
 - two scorers that know nothing of the preference, as a floor: the policy's own mean
   log-likelihood of the answer, and the answer's length in tokens.
 
-A reward model that does not beat the policy's own likelihood adds nothing PPO could climb
-that sharpening the policy would not. Agreement 0.5 is chance; the gold-judge benchmark
+A reward model that does no better than the policy's own likelihood gives PPO little to
+climb beyond sharpening the policy towards its own typical answers. Agreement 0.5 is chance; the gold-judge benchmark
 (scripts/bench_alignment.py) shows PPO raising gold on held-out prompts at about 0.75.
 
     python scripts/rm_agreement.py RUN [--gold FILE.py:FUNC] [--prompts FILE.jsonl]

@@ -11,12 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def ba():
-    spec = importlib.util.spec_from_file_location("bench_alignment", ROOT / "scripts" / "bench_alignment.py")
+def _script(name: str):
+    """scripts/NAME.py as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def ba():
+    return _script("bench_alignment")
 
 
 def test_gold_by_path_and_the_default(ba, tmp_path):
@@ -96,10 +101,7 @@ def test_the_example_golds_load_by_path_and_score_in_range(ba):
 
 @pytest.fixture(scope="module")
 def ra():
-    spec = importlib.util.spec_from_file_location("rm_agreement", ROOT / "scripts" / "rm_agreement.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("rm_agreement")
 
 
 def test_rm_agreement_prompts_file_errors_name_the_line(ra, tmp_path):
