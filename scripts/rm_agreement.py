@@ -37,9 +37,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = HERE.parent / "mindprint_mlx" / "demo" / "heldout_prompts.jsonl"
 
 
-def _bench():
-    """scripts/bench_alignment.py as a module: its gold loader and pair labelling."""
-    spec = importlib.util.spec_from_file_location("bench_alignment", HERE / "bench_alignment.py")
+def _script(name: str):
+    """Another script here as a module: bench_alignment (the gold loader), heldout_voice
+    (a run's final adapter loaded as a user would)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -77,7 +78,7 @@ def run_scorer(model, tok, run_dir: Path, key: str, name: str):
 
 
 def main(argv=None) -> int:
-    ba = _bench()
+    ba = _script("bench_alignment")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a pipeline run directory (finished)")
     ap.add_argument("--gold", default=ba.DEFAULT_GOLD, help="FILE.py:FUNC")
@@ -95,29 +96,25 @@ def main(argv=None) -> int:
     gold = ba.load_gold(a.gold)
     prompts = read_prompts(a.prompts)
     run = a.run
-    for f in ("run.json", "state.json"):
-        if not (run / f).is_file():
-            raise SystemExit(f"{run}: not a pipeline run directory (no {f})")
-    if not (run / "final_adapter").is_dir():
-        raise SystemExit(f"{run}: no final_adapter/ (has the run finished?)")
+    if (run / "run.json").is_file() and not (run / "state.json").is_file():
+        raise SystemExit(f"{run}: not a pipeline run directory (no state.json)")
 
     import mlx.core as mx
     import numpy as np
 
     from mindprint_mlx import evaluate as ev
     from mindprint_mlx.models import load, lora
-    from mindprint_mlx.models.adapters import load_adapter
-    from mindprint_mlx.pipeline.merge import shipped_base
 
+    bases: dict = {}
+    pmodel, ptok, shipped = _script("heldout_voice").load_final(run, bases)  # as a user loads it
+    # the reward model and judge sit on the model the run trained on (another base when the
+    # run folded its units into one)
     trained_on = json.loads((run / "run.json").read_text())["config"]["model"]
-    base = shipped_base(run, run / "final_adapter")
-    pmodel, ptok = load(base)                      # the policy as a user loads it
-    load_adapter(pmodel, run / "final_adapter", name="shipped")
-    smodel, stok = (pmodel, ptok) if base == trained_on else load(trained_on)
+    smodel, stok = bases[trained_on] if trained_on in bases else load(trained_on)
     msgs = [[{"role": "user", "content": p}] for p in prompts]
     scorers = {name: sc for key, name in (("reward_model", "reward_model"), ("judge_model", "judge"))
                if (sc := run_scorer(smodel, stok, run, key, name)) is not None}
-    with lora.active_adapters(pmodel, ["shipped"]):
+    with lora.active_adapters(pmodel, [shipped]):
         rows = [ev.sampled_answers(pmodel, ptok, msgs, a.max_tokens, a.temperature,
                                    key_of=lambda i, k=k: mx.random.key(a.seed + k * 131 + i))
                 for k in range(a.samples)]
@@ -142,5 +139,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    _bench()._reexec_with_openblas()      # 13x faster steps on Linux, as the benchmark
+    _script("bench_alignment")._reexec_with_openblas()      # 13x faster steps on Linux, as the benchmark
     sys.exit(main())
