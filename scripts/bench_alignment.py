@@ -34,8 +34,6 @@ words (mindprint_mlx/demo/gold.py:voice_in_real_words).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -45,6 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from mindprint_mlx.labels import judged_pairs, user_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GOLD = "mindprint_mlx/demo/gold.py:voice_in_real_words"
@@ -59,28 +59,14 @@ def _reexec_with_openblas() -> None:
 
 
 def load_gold(spec: str) -> Callable[[str, str], float]:
-    """FILE.py:FUNC -> the function (the file is imported by path)."""
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise SystemExit(f"--gold {spec!r}: expected FILE.py:FUNC")
-    file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
-    if not file.is_file():
-        raise SystemExit(f"--gold: {file} not found")
-    pkg = ROOT / "mindprint_mlx"
-    if file.resolve().is_relative_to(pkg):          # a module of the package: import it as such
-        mod = importlib.import_module(".".join(file.resolve().relative_to(ROOT).with_suffix("").parts))
-    else:
-        mod_spec = importlib.util.spec_from_file_location(f"_gold_{file.stem}", file)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-    fn = getattr(mod, name, None)
-    if not callable(fn):
-        raise SystemExit(f"--gold: {file} has no function {name!r}")
-    return fn
+    """FILE.py:FUNC (relative paths also from the repository root) -> the function."""
+    from mindprint_mlx.errors import MindprintError
+    from mindprint_mlx.labels import load_judge
 
-
-def user_text(messages) -> str:
-    return [m["content"] for m in messages if m["role"] == "user"][-1]
+    try:
+        return load_judge(spec, root=ROOT)
+    except MindprintError as e:
+        raise SystemExit(f"--gold: {e}") from None
 
 
 def bootstrap_ci(diffs: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
@@ -97,23 +83,9 @@ def bootstrap_ci(diffs: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[fl
     return float(lo), float(hi)
 
 
-def gold_pairs(prompts, answers, grades, min_gap: float) -> list[tuple[list, str, str, float, float]]:
-    """Every pair of a prompt's answers whose gold scores differ by at least `min_gap`, the
-    higher-scored one chosen: (prompt, chosen, rejected, gold chosen, gold rejected).
-    `answers[j]` / `grades[j]`: prompt j's answers and their gold scores."""
-    out = []
-    for p, xs, g in zip(prompts, answers, grades):
-        for u in range(len(xs)):
-            for v in range(u + 1, len(xs)):
-                if abs(g[u] - g[v]) >= min_gap:
-                    hi, lo = (u, v) if g[u] > g[v] else (v, u)
-                    out.append((p, xs[hi], xs[lo], g[hi], g[lo]))
-    return out
-
-
 def pairs_in_rounds(prompts, draw, grade, samples: int, min_gap: float, min_pairs: int = 0,
                     max_samples: int = 0) -> tuple[list, int]:
-    """Gold-labelled pairs (`gold_pairs`) of answers drawn `samples` a prompt at a time:
+    """Gold-labelled pairs (`labels.judged_pairs`) of answers drawn `samples` a prompt at a time:
     `draw(k0, n)` gives answer rows k0 .. k0+n-1 (row k: one answer per prompt, the k-th
     sampling key), `grade(prompt, answer)` the gold score. Draws again while fewer than
     `min_pairs` pairs are labelled and another round stays within `max_samples` answers a
@@ -128,7 +100,7 @@ def pairs_in_rounds(prompts, draw, grade, samples: int, min_gap: float, min_pair
             for j, (p, x) in enumerate(zip(prompts, row)):
                 answers[j].append(x)
                 grades[j].append(grade(p, x))
-        pairs = gold_pairs(prompts, answers, grades, min_gap)
+        pairs = judged_pairs(prompts, answers, grades, min_gap)
         if len(pairs) >= min_pairs or len(answers[0]) + samples > max_samples:
             return pairs, len(answers[0])
 

@@ -24,24 +24,15 @@ from pathlib import Path
 
 
 def load_final(run_dir: Path, cache: dict):
-    """(model, tokenizer, adapter name) with the run's final adapter loaded on its base; bases
-    are loaded once and shared between runs."""
-    from mindprint_mlx.models import load
-    from mindprint_mlx.models.adapters import load_adapter
-    from mindprint_mlx.pipeline.merge import shipped_base
+    """The run's final adapter on its base (`pipeline.merge.load_final`); a bad run
+    directory ends the script with its one-line reason."""
+    from mindprint_mlx.errors import MindprintError
+    from mindprint_mlx.pipeline.merge import load_final as load
 
-    if not (run_dir / "run.json").is_file():
-        raise SystemExit(f"{run_dir}: not a pipeline run directory (no run.json)")
-    adapter = run_dir / "final_adapter"
-    if not adapter.is_dir():
-        raise SystemExit(f"{run_dir}: no final_adapter/ (has the run finished?)")
-    base = shipped_base(run_dir, adapter)
-    if base not in cache:
-        cache[base] = load(base)
-    model, tok = cache[base]
-    name = "shipped"                  # one run's adapter at a time (main removes it after)
-    load_adapter(model, adapter, name=name)
-    return model, tok, name
+    try:
+        return load(run_dir, cache)
+    except MindprintError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv=None) -> int:

@@ -56,13 +56,6 @@ def test_method_settings_match_ppo_where_they_mean_the_same(ba):
         ba.method_settings("kto", a, 0)
 
 
-def test_gold_pairs_label_every_pair_far_enough_apart(ba):
-    pairs = ba.gold_pairs(["p", "q"], [["a", "b", "c"], ["x", "y"]],
-                          [[0.1, 0.5, 0.12], [0.3, 0.3]], min_gap=0.05)
-    # p: (b > a), (b > c); a and c are 0.02 apart: no pair; q: a tie
-    assert pairs == [("p", "b", "a", 0.5, 0.1), ("p", "b", "c", 0.5, 0.12)]
-
-
 def test_pairs_in_rounds_draws_more_while_a_gold_labels_too_few(ba):
     calls = []
 

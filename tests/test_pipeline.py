@@ -385,3 +385,65 @@ def test_two_runs_on_one_run_dir(setup):
     assert res.status == "interrupted"
     assert any(f"took over the lock of {run_dir} from pid {first.pid}" in x for x in lines), lines
     assert not (run_dir / ".lock").exists()
+
+
+def test_labels_on_the_policys_answers_train_the_reward_model(setup, tmp_path):
+    """reward.labels.judge: an SFT policy's answers to the practice prompts, ranked by the
+    judge, become preference pairs the reward model (not the judge of the quiz) trains on,
+    written to labels/labels.jsonl and read back when a stopped run resumes; then
+    `mindprint label` ranks the finished run's own answers, by a judge or by a person."""
+    from click.testing import CliRunner
+
+    from mindprint_mlx.cli import cli
+    from mindprint_mlx.data import load_records_file
+    from mindprint_mlx.stop import request_stop
+
+    cfg_file, _, run_dir = setup
+    judge = tmp_path / "judge.py"
+    judge.write_text("def distinct_words(prompt, answer):\n"
+                     "    return min(1.0, len(set(answer.split())) / 8)\n")
+    over = [f"reward.labels.judge={judge}:distinct_words", "reward.labels.samples=3", "run_ppo=false"]
+    lines: list[str] = []
+
+    def stop_once_labelled(line: str) -> None:
+        lines.append(line)
+        if re.match(r"labels: \d+ pairs from", line):
+            request_stop()          # the reward model's training sees it and stops
+    res = run_pipeline(load_pipeline_config(cfg_file, over), echo=stop_once_labelled)
+    assert res.status == "interrupted", res.status
+    lab = _state(run_dir)["labels"]
+    # 12 practice prompts in the chapter, 3 answers each: at most 3 pairs a prompt
+    assert lab["prompts"] == 12 and lab["answers"] == 36 and 0 < lab["pairs"] <= 36
+    recs = load_records_file("preference", run_dir / lab["file"])
+    assert len(recs) == lab["pairs"] and {r.topic for r in recs} <= set(TOPICS)
+    assert not (run_dir / "work" / "label_sampler").exists()
+
+    lines.clear()
+    res = run_pipeline(load_pipeline_config(cfg_file, over), resume=True, echo=lines.append)
+    assert res.status == "finished"
+    assert f"labels: done ({lab['pairs']} pairs, labels/labels.jsonl)" in lines
+    rm = res.state["reward_model"]
+    assert rm["labelled_pairs"] == lab["pairs"] and rm["pairs"] == 10 + rm["contrast_pairs"] + lab["pairs"]
+    assert res.state["judge_model"]["pairs"] == 10          # the quiz's judge: its half alone
+
+    runner = CliRunner()
+    out = tmp_path / "mine.jsonl"
+    r = runner.invoke(cli, ["label", str(run_dir), "--out", str(out), "--judge",
+                            f"{judge}:distinct_words", "--samples", "3", "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    first = load_records_file("preference", out)
+    assert "2 prompts to label" in r.output and len(first) <= 6
+    # a person: answer 1 over 2, then a tie (no pair), then quit; prompts already labelled
+    # (the judge's two, where it found a pair) are not asked again
+    mine = tmp_path / "person.jsonl"
+    r = runner.invoke(cli, ["label", str(run_dir), "--out", str(mine)], input="1\nt\nq\n")
+    assert r.exit_code == 0, r.output
+    (rec,) = load_records_file("preference", mine)
+    shown = re.findall(r"^  1\) (.*)$", r.output, flags=re.M)
+    assert rec.chosen.strip() == shown[0] and "which sounds more like you?" in r.output
+    r = runner.invoke(cli, ["label", str(run_dir), "--out", str(mine), "--limit", "1"], input="q\n")
+    assert r.exit_code == 0 and f"[1/1] {rec.topic}: " in r.output
+    asked = re.search(r"\[1/1\] [\w-]+: (.*)", r.output).group(1)
+    assert asked != rec.prompt[-1]["content"]               # the labelled prompt is done
+    r = runner.invoke(cli, ["label", str(tmp_path)])
+    assert r.exit_code == 1 and "not a pipeline run directory" in r.output

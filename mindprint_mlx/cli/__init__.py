@@ -89,7 +89,7 @@ def main() -> None:
 
 # Each module defines one click command or group in a variable named like the module
 # (`eval_`, `import_`), imported here in this order.
-_COMMANDS = ("demo", "pipeline", "data", "sft", "reward", "ppo", "grpo", "dpo", "ditto", "eval_",
+_COMMANDS = ("demo", "pipeline", "data", "sft", "reward", "label", "ppo", "grpo", "dpo", "ditto", "eval_",
              "generate", "export",
              "import_", "fuse", "plan", "plot")
 

@@ -7,7 +7,7 @@ padding) is imported on its own: `from mindprint_mlx.data.batching import ...`.
 from .records import (CURRICULUM_KEYS, DEFAULT_GROUP, ROLES, DataError, DataFiles, Dataset,
                       DistinctionRecord, Message, Persona, PreferenceRecord, Problem, PromptRecord,
                       QuizRecord, SFTRecord, curriculum_texts, load_data_dir, load_persona,
-                      parse_record)
+                      load_records_file, parse_record)
 from .curriculum import (Chapter, Curriculum, Topic, Unit, build_curriculum, load_curriculum,
                          natural_key, natural_sorted)
 from .quality import (QualityReport, QualityThresholds, TopicQuality, quality_report,
@@ -17,7 +17,7 @@ from .adaptive import AdaptiveBounds, TopicPlan, decide, load_bounds
 __all__ = [
     "CURRICULUM_KEYS", "DEFAULT_GROUP", "ROLES", "DataError", "DataFiles", "Dataset",
     "DistinctionRecord", "Message", "Persona", "PreferenceRecord", "Problem", "PromptRecord",
-    "QuizRecord", "SFTRecord", "curriculum_texts", "load_data_dir", "load_persona", "parse_record",
+    "QuizRecord", "SFTRecord", "curriculum_texts", "load_data_dir", "load_persona", "load_records_file", "parse_record",
     "Chapter", "Curriculum", "Topic", "Unit", "build_curriculum", "load_curriculum",
     "natural_key", "natural_sorted",
     "QualityReport", "QualityThresholds", "TopicQuality", "quality_report", "render_markdown",

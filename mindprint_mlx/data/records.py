@@ -586,6 +586,21 @@ def _load_jsonl(kind: str, path: Path, display: str, problems: list[Problem]) ->
     return records
 
 
+def load_records_file(kind: str, path: str | os.PathLike) -> list:
+    """The records of one JSONL file of `kind` (sft, preference, quiz, distinctions,
+    prompts), checked as load_data_dir checks them; raises DataError naming each bad line."""
+    p = Path(path)
+    problems: list[Problem] = []
+    if not p.is_file():
+        raise DataError([Problem(str(p), None, "not found")])
+    records = _load_jsonl(kind, p, str(p), problems)
+    if any(x.severity == "error" for x in problems):
+        raise DataError(problems)
+    for w in problems[:20]:
+        log.warning("%s", w)
+    return records
+
+
 def load_persona(path: str | os.PathLike, display: str | None = None,
                  problems: list[Problem] | None = None) -> Persona:
     """Read persona.json; problems go to `problems` (or raise DataError when not given)."""

@@ -27,6 +27,37 @@ from .refine import RefineSettings, check_config as check_refine
 
 
 @dataclass
+class LabelSettings:
+    """Preference labels on the SFT policy's own answers (mindprint_mlx.labels), which the
+    reward model trains on beside the person's pairs: a judge's, labelled in the run, and/or
+    a file of them (e.g. written by `mindprint label`)."""
+
+    judge: Optional[str] = field(
+        default=None,
+        metadata={"help": "FILE.py:FUNC or package.module:FUNC, FUNC(prompt, answer) -> score: "
+                          "ranks `samples` answers a practice prompt of an SFT policy trained on "
+                          "every topic's SFT data (None: no judge)"})
+    file: Optional[str] = field(
+        default=None,
+        metadata={"help": "a JSONL file of preference records (preference_data.jsonl's format) "
+                          "labelled on the policy's answers, e.g. by `mindprint label`"})
+    samples: int = field(default=4, metadata={"help": "answers the judge ranks a practice prompt"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of those answers"})
+    min_gap: float = field(
+        default=0.05, metadata={"help": "judge scores closer than this are a tie (no pair)"})
+
+    def validate(self) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"key 'reward.labels.samples': must be >= 2, got {self.samples}")
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'reward.labels.temperature': must be > 0, got {self.temperature}")
+        if not self.min_gap >= 0:
+            raise ConfigError(f"key 'reward.labels.min_gap': must be >= 0, got {self.min_gap}")
+        if self.file is not None and not Path(self.file).is_file():
+            raise ConfigError(f"key 'reward.labels.file': {self.file} is not a file")
+
+
+@dataclass
 class RewardSection:
     """The reward model: trained once per run (into run_dir/reward_model) or reused."""
 
@@ -43,6 +74,9 @@ class RewardSection:
                           "the reward half's chosen ones), each a rejected answer to it (0: none)"})
     contrast_temperature: float = field(
         default=1.0, metadata={"help": "sampling temperature of those base-model answers"})
+    labels: LabelSettings = field(
+        default_factory=LabelSettings,
+        metadata={"help": "preference labels on the SFT policy's own answers (LabelSettings)"})
 
     def validate(self) -> None:
         if self.contrast_samples < 0:

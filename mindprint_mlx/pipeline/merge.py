@@ -50,6 +50,29 @@ def shipped_base(run_dir: str | Path, adapter_dir: str | Path) -> str:
     return json.loads((run_dir / "run.json").read_text())["config"]["model"]
 
 
+def load_final(run_dir: str | Path, cache: dict):
+    """(model, tokenizer, adapter name) with a finished run's final adapter loaded on its
+    base, as a user loads it (`shipped_base`); bases are loaded once into `cache` and shared
+    between runs (remove the adapter, `lora.remove_adapter`, before loading another)."""
+    from ..errors import MindprintError
+    from ..models import load
+    from ..models.adapters import load_adapter
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise MindprintError(f"{run_dir}: not a pipeline run directory (no run.json)")
+    adapter = run_dir / "final_adapter"
+    if not adapter.is_dir():
+        raise MindprintError(f"{run_dir}: no final_adapter/ (has the run finished?)")
+    base = shipped_base(run_dir, adapter)
+    if base not in cache:
+        cache[base] = load(base)
+    model, tok = cache[base]
+    name = "shipped"
+    load_adapter(model, adapter, name=name)
+    return model, tok, name
+
+
 # ---------------------------------------------------------------- the math (pure)
 
 def svd_lora(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:

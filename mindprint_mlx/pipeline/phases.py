@@ -265,9 +265,10 @@ def reward_models(run: Run) -> None:
             contrast = base_contrast_pairs(run, reward_pairs)
             run.echo(f"reward model: {len(contrast)} contrast pairs (the person's answer over "
                      f"{cfg.reward.contrast_samples} base-model samples each)")
-        adapter_dir = train_scorer(run, "reward_model", "reward", reward_pairs + contrast)
-        if contrast:
-            st.data["reward_model"]["contrast_pairs"] = len(contrast)
+        labelled = [] if scorer_done(run, "reward_model") else policy_labels(run)
+        adapter_dir = train_scorer(run, "reward_model", "reward", reward_pairs + contrast + labelled)
+        if contrast or labelled:
+            st.data["reward_model"].update(contrast_pairs=len(contrast), labelled_pairs=len(labelled))
             st.save()
     judge_dir = train_scorer(run, "judge_model", "judge", judge_pairs) if judge == "split" else None
     run.rm = RewardModel.load(run.model, run.tok, adapter_dir)
@@ -327,6 +328,79 @@ def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
                                                                          + k * 7919 + i))
                  for k in range(cfg.reward.contrast_samples)]
     return contrast_pairs(sources, [list(xs) for xs in zip(*draws)])
+
+
+def policy_labels(run: Run) -> list:
+    """reward.labels: preference pairs on the policy's own answers, for the reward model
+    (the judge of the quiz never sees them): those of reward.labels.file, and with
+    reward.labels.judge the judge's ranking of answers of an SFT policy (`judged_labels`)."""
+    from ..data import load_records_file
+
+    lc = run.cfg.reward.labels
+    out = list(load_records_file("preference", lc.file)) if lc.file else []
+    if lc.file:
+        run.echo(f"reward model: {len(out)} labelled pairs from {lc.file}")
+    if lc.judge:
+        out += judged_labels(run)
+    return out
+
+
+def judged_labels(run: Run) -> list:
+    """reward.labels.judge's labels: an SFT adapter trained from the base on every topic's
+    SFT data (the first trainable topic's schedule) stands in for the policy PPO will
+    refine; it samples reward.labels.samples answers to every trainable topic's practice prompts (the
+    PPO prompts, never the quiz's), the judge scores each, and every pair of a prompt's
+    answers whose scores differ by at least min_gap is a preference pair. Written to
+    run_dir/labels/labels.jsonl (preference_data.jsonl's format), read back on a resume."""
+    from ..data import parse_record
+    from ..io import read_jsonl
+    from ..labels import label_records, load_judge, practice_prompts, sample_answers, score_all
+    from ..train.sft import train_sft
+
+    cfg, st = run.cfg, run.state
+    lc = cfg.reward.labels
+    path = run.run_dir / "labels" / "labels.jsonl"
+    rec = st.data.get("labels")
+    if not (rec and rec.get("done") and st.exists(rec["file"])):
+        judge = load_judge(lc.judge)
+        rows = {r["key"]: r["plan"] for r in run.plan if r["plan"]["trainable"]}
+        topics = [t for t in run.curriculum.topics if t.key in rows]
+        if not topics:
+            return []
+        scfg = decide.topic_sft_config(cfg.sft, rows[topics[0].key], cfg.seed)
+        scfg = dataclasses.replace(scfg, replay_fraction=0.0)
+        prompts, groups = practice_prompts(topics)
+        examples = [r for t in topics for r in t.sft]
+        run.echo(f"labels: an SFT policy on all {len(examples)} SFT examples samples "
+                 f"{lc.samples} answers to each of {len(prompts)} practice prompts for {lc.judge}")
+        lora.set_active(run.model, [])
+        train_sft(run.model, run.tok, examples, scfg, run.work / "label_sampler",
+                  adapter_name="label_sampler", resume=run.resume, progress=False)
+        with lora.active_adapters(run.model, ["label_sampler"]):
+            answers = sample_answers(run.model, run.tok, prompts, lc.samples, cfg.ppo.max_new_tokens,
+                                     lc.temperature, cfg.ppo.top_p, cfg.seed)
+        lora.remove_adapter(run.model, "label_sampler")
+        scores = score_all(judge, prompts, answers, f"judge {lc.judge}")
+        records = label_records(prompts, groups, answers, scores, lc.min_gap)
+
+        def write() -> dict:
+            import json
+
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            shutil.rmtree(run.work / "label_sampler", ignore_errors=True)
+            flat = [x for row in scores for x in row]
+            return {"done": True, "file": st.rel(path), "judge": lc.judge, "pairs": len(records),
+                    "answers": len(flat), "prompts": len(prompts),
+                    "mean_score": sum(flat) / max(1, len(flat))}
+        st.data["labels"] = dist.on_main(write)
+        st.save()
+        rec = st.data["labels"]
+        run.echo(f"labels: {rec['pairs']} pairs from {rec['answers']} answers "
+                 f"(the judge's mean score {rec['mean_score']:.3f}) -> {rec['file']}")
+    else:
+        run.echo(f"labels: done ({rec['pairs']} pairs, {rec['file']})")
+    rows = dist.on_main(lambda: read_jsonl(run.run_dir / rec["file"]))
+    return [parse_record("preference", r, f"{rec['file']}:{i + 1}")[0] for i, r in enumerate(rows)]
 
 
 def scorer_done(run: Run, key: str) -> bool:
