@@ -145,6 +145,13 @@ def test_dry_run_estimate_counts_the_contrast_sampling(setup):
     assert four["total_seconds"] == pytest.approx(
         none["total_seconds"] + four["contrast_seconds"]
         + four["reward_seconds"] - none["reward_seconds"])
+    # reward.labels.judge: the sampler's SFT, its answers and the pairs they add
+    lines = []
+    lab = run_pipeline(load_pipeline_config(cfg_file, ["reward.labels.judge=x.py:f"]), dry_run=True,
+                       echo=lines.append).estimate
+    assert four["labels_seconds"] == 0 and lab["labels_seconds"] > 0
+    assert "the labels' SFT policy and samples" in "\n".join(lines)
+    assert lab["total_seconds"] > four["total_seconds"] + lab["labels_seconds"]
     assert not run_dir.exists()
 
 

@@ -136,7 +136,7 @@ def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
         s = t_sft + t_eval + t_ppo
         total += s
         per_topic.append({"key": p["key"], "seconds": s, "sft": t_sft, "eval": t_eval, "ppo_if_run": t_ppo})
-    t_reward = t_contrast = 0.0
+    t_reward = t_contrast = t_labels = 0.0
     if not cfg.reward.path:
         from .phases import contrast_sources, reward_halves
 
@@ -146,12 +146,23 @@ def estimate(cfg: PipelineConfig, plan: list[dict], dataset) -> dict:
         pairs, judge_pairs = reward_halves(cfg, dataset)
         n_contrast = cfg.reward.contrast_samples * len(contrast_sources(dataset, pairs))
         t_contrast = n_contrast * 10 * 2 * params * gen / rate
-        t_reward = 6 * params * (len(pairs) + len(judge_pairs) + n_contrast) * 2 * 100 * 3 / rate
-    total += t_reward + t_contrast
+        # reward.labels.judge: an SFT policy on every trainable topic's examples, its
+        # answers to the practice prompts, and at most every pair of them labelled
+        n_labels = 0
+        lc = cfg.reward.labels
+        trained = [p for p in plan if p["plan"]["trainable"]]
+        if lc.judge and trained:
+            toks = sum(p["counts"]["sft"] for p in trained) * 150 / chars_per_token * 4
+            n_prompts = sum(p["counts"].get("prompts") or p["counts"]["sft"] for p in trained)
+            t_labels = (6 * params * toks * trained[0]["plan"]["sft_epochs"]
+                        + n_prompts * lc.samples * 10 * 2 * params * gen) / rate
+            n_labels = n_prompts * lc.samples * (lc.samples - 1) // 2
+        t_reward = 6 * params * (len(pairs) + len(judge_pairs) + n_contrast + n_labels) * 2 * 100 * 3 / rate
+    total += t_reward + t_contrast + t_labels
     return {"params": params, "base_bytes": shape.weight_bytes,
             "peak_memory_bytes": max(peaks.values()), "memory_by_phase": peaks,
             "assumed_tflops": tflops, "reward_seconds": t_reward,
-            "contrast_seconds": t_contrast, "total_seconds": total,
+            "contrast_seconds": t_contrast, "labels_seconds": t_labels, "total_seconds": total,
             "per_topic": per_topic, "final_adapter": plan_final_sizes(cfg, plan, shape),
             "note": "rough time: counts FLOPs at the assumed rate, assumes PPO runs on every topic"}
 
@@ -217,6 +228,8 @@ def format_estimate(est: dict) -> str:
             f"{human_seconds(est['reward_seconds'])}"
             + (f", its contrast samples {human_seconds(est['contrast_seconds'])}"
                if est.get("contrast_seconds") else "")
+            + (f", the labels' SFT policy and samples {human_seconds(est['labels_seconds'])}"
+               if est.get("labels_seconds") else "")
             + f") at {est['assumed_tflops']} TFLOP/s; {est['note']}")
     if est.get("final_adapter"):
         text += "\n" + format_final_sizes(est["final_adapter"])
