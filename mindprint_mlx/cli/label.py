@@ -18,7 +18,7 @@ CHOICES = {"1": 0, "2": 1, "t": None, "s": None}
               help="FILE.py:FUNC or package.module:FUNC, FUNC(prompt, answer) -> score: label "
                    "without asking (every pair of --samples answers whose scores differ).")
 @click.option("--samples", default=2, show_default=True, type=click.IntRange(2),
-              help="Answers a prompt (you are shown two).")
+              help="With --judge: answers a prompt (without, you are shown two).")
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0.0, min_open=True),
               help="Sampling temperature of the answers.")
 @click.option("--max-tokens", default=None, type=click.IntRange(1),
@@ -61,15 +61,14 @@ def label(run_dir, out, judge, samples, temperature, max_tokens, min_gap, limit,
     click.echo(f"{len(todo)} prompts to label -> {out}")
     n_pairs = 0
     for j, i in enumerate(todo):
-        answers = sample_answers(model, tok, [prompts[i]], samples, max_tokens, temperature,
-                                 cfg.ppo.top_p, seed * 100003 + i)
+        answers = sample_answers(model, tok, [prompts[i]], samples if fn else 2, max_tokens,
+                                 temperature, cfg.ppo.top_p, seed * 100003 + i)
         if fn is not None:
             scores = score_all(fn, [prompts[i]], answers, f"judge {judge}")
         else:
-            scores = [_ask(j + 1, len(todo), groups[i], user_text(prompts[i]), answers[0][:2])]
+            scores = [_ask(j + 1, len(todo), groups[i], user_text(prompts[i]), answers[0])]
             if scores == [["quit"]]:
                 break
-            answers = [answers[0][:2]]
         recs = label_records([prompts[i]], [groups[i]], answers, scores, min_gap)
         for r in recs:
             append_jsonl(out, r)
