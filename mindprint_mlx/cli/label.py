@@ -73,7 +73,8 @@ def label(run_dir, out, judge, samples, temperature, max_tokens, min_gap, limit,
         for r in recs:
             append_jsonl(out, r)
         n_pairs += len(recs)
-    click.echo(f"{n_pairs} pairs written to {out}; train on them with -s reward.labels.file={out}")
+    click.echo(("" if fn else "\n") + f"{n_pairs} pair{'' if n_pairs == 1 else 's'} written to {out}; "
+               f"train on them with -s reward.labels.file={out}")
 
 
 def _ask(k: int, n: int, group: dict, prompt: str, pair: list[str]) -> list:
