@@ -348,9 +348,9 @@ def policy_labels(run: Run) -> list:
 def judged_labels(run: Run) -> list:
     """reward.labels.judge's labels: an SFT adapter trained from the base on every topic's
     SFT data (the first trainable topic's schedule) stands in for the policy PPO will
-    refine; it samples reward.labels.samples answers to every trainable topic's practice prompts (the
-    PPO prompts, never the quiz's), the judge scores each, and every pair of a prompt's
-    answers whose scores differ by at least min_gap is a preference pair. Written to
+    refine; it samples reward.labels.samples answers to every trainable topic's practice
+    prompts (the PPO prompts, never the quiz's), the judge scores each, and every pair of a
+    prompt's answers whose scores differ by at least min_gap is a preference pair. Written to
     run_dir/labels/labels.jsonl (preference_data.jsonl's format), read back on a resume."""
     from ..data import parse_record
     from ..io import read_jsonl
