@@ -207,11 +207,14 @@ def test_grpo_and_rloo_raise_a_programmatic_reward(tiny_llama, tmp_path, method,
     model, tok = fresh(tiny_llama)
     base_before = base_params(model)
     reward_fn = count_reward(tok, likeliest_token(model, tok))
-    cfg = GRPOConfig(method=method, steps=12, batch_size=4, group_size=4, max_new_tokens=4,
+    # 20 steps: the likeliest token is rarely sampled at first (scores near 0), and in 12
+    # steps RLOO had climbed by only 0.06-0.2 on two of sampling seeds 0-2 on one machine;
+    # in 20 every method and seed reached 2.7-3.7 of the 4 tokens
+    cfg = GRPOConfig(method=method, steps=20, batch_size=4, group_size=4, max_new_tokens=4,
                      learning_rate=2e-2, num_iterations=2, progress=False, save_every=0, **extra)
     res = train_grpo(model, tok, TEXTS, reward_fn, cfg, tmp_path / "run", frozen_adapters=["sft"])
     scores = [h["objective/scores"] for h in res.history]
-    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.4, scores
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 1.0, scores
     assert all(abs(h[f"{method}/first_iteration_ratio_mean"] - 1) < 1e-4 for h in res.history)
     assert all(base_params(model)[k] is v for k, v in base_before.items())
     assert (tmp_path / "run" / f"{method}_adapter" / "adapters.safetensors").is_file()
