@@ -118,16 +118,18 @@ def label_records(prompts: Sequence, groups: Sequence[dict], answers: Sequence[S
 
 
 def sample_answers(model, tokenizer, prompts: Sequence, n: int, max_tokens: int,
-                   temperature: float, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+                   temperature: float, top_p: float = 1.0, seed: int = 0,
+                   salt: int = 6151) -> list[list[str]]:
     """`n` answers to every chat prompt, sampled with the model's active adapters; answer k
-    of the batch that starts at prompt i draws from key (seed, k, i): the same on a rerun and
-    on every rank. Returns answers[prompt][k]."""
+    of the batch that starts at prompt i draws from key (seed, salt, k, i): the same on a
+    rerun and on every rank, and different uses (labels, contrast pairs) pass different
+    salts. Returns answers[prompt][k]."""
     import mlx.core as mx
 
     from .evaluate import sampled_answers
 
     draws = [sampled_answers(model, tokenizer, prompts, max_tokens, temperature, top_p,
-                             key_of=lambda i, k=k: mx.random.key(seed * 1000 + 6151 + k * 7919 + i))
+                             key_of=lambda i, k=k: mx.random.key(seed * 1000 + salt + k * 7919 + i))
              for k in range(n)]
     return [list(xs) for xs in zip(*draws)]
 

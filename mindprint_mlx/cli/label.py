@@ -33,7 +33,7 @@ def label(run_dir, out, judge, samples, temperature, max_tokens, min_gap, limit,
     preference records in preference_data.jsonl's format: give it to the next run as
     reward.labels.file and its reward model learns to rank the policy's own answers."""
     from ..errors import MindprintError
-    from ..io import append_jsonl, read_jsonl
+    from ..io import append_jsonl, read_json_object, read_jsonl
     from ..labels import label_records, load_judge, practice_prompts, sample_answers, score_all, user_text
     from ..pipeline.config import load_pipeline_config
     from ..pipeline.merge import load_final
@@ -41,8 +41,6 @@ def label(run_dir, out, judge, samples, temperature, max_tokens, min_gap, limit,
 
     if not (run_dir / "run.json").is_file():
         raise MindprintError(f"{run_dir}: not a pipeline run directory (no run.json)")
-    from ..io import read_json_object
-
     cfg = load_pipeline_config(None, base=read_json_object(run_dir / "run.json")["config"])
     _, curriculum = load_curriculum(cfg)
     prompts, groups = practice_prompts(curriculum.topics)
@@ -66,9 +64,10 @@ def label(run_dir, out, judge, samples, temperature, max_tokens, min_gap, limit,
         if fn is not None:
             scores = score_all(fn, [prompts[i]], answers, f"judge {judge}")
         else:
-            scores = [_ask(j + 1, len(todo), groups[i], user_text(prompts[i]), answers[0])]
-            if scores == [["quit"]]:
+            choice = _ask(j + 1, len(todo), groups[i], user_text(prompts[i]), answers[0])
+            if choice is None:
                 break
+            scores = [choice]
         recs = label_records([prompts[i]], [groups[i]], answers, scores, min_gap)
         for r in recs:
             append_jsonl(out, r)
@@ -77,9 +76,9 @@ def label(run_dir, out, judge, samples, temperature, max_tokens, min_gap, limit,
                f"train on them with -s reward.labels.file={out}")
 
 
-def _ask(k: int, n: int, group: dict, prompt: str, pair: list[str]) -> list:
+def _ask(k: int, n: int, group: dict, prompt: str, pair: list[str]) -> list[float] | None:
     """Show one prompt and two answers; the person's choice as scores for label_records:
-    [1, 0] or [0, 1], [0, 0] for a tie or a skip (no pair), ["quit"] to stop."""
+    [1, 0] or [0, 1], [0, 0] for a tie or a skip (no pair), None to stop."""
     click.secho(f"\n[{k}/{n}] {group['topic']}: {prompt}", bold=True)
     for m, a in enumerate(pair, 1):
         click.echo(f"  {m}) {a.strip() or '(empty)'}")
@@ -87,7 +86,7 @@ def _ask(k: int, n: int, group: dict, prompt: str, pair: list[str]) -> list:
         c = click.prompt("which sounds more like you? 1, 2, t (tie), s (skip), q (quit)",
                          default="s", show_default=False).strip().lower()
         if c == "q":
-            return ["quit"]
+            return None
         if c in CHOICES:
             pick = CHOICES[c]
             return [0.0, 0.0] if pick is None else [1.0 if m == pick else 0.0 for m in range(2)]

@@ -321,13 +321,13 @@ def base_contrast_pairs(run: Run, reward_pairs: list) -> list:
     cfg = run.cfg
     sources = contrast_sources(run.dataset, reward_pairs)
     prompts = [list(p) for p, _ in sources]
+    from ..labels import sample_answers
+
     with lora.active_adapters(run.model, []):
-        draws = [ev.sampled_answers(run.model, run.tok, prompts, cfg.ppo.max_new_tokens,
-                                    cfg.reward.contrast_temperature, cfg.ppo.top_p,
-                                    key_of=lambda i, k=k: mx.random.key(cfg.seed * 1000 + 4241
-                                                                         + k * 7919 + i))
-                 for k in range(cfg.reward.contrast_samples)]
-    return contrast_pairs(sources, [list(xs) for xs in zip(*draws)])
+        answers = sample_answers(run.model, run.tok, prompts, cfg.reward.contrast_samples,
+                                 cfg.ppo.max_new_tokens, cfg.reward.contrast_temperature,
+                                 cfg.ppo.top_p, cfg.seed, salt=4241)
+    return contrast_pairs(sources, answers)
 
 
 def policy_labels(run: Run) -> list:
