@@ -4,7 +4,10 @@ model, answers every held-out prompt (mindprint_mlx/demo/heldout_prompts.jsonl, 
 data file) greedily, and prints: the share of answers made of real words
 (`evaluate.is_real_words` against `evaluate.demo_lexicon`), their mean real-word
 fraction, the persona's voice markers in them (a neutral base: about 0), how many answers
-are distinct, and a few examples.
+are distinct, and a few examples; and how well it knows new sentences of its domain: the
+mean per-token negative log-likelihood of the curriculum's quiz reference answers (held out
+from every training set) against a uniform guess's log V, which is the quiz's `likelihood`
+part (1 - NLL / log V).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         python scripts/demo_base_check.py [--cache DIR] [-a ADAPTER ...] [--max-tokens 64] [--json OUT]
@@ -15,6 +18,7 @@ With an empty --cache the first call pretrains the model (its wall time is print
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -32,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mindprint_mlx.data import curriculum_texts, load_data_dir
     from mindprint_mlx.demo import DEMO_CURRICULUM_DIR, heldout_prompts
-    from mindprint_mlx.evaluate import demo_lexicon, is_real_words, marker_count, real_word_fraction
+    from mindprint_mlx.evaluate import (demo_lexicon, is_real_words, likelihood_score, marker_count,
+                                        real_word_fraction, reference_likelihood)
     from mindprint_mlx.generate import generate_text
     from mindprint_mlx.io import atomic_write_json
     from mindprint_mlx.models import load
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from mindprint_mlx.models.adapters import load_adapter
 
     names = [load_adapter(model, a, name=f"adapter{i}") for i, a in enumerate(args.adapter)]
-    markers = load_data_dir(DEMO_CURRICULUM_DIR, require=()).persona.voice_markers
+    data = load_data_dir(DEMO_CURRICULUM_DIR, require=())
+    markers = data.persona.voice_markers
     lexicon = demo_lexicon()
     rows = []
     for p in heldout_prompts():
@@ -54,8 +60,15 @@ def main(argv: list[str] | None = None) -> int:
             a = generate_text(model, tok, p, max_tokens=args.max_tokens, temp=0.0)
         rows.append({"prompt": p, "answer": a, "real_word_fraction": real_word_fraction(a, lexicon),
                      "real_words": is_real_words(a, lexicon), "markers": marker_count(a, markers)})
+    with lora.active_adapters(model, names):
+        lps = reference_likelihood(model, tok, [[{"role": "user", "content": q.question}]
+                                                for q in data.quiz],
+                                   [q.reference_answer for q in data.quiz])
+    nll = -sum(lps) / len(lps)
+    log_v = math.log(model.args.vocab_size)
     n = len(rows)
-    out = {"model": str(path), "adapters": args.adapter, "build_or_load_seconds": build_s, "prompts": n,
+    out = {"quiz_reference_nll": nll, "log_vocab": log_v,
+           "quiz_likelihood_part": likelihood_score(-nll, model.args.vocab_size), "model": str(path), "adapters": args.adapter, "build_or_load_seconds": build_s, "prompts": n,
            "real_words_share": sum(r["real_words"] for r in rows) / n,
            "mean_real_word_fraction": sum(r["real_word_fraction"] for r in rows) / n,
            "marker_count": sum(r["markers"] for r in rows),
@@ -67,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(mean real-word fraction {out['mean_real_word_fraction']:.3f}); voice markers: "
           f"{out['marker_count']} in {out['answers_with_markers']} answers; distinct answers: "
           f"{out['distinct_answers']}/{n}")
+    print(f"quiz reference answers ({len(lps)}, never trained on): {nll:.2f} nats a token against "
+          f"a uniform guess's {log_v:.2f} (the quiz's likelihood part {out['quiz_likelihood_part']:.3f})")
     for r in rows[:args.examples]:
         print(f"\nQ: {r['prompt']}\nA: {r['answer']}")
     if args.json:

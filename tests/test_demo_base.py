@@ -3,6 +3,7 @@ the pretraining and the pretrained model itself."""
 
 import json
 import re
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -219,3 +220,28 @@ def test_pretrained_demo_model_answers_heldout_prompts_in_real_words_and_a_neutr
     assert real >= 0.8, list(zip(prompts, answers))
     assert sum(marker_count(a, MARKERS) for a in answers) <= 1, answers
     assert len({a.strip() for a in answers}) >= 0.75 * len(answers), answers
+
+
+def test_demo_base_check_script_reports_the_quiz_references_likelihood(pretrained_demo_model,
+                                                                       tmp_path):
+    """scripts/demo_base_check.py on the demo base: its figures, and the quiz references'
+    NLL (text in no training set) as the quiz's likelihood part computes it from the same
+    model: better than a uniform guess, far from knowing them (docs/demo.md)."""
+    import importlib.util
+    import math
+
+    from mindprint_mlx.evaluate import likelihood_score
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_base_check", Path(__file__).resolve().parent.parent / "scripts" / "demo_base_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "check.json"
+    assert mod.main(["--model", str(pretrained_demo_model), "--examples", "0",
+                     "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["prompts"] == len(heldout_prompts()) and got["real_words_share"] >= 0.8
+    nll, log_v = got["quiz_reference_nll"], got["log_vocab"]
+    assert 0 < nll < log_v
+    assert got["quiz_likelihood_part"] == pytest.approx(likelihood_score(-nll, round(math.exp(log_v))))
+    assert got["quiz_likelihood_part"] == pytest.approx(1 - nll / log_v)
