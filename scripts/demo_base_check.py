@@ -67,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     nll = -sum(lps) / len(lps)
     log_v = math.log(model.args.vocab_size)
     n = len(rows)
-    out = {"quiz_reference_nll": nll, "log_vocab": log_v,
-           "quiz_likelihood_part": likelihood_score(-nll, model.args.vocab_size), "model": str(path), "adapters": args.adapter, "build_or_load_seconds": build_s, "prompts": n,
+    out = {"model": str(path), "adapters": args.adapter, "build_or_load_seconds": build_s, "prompts": n,
            "real_words_share": sum(r["real_words"] for r in rows) / n,
            "mean_real_word_fraction": sum(r["real_word_fraction"] for r in rows) / n,
            "marker_count": sum(r["markers"] for r in rows),
            "answers_with_markers": sum(r["markers"] > 0 for r in rows),
-           "distinct_answers": len({r["answer"].strip() for r in rows}), "answers": rows}
+           "distinct_answers": len({r["answer"].strip() for r in rows}),
+           "quiz_reference_nll": nll, "log_vocab": log_v,
+           "quiz_likelihood_part": likelihood_score(-nll, model.args.vocab_size), "answers": rows}
     print(f"model: {path} (ready in {build_s:.1f}s)" +
           (f"; adapters: {', '.join(args.adapter)}" if args.adapter else ""))
     print(f"held-out prompts: {n}; answers made of real words: {out['real_words_share']:.2f} "
