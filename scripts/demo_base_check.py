@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from mindprint_mlx.data import curriculum_texts, load_data_dir
     from mindprint_mlx.demo import DEMO_CURRICULUM_DIR, heldout_prompts
     from mindprint_mlx.evaluate import (demo_lexicon, is_real_words, likelihood_score, marker_count,
-                                        real_word_fraction, reference_likelihood)
+                                        quiz_items, real_word_fraction, reference_likelihood)
     from mindprint_mlx.generate import generate_text
     from mindprint_mlx.io import atomic_write_json
     from mindprint_mlx.models import load
@@ -60,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             a = generate_text(model, tok, p, max_tokens=args.max_tokens, temp=0.0)
         rows.append({"prompt": p, "answer": a, "real_word_fraction": real_word_fraction(a, lexicon),
                      "real_words": is_real_words(a, lexicon), "markers": marker_count(a, markers)})
+    items = quiz_items([(q.question, q.reference_answer) for q in data.quiz])   # the quiz's layout
     with lora.active_adapters(model, names):
-        lps = reference_likelihood(model, tok, [[{"role": "user", "content": q.question}]
-                                                for q in data.quiz],
-                                   [q.reference_answer for q in data.quiz])
+        lps = reference_likelihood(model, tok, [list(it.messages) for it in items],
+                                   [it.reference for it in items])
     nll = -sum(lps) / len(lps)
-    log_v = math.log(model.args.vocab_size)
+    vocab = model.args.vocab_size
+    log_v = math.log(vocab)
     n = len(rows)
     out = {"model": str(path), "adapters": args.adapter, "build_or_load_seconds": build_s, "prompts": n,
            "real_words_share": sum(r["real_words"] for r in rows) / n,
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
            "answers_with_markers": sum(r["markers"] > 0 for r in rows),
            "distinct_answers": len({r["answer"].strip() for r in rows}),
            "quiz_reference_nll": nll, "log_vocab": log_v,
-           "quiz_likelihood_part": likelihood_score(-nll, model.args.vocab_size), "answers": rows}
+           "quiz_likelihood_part": likelihood_score(-nll, vocab), "answers": rows}
     print(f"model: {path} (ready in {build_s:.1f}s)" +
           (f"; adapters: {', '.join(args.adapter)}" if args.adapter else ""))
     print(f"held-out prompts: {n}; answers made of real words: {out['real_words_share']:.2f} "
