@@ -424,14 +424,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gold = load_gold(a.gold)
 
-    from mindprint_mlx.data import curriculum_texts
-    from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
-    from mindprint_mlx.models.tiny import ensure_demo_model
+    from mindprint_mlx.models.tiny import demo_model
 
     def echo(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    model_dir = str(ensure_demo_model(texts=curriculum_texts(DEMO_CURRICULUM_DIR))) if a.model == "demo" else a.model
+    model_dir = str(demo_model()) if a.model == "demo" else a.model
     t0 = time.time()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-alignment-") as tmp:

@@ -34,17 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the numbers and answers here")
     args = ap.parse_args(argv)
 
-    from mindprint_mlx.data import curriculum_texts, load_data_dir
+    from mindprint_mlx.data import load_data_dir
     from mindprint_mlx.demo import DEMO_CURRICULUM_DIR, heldout_prompts
     from mindprint_mlx.evaluate import (demo_lexicon, is_real_words, likelihood_score, marker_count,
                                         quiz_items, real_word_fraction, reference_likelihood)
     from mindprint_mlx.generate import generate_text
     from mindprint_mlx.io import atomic_write_json
     from mindprint_mlx.models import load
-    from mindprint_mlx.models.tiny import ensure_demo_model
+    from mindprint_mlx.models.tiny import demo_model
 
     t0 = time.perf_counter()
-    path = args.model or ensure_demo_model(args.cache, texts=curriculum_texts(DEMO_CURRICULUM_DIR))
+    path = args.model or demo_model(args.cache)
     build_s = time.perf_counter() - t0
     model, tok = load(path)
     from mindprint_mlx.models import lora

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -139,3 +140,20 @@ def test_rope_parameters_only_config_gets_rope_theta(tmp_path):
     expected, _ = load(ref)
     assert np.array_equal(np.array(model(IDS)), np.array(expected(IDS)))
     assert model_info(model).config["rope_theta"] == 1234.0
+
+
+def test_demo_names_the_demo_model_unless_a_directory_is_called_demo(
+        pretrained_demo_model, tmp_path, monkeypatch):
+    """`-m demo` (every command that loads a model) is the cached demo model, the one a
+    config's `model: demo` names; a local directory called `demo` still wins."""
+    from mindprint_mlx.models.load import resolve_model_path
+    from mindprint_mlx.pipeline.config import PipelineConfig, resolve_demo_aliases
+
+    monkeypatch.setenv("MINDPRINT_CACHE", str(pretrained_demo_model.parent))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("demo") == pretrained_demo_model
+    assert resolve_demo_aliases(PipelineConfig(model="demo")).model == str(pretrained_demo_model)
+    model, tok = load("demo")
+    assert model_info(model).path == str(pretrained_demo_model.resolve())
+    (tmp_path / "demo").mkdir()
+    assert resolve_model_path("demo") == Path("demo")

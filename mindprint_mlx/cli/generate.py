@@ -6,7 +6,8 @@ import click
 
 
 @click.command()
-@click.option("--model", "-m", required=True, help="Base model: local directory or hub id.")
+@click.option("--model", "-m", required=True,
+              help="Base model: local directory, hub id, or demo (the demo's cached model).")
 @click.option("--adapter", "-a", "adapters", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Adapter directory (mlx-lm format); repeat to stack adapters.")
 @click.option("--prompt", "-p", required=True, help="The user message.")

@@ -78,9 +78,15 @@ def local_model_config(model: str | os.PathLike) -> tuple[dict, Path] | None:
 
 
 def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory as is; a hub id through huggingface-hub's cache (offline if cached)."""
+    """A local directory as is; `demo` (when no directory of that name is here) the demo
+    model, built once into the cache (`models.tiny.demo_model`); a hub id through
+    huggingface-hub's cache (offline if cached)."""
     s = str(path_or_hub_id)
     p = Path(s).expanduser()
+    if s == "demo" and not p.exists():
+        from .tiny import demo_model
+
+        return demo_model()
     if p.exists():
         if not p.is_dir():
             raise MindprintError(f"model path {p} is a file; expected a model directory "

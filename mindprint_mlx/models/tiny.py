@@ -659,6 +659,17 @@ def build_demo_model(out_dir: str | os.PathLike, texts: Iterable[str] | None = N
     return out
 
 
+def demo_model(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The demo model `mindprint demo` trains, by the name `demo` (a config's `model: demo`,
+    `mindprint generate -m demo`, ...): `ensure_demo_model` with its tokenizer trained on the
+    packaged demo curriculum's texts, built once into the cache."""
+    from ..data import curriculum_texts
+    from ..demo import DEMO_CURRICULUM_DIR
+
+    return ensure_demo_model(cache_dir, texts=curriculum_texts(DEMO_CURRICULUM_DIR),
+                             progress=progress)
+
+
 def ensure_demo_model(cache_dir: str | os.PathLike | None = None,
                       texts: Iterable[str] | None = None, pretrained: bool = True,
                       progress: bool = True) -> Path:

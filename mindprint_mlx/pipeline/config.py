@@ -261,11 +261,9 @@ def resolve_demo_aliases(cfg: PipelineConfig) -> PipelineConfig:
         if cfg.data_dir == "demo":
             cfg = dataclasses.replace(cfg, data_dir=str(DEMO_CURRICULUM_DIR))
         if cfg.model == "demo":
-            from ..data import curriculum_texts
-            from ..models.tiny import ensure_demo_model
+            from ..models.tiny import demo_model
 
-            path = ensure_demo_model(texts=curriculum_texts(DEMO_CURRICULUM_DIR))
-            cfg = dataclasses.replace(cfg, model=str(path))
+            cfg = dataclasses.replace(cfg, model=str(demo_model()))
     return cfg
 
 

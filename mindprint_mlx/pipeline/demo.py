@@ -110,9 +110,7 @@ def _clear_previous(out: Path) -> None:
 def run_demo(out: str | Path = "mindprint-demo", fast: bool = False,
              echo: Callable[[str], None] | None = None, cache_dir: str | Path | None = None) -> dict:
     """Build/reuse the tiny model, run the pipeline, export PEFT; returns what was made."""
-    from ..data import curriculum_texts
-    from ..demo import DEMO_CURRICULUM_DIR
-    from ..models.tiny import ensure_demo_model
+    from ..models.tiny import demo_model
     from .runner import run_pipeline, summary
 
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -120,7 +118,7 @@ def run_demo(out: str | Path = "mindprint-demo", fast: bool = False,
     out = Path(out)
     _clear_previous(out)
     echo("mindprint demo: tiny model + demo curriculum, offline")
-    model = ensure_demo_model(cache_dir, texts=curriculum_texts(DEMO_CURRICULUM_DIR))
+    model = demo_model(cache_dir)
     echo(f"model: {model} (built once, cached)")
     cfg = demo_config(out, model, fast)
     result = run_pipeline(cfg, echo=echo)
