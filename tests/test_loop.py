@@ -13,8 +13,8 @@ from mindprint_mlx.demo import DEMO_CURRICULUM_DIR
 from mindprint_mlx.errors import Interrupted, MindprintError
 from mindprint_mlx.models import load
 from mindprint_mlx.stop import clear_stop, request_stop, stop_requested
-from mindprint_mlx.train.loop import (Sums, TrainState, early_stopping, plan_steps, rank_share,
-                                      stop_if_requested)
+from mindprint_mlx.train.loop import (Sums, TrainState, early_stopping, epochs_for_min_steps,
+                                      plan_steps, rank_share, stop_if_requested)
 from mindprint_mlx.train.sft import SFTConfig, train_sft
 
 
@@ -31,6 +31,29 @@ def test_plan_steps_counts_windows_and_caps_at_max_steps():
     assert plan_steps(7, 2, accumulation=3) == (14, 5)             # ... or 2 of 3
     assert plan_steps(7, 3, accumulation=3, max_steps=5) == (15, 5)
     assert plan_steps(7, 1, max_steps=100) == (7, 7)
+
+
+def test_min_steps_raises_the_epochs_to_the_fewest_that_reach_it():
+    assert epochs_for_min_steps(2, 20, min_steps=120) == 60         # 8 rows, batch 4
+    assert epochs_for_min_steps(4, 20, min_steps=120) == 30
+    assert epochs_for_min_steps(8, 20, min_steps=120) == 20         # 160 steps: already enough
+    assert epochs_for_min_steps(2, 20, min_steps=0) == 20           # 0: the epochs decide
+    for per_epoch in range(1, 9):
+        for acc in (1, 2, 3):
+            for min_steps in (1, 5, 10, 17):
+                e = epochs_for_min_steps(per_epoch, 1, acc, min_steps)
+                assert plan_steps(per_epoch, e, acc)[1] >= min_steps
+                assert e == 1 or plan_steps(per_epoch, e - 1, acc)[1] < min_steps
+
+
+def test_sft_min_steps_runs_more_epochs_of_a_small_dataset(tiny_llama, tmp_path):
+    demo = load_data_dir(DEMO_CURRICULUM_DIR)
+    cfg = SFTConfig(lora_rank=2, lora_alpha=4.0, batch_size=2, epochs=1, min_steps=5, compile=False,
+                    max_seq_length=48)
+    model, tok = load(tiny_llama)
+    res = train_sft(model, tok, list(demo.sft[:4]), cfg, tmp_path, progress=False)
+    assert (res.steps, res.epochs) == (6, 3)                        # 2 steps an epoch: 3 epochs
+    assert json.loads((tmp_path / "adapter" / "mindprint.json").read_text())["epochs"] == 3
 
 
 def test_rank_share_gives_every_rank_the_same_count():

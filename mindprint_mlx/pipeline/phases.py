@@ -516,12 +516,15 @@ def sft(run: Run, t: TopicRun) -> dict:
                     "earlier topics" if n_replay else ""))
         res = train_sft(run.model, run.tok, records, scfg, work, adapter_name="sft",
                         resume=run.resume, replay_records=pool, replay_per_epoch=n_replay)
+        if res.epochs > scfg.epochs:
+            run.echo(f"[{t.key}] SFT ran {res.epochs} epochs, not {scfg.epochs}: "
+                     f"sft.min_steps {scfg.min_steps} ({res.steps} steps)")
 
         def write() -> dict:
             save_adapter(run.model, "sft", adir / "sft_adapter", metadata={**t.meta, "phase": "sft"})
             rel = run.state.rel(adir / "sft_adapter")
             return {"adapter": rel, "artefacts": [rel], "train_loss": res.train_loss,
-                    "eval_loss": res.eval_loss, "steps": res.steps,
+                    "eval_loss": res.eval_loss, "steps": res.steps, "epochs": res.epochs,
                     "metrics": copy_metrics(work, run.metrics, f"sft-{t.slug}"),
                     "replay_per_epoch": n_replay, "config": to_dict(scfg)}
         return dist.on_main(write)

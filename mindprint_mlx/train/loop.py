@@ -59,6 +59,18 @@ def plan_steps(per_epoch: int, epochs: int, accumulation: int = 1,
     return total_micro, total_steps
 
 
+def epochs_for_min_steps(per_epoch: int, epochs: int, accumulation: int = 1,
+                         min_steps: int = 0) -> int:
+    """`epochs`, raised until the run takes at least `min_steps` optimizer steps (0: no
+    floor): a dataset of a few rows would otherwise end after a handful of steps, most of
+    them in warmup and cosine decay."""
+    if min_steps <= 0 or per_epoch <= 0:
+        return epochs
+    # ceil(per_epoch * E / accumulation) >= min_steps  <=>  per_epoch * E > (min_steps - 1) * accumulation
+    need = ((min_steps - 1) * accumulation) // per_epoch + 1
+    return max(epochs, need)
+
+
 def rank_share(group: Sequence[int], rank: int, size: int) -> tuple[list[int], int]:
     """This rank's items of a batch (`group[rank::size]`) and how many fillers it adds so
     that every rank holds ceil(len / size): the trainer gives fillers zero weight, so the

@@ -28,7 +28,7 @@ from ..models.adapters import save_adapter
 from ..data.batching import as_messages, batch_order, encode_records, pad_batch, pad_id
 from .checkpoint import fingerprint
 from .loop import (LoopSpec, TrainingLoop, TrainState, gradient_checkpointing, lora_layer_indices,
-                   optimizer_for, rank_share, training_only)
+                   epochs_for_min_steps, optimizer_for, rank_share, training_only)
 from .schedule import cosine_with_warmup, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ class SFTConfig:
     max_steps: int = field(
         default=0,
         metadata={"help": "cap on optimizer steps (the schedule spans the cap); 0 = epochs decide"})
+    min_steps: int = field(
+        default=0,
+        metadata={"help": "at least this many optimizer steps: a small dataset gets more epochs "
+                          "(0 = epochs decide)"})
     pad_to_multiple: int = field(
         default=8, metadata={"help": "round batch length up (fewer shapes for the compiled step)"})
     compile: bool | None = field(
@@ -111,6 +115,7 @@ class SFTConfig:
                             ("max_grad_norm", self.max_grad_norm >= 0),
                             ("save_every", self.save_every >= 1), ("log_every", self.log_every >= 1),
                             ("eval_every", self.eval_every >= 0), ("max_steps", self.max_steps >= 0),
+                            ("min_steps", self.min_steps >= 0),
                             ("pad_to_multiple", self.pad_to_multiple >= 1)])
 
 
@@ -144,6 +149,7 @@ class SFTResult:
     eval_loss_start: float | None = None  # held-out loss before training
     truncated: int = 0  # rows cut to max_seq_length
     history: list[dict] = field(default_factory=list)  # metric lines of this call
+    epochs: int = 0  # epochs run: the config's, or more to reach min_steps
 
 
 def sft_pairs(records: Sequence[Any]) -> list[tuple[list[dict], str]]:
@@ -278,8 +284,10 @@ def _train(model, name, cfg, out, metrics, train_rows, n_main, n_replay, eval_ro
     """SFT's data and loss on the training loop: epoch_order's batches, this rank's rows of
     each, the completion loss weighted by its target tokens, held-out loss as evaluation."""
     lengths = [len(t) for t, _ in train_rows]
-    spec = LoopSpec(role="sft", label=f"sft[{name}]", per_epoch=-(-(n_main + n_replay) // cfg.batch_size),
-                    epochs=cfg.epochs, accumulation=cfg.gradient_accumulation_steps,
+    per_epoch = -(-(n_main + n_replay) // cfg.batch_size)
+    epochs = epochs_for_min_steps(per_epoch, cfg.epochs, cfg.gradient_accumulation_steps, cfg.min_steps)
+    spec = LoopSpec(role="sft", label=f"sft[{name}]", per_epoch=per_epoch,
+                    epochs=epochs, accumulation=cfg.gradient_accumulation_steps,
                     max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, compile=cfg.compile,
                     log_every=cfg.log_every, eval_every=cfg.eval_every, save_every=cfg.save_every,
                     log_keys=METRIC_NAMES)
@@ -320,11 +328,11 @@ def _train(model, name, cfg, out, metrics, train_rows, n_main, n_replay, eval_ro
     adapter_dir = out / "adapter"
     result = SFTResult(adapter_dir=adapter_dir, train_loss=train_loss, eval_loss=final_eval,
                        steps=state.step, eval_loss_start=state.eval_loss_start,
-                       truncated=n_cut, history=loop.history)
+                       truncated=n_cut, history=loop.history, epochs=epochs)
     if dist.is_main():
         save_adapter(model, name, adapter_dir, metadata={
             "role": "sft", "training_config": to_dict(cfg), "truncated_rows": n_cut,
-            "steps": state.step, "train_loss": train_loss, "eval_loss": final_eval,
+            "steps": state.step, "epochs": epochs, "train_loss": train_loss, "eval_loss": final_eval,
             "eval_loss_start": state.eval_loss_start})
         atomic_write_json(out / "sft_result.json", {k: v for k, v in result.__dict__.items()
                                                     if k != "history"})
