@@ -129,11 +129,14 @@ def run_seed(seed: int, a, gold, model_dir: str, work: Path, echo) -> dict:
             seen.add(k)
             train.append([dict(m) for m in r.prompt])
     # the reward model also learns from answers to the primer's questions (the base's own
-    # pretraining prompts: more prompts, the same domain, none of them held out)
+    # pretraining prompts: more prompts, the same domain, none of them held out), at most
+    # --primer-prompts of them spread evenly over the primer
     from mindprint_mlx.demo.neutral_corpus import neutral_pairs
 
-    rm_prompts = train + ([[{"role": "user", "content": q}] for q, _ in neutral_pairs()]
-                          if a.primer_prompts else [])
+    primer = [q for q, _ in neutral_pairs()]
+    n_primer = min(a.primer_prompts, len(primer))
+    picked = [primer[int(i)] for i in np.linspace(0, len(primer) - 1, n_primer)] if n_primer else []
+    rm_prompts = train + [[{"role": "user", "content": q}] for q in picked]
 
     def graded(active: list[str]) -> tuple[list[str], list[float]]:
         with lora.active_adapters(model, active):
@@ -387,8 +390,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-gap", type=float, default=0.05,
                     help="gold difference a pair needs (to train on, and to count in the agreement)")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of pairs and PPO")
-    ap.add_argument("--no-primer-prompts", dest="primer_prompts", action="store_false",
-                    help="sample reward-model pairs on the curriculum's prompts only")
+    ap.add_argument("--primer-prompts", type=int, default=400,
+                    help="also sample reward-model pairs on this many of the primer's questions, "
+                         "spread evenly over it (0: the curriculum's prompts only)")
+    ap.add_argument("--no-primer-prompts", dest="primer_prompts", action="store_const", const=0,
+                    help="the same as --primer-prompts 0")
     ap.add_argument("--ppo-steps", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10, help="PPO steps between curve points")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -406,6 +412,8 @@ def main(argv=None) -> int:
         ap.error("--samples and --test-samples: at least 2 (pairs of answers to one prompt)")
     if a.rm_rank < 1:
         ap.error(f"--rm-rank: must be >= 1, got {a.rm_rank}")
+    if a.primer_prompts < 0:
+        ap.error(f"--primer-prompts: must be >= 0, got {a.primer_prompts}")
     if a.min_pairs < 0:
         ap.error(f"--min-pairs: must be >= 0, got {a.min_pairs}")
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]

@@ -86,13 +86,20 @@ def test_fast_demo_teaches_the_voice_keeps_both_topics_and_ppo_stays_bounded(
     with lora.active_adapters(model, ["shipped"]):
         f1 = {t.name: ev.taught_f1(model, tok, t.sft) for t in cur.topics}
     assert min(f1.values()) >= 0.7, f1
-    # PPO ran below the threshold on both topics on their practice prompts, its KL to the SFT
-    # policy stayed bounded, and on both it climbed: the training-batch reward (the mean of
-    # the last 3 steps above the first 3) and the reward model's mean reward of sampled
-    # answers to the topic's prompts (the same sampling keys before and after) rose (in
-    # every run of these two topics measured, across seeds and BLAS builds: docs/demo.md);
-    # the final adapter is graded and the report says so.
-    assert len(made["ppo"]) == 2, "PPO ran on too few topics"
+    # PPO ran on every topic whose quiz after SFT was below the threshold, and only there
+    # (with sft.min_steps the first topic's SFT can pass on its own: it did in every build
+    # measured; the second did not), its KL to the SFT policy stayed bounded, and where it ran
+    # it climbed: the training-batch reward (the mean of the last 3 steps above the first 3)
+    # and the reward model's mean reward of sampled answers to the topic's prompts (the same
+    # sampling keys before and after) rose (docs/demo.md); the final adapter is graded and
+    # the report says so.
+    state = json.loads((tmp_path / "demo" / "state.json").read_text())["topics"]
+    ran = {p["key"] for p in made["ppo"]}
+    assert len(state) == 2 and ran, "PPO ran on no topic"
+    for key, rec in state.items():
+        quiz, ppo = rec["phases"]["quiz"]["score"], rec["phases"]["ppo"]
+        assert (key in ran) == (not ppo.get("skipped")), (key, ppo)
+        assert (key in ran) == (quiz < 0.4), (key, quiz)
     for p in made["ppo"]:
         assert p["kl_mean"] is not None and 0 <= p["kl_last"] < 10.0, p
         assert p["answer_before"] is not None and p["answer_after"] is not None

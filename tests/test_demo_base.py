@@ -36,14 +36,14 @@ def _curriculum_prompts() -> set[str]:
 
 # ---------------------------------------------------------------- corpus
 
-def test_neutral_corpus_is_a_few_hundred_deterministic_distinct_qa_pairs():
+def test_neutral_corpus_is_some_thousand_deterministic_distinct_qa_pairs():
     pairs = neutral_pairs()
-    assert 300 <= len(pairs) <= 600
+    assert 1000 <= len(pairs) <= 2000
     assert pairs == neutral_pairs()
     assert len({q for q, _ in pairs}) == len(pairs)
     assert len({a for _, a in pairs}) > 0.9 * len(pairs)
     for q, a in pairs:
-        assert q.endswith("?") and q.split()[0] in {"What", "Why", "How", "Can", "Could"}, q
+        assert q.endswith("?") and q.split()[0] in {"What", "Why", "How", "Can", "Could", "Is", "Where", "Should"}, q
         n = len(re.findall(r"[.!?](?:\s|$)", a))
         assert 2 <= n <= 3 and a[0].isupper(), a
         assert all(len(s.split()) <= 25 for s in re.split(r"(?<=\.)\s", a)), a
@@ -179,7 +179,9 @@ def test_pretrained_demo_model_is_cached_and_records_its_pretraining(pretrained_
 
     rec = json.loads((pretrained_demo_model / "mindprint_pretrain.json").read_text())
     assert rec["settings"]["steps"] == DEMO_PRETRAIN["steps"]
-    assert rec["stats"]["loss_final"] < 0.5 < 5.0 < rec["stats"]["loss_first"]
+    # 1,500 pairs in 200 steps of 16 (about two epochs): it learns the primer's language
+    # without reciting it (1.18 measured; the 405-pair primer it replaced ended at 0.13)
+    assert rec["stats"]["loss_final"] < 2.0 < 5.0 < rec["stats"]["loss_first"]
     again = ensure_demo_model(pretrained_demo_model.parent,
                               texts=curriculum_texts(DEMO_CURRICULUM_DIR))
     assert again == pretrained_demo_model
@@ -239,5 +241,7 @@ def test_demo_base_check_script_reports_the_quiz_references_likelihood(pretraine
     got = json.loads(out.read_text())
     assert got["prompts"] == len(heldout_prompts()) and got["real_words_share"] >= 0.8
     nll, log_v = got["quiz_reference_nll"], got["log_vocab"]
-    assert 0 < nll < log_v
+    # well below a uniform guess on sentences it never saw: 6.86 against 8.27 measured
+    # (0.83 log V; the 405-pair primer's base, which recited its primer, 7.49 against 8.18)
+    assert 0 < nll < 0.9 * log_v
     assert got["quiz_likelihood_part"] == pytest.approx(1 - nll / log_v)

@@ -1,22 +1,36 @@
 """A neutral-voice market primer: the demo base model's pretraining corpus.
 
-A few hundred plain question/answer pairs about markets, in a textbook voice with none of
-the demo persona's voice markers (no seasons, tides, tree rings or "risk first"). The demo
-model is pretrained on it so that, before any persona training, it answers questions in its
-domain in real words and a neutral voice; the pipeline's job (teaching the persona's voice)
-is then visible in the difference.
+1,500 plain question/answer pairs about markets, in a textbook voice with none of the demo
+persona's voice markers (no seasons, tides, tree rings or "risk first"). The demo model is
+pretrained on it so that, before any persona training, it answers questions in its domain
+in real words and a neutral voice; the pipeline's job (teaching the persona's voice) is
+then visible in the difference.
 
-The corpus is composed, deterministically, from a list of concepts (each a few short
-sentences: a definition, why it matters, how it works, how to use it, a caution) and a
-list of question templates, each template choosing which 2 or 3 sentences answer it. Same
-code, same corpus: no randomness. None of its questions is a curriculum prompt or quiz
-question (a test checks), and none of the held-out prompts (`heldout_prompts.jsonl`)
-appears here.
+The corpus is composed, deterministically, from
+- 45 concepts, each a few short sentences (a definition, why it matters, how it works, how
+  to use it, a caution), asked about with 9 question templates, each choosing which 2 or 3
+  sentences answer it (405 pairs);
+- the same concepts asked about with 12 more templates, each answered with two of the
+  concept's sentences or one of them and a sentence frame that fits any concept ("Rules
+  about {np} work best when they are simple and written down.");
+- a glossary of 60 further market words (dividend, broker, limit order, ...), each a
+  definition and a second sentence, with 4 question templates;
+- questions relating each concept or term to 3 others, answered with their definitions and
+  a linking sentence.
+Which sentences, frames and partners are drawn comes from numpy's PCG64 with a fixed seed:
+same code, same corpus. The wider part is there so that the base learns the domain's
+language rather than reciting a few hundred answers: pretrained on the 405 pairs alone, it
+assigned the quiz's reference answers (text it never saw) 7.49 nats a token, against 6.86
+with all 1,500, in the same 200 steps (docs/demo.md). None of its questions is a curriculum
+prompt or quiz question (a test checks), and none of the held-out prompts
+(`heldout_prompts.jsonl`) appears here.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+
+import numpy as np
 
 # (noun phrase used in questions, "does"/"do" for that phrase, sentences by key)
 # d: definition, w: why it matters, e: how it works, p: practice, c: caution.
@@ -308,13 +322,164 @@ _TEMPLATES: tuple[tuple[str, str], ...] = (
 )
 
 
+# A glossary of further market words: (term, "is"/"are", definition, a second sentence).
+_GLOSSARY = (
+    ("a dividend", "is", "A dividend is a payment a company makes to its shareholders out of its profits.", "Companies with steady profits often raise their dividends slowly over many years."),
+    ("a share", "is", "A share is a small piece of ownership in a company.", "The owner of a share has a claim on part of the company's future profits."),
+    ("a stock index", "is", "A stock index tracks the prices of a group of shares as one number.", "Investors compare their own returns with a broad index to judge their results."),
+    ("an index fund", "is", "An index fund holds the shares of an index so that its return follows the index.", "Index funds usually charge low fees because they trade rarely."),
+    ("a portfolio", "is", "A portfolio is the whole collection of investments that one person or fund owns.", "Looking at the portfolio as a whole matters more than any single holding."),
+    ("a sector", "is", "A sector is a group of companies in the same kind of business, such as energy or banking.", "Different sectors tend to lead the market at different stages of the economy."),
+    ("earnings", "are", "Earnings are the profits a company reports for a quarter or a year.", "Share prices often move sharply on the day a company reports its earnings."),
+    ("revenue", "is", "Revenue is the total money a company receives from selling its goods and services.", "Growing revenue with shrinking profits can be a sign of rising costs."),
+    ("a broker", "is", "A broker is a firm that buys and sells assets on behalf of its clients.", "Compare the fees and the services of several brokers before you open an account."),
+    ("an exchange", "is", "An exchange is a market where buyers and sellers trade shares, bonds or contracts.", "Most exchanges open and close at fixed hours on working days."),
+    ("a bid", "is", "A bid is the highest price a buyer is willing to pay at a given moment.", "The gap between the bid and the ask is a cost you pay on every trade."),
+    ("a limit order", "is", "A limit order buys or sells only at a chosen price or better.", "A limit order protects you from a bad fill, but it may never be filled at all."),
+    ("a market order", "is", "A market order buys or sells at once at the best price available.", "In a thin market a market order can be filled far from the last price."),
+    ("a yield", "is", "A yield is the income an investment pays, shown as a share of its price.", "When the price of a bond falls, its yield rises."),
+    ("a spread", "is", "A spread is the difference between two prices or two rates.", "A widening spread between safe and risky bonds often signals worry in the market."),
+    ("a hedge", "is", "A hedge is a position taken to offset the risk of another position.", "A hedge costs money in calm times and pays off when things go wrong."),
+    ("an option", "is", "An option is a contract that gives the right, but not the duty, to buy or sell at a set price.", "Options lose value as time passes if the price does not move."),
+    ("a futures contract", "is", "A futures contract is an agreement to buy or sell something at a set price on a future date.", "Farmers and producers use futures to lock in the price of what they sell."),
+    ("a currency", "is", "A currency is the money of a country, and its value changes against other currencies.", "A weaker home currency raises the value of investments held abroad."),
+    ("a central bank", "is", "A central bank manages a country's money supply and sets its main interest rate.", "Markets watch every statement a central bank makes for clues about future rates."),
+    ("a balance sheet", "is", "A balance sheet lists what a company owns, what it owes and what is left for its owners.", "A company with little debt on its balance sheet can survive a hard year more easily."),
+    ("cash flow", "is", "Cash flow is the money that actually moves into and out of a business.", "A company can report a profit and still run short of cash."),
+    ("a fee", "is", "A fee is what a fund, broker or adviser charges for its service.", "Small yearly fees add up to large sums over decades."),
+    ("a tax", "is", "A tax on investment gains takes part of the profit when you sell.", "Holding an investment longer can lower the tax on its gains in many countries."),
+    ("an emergency fund", "is", "An emergency fund is cash set aside for unexpected costs.", "With an emergency fund you do not need to sell investments at a bad moment."),
+    ("a savings account", "is", "A savings account is a bank account that pays a little interest on cash.", "Money you need within a year belongs in savings rather than in shares."),
+    ("compound growth", "is", "Compound growth is growth on top of earlier growth, year after year.", "Time matters more than the starting amount for compound growth."),
+    ("a return", "is", "A return is the gain or loss on an investment over a period, including its income.", "A return should always be judged against the risk taken to earn it."),
+    ("a benchmark", "is", "A benchmark is a standard, such as an index, used to judge an investment's results.", "Choose a benchmark that holds the same kind of assets as your portfolio."),
+    ("a chart", "is", "A chart shows how a price has moved over time.", "A chart with a longer time frame gives a calmer picture of the trend."),
+    ("a candlestick", "is", "A candlestick shows the open, high, low and close of a price for one period.", "A long lower shadow on a candlestick shows that buyers pushed the price back up."),
+    ("a gap", "is", "A gap is a jump in price between one close and the next open.", "Gaps often appear after news that arrives while the market is closed."),
+    ("a correction", "is", "A correction is a fall of about ten percent from a recent high.", "Corrections happen often, even inside a long bull market."),
+    ("a rally", "is", "A rally is a quick rise in prices after a period of weakness.", "Sharp rallies inside a falling market are often short lived."),
+    ("a crash", "is", "A crash is a sudden and very large fall in prices over a few days.", "Crashes are rare, but they do the most harm to investors who borrowed money."),
+    ("a recovery", "is", "A recovery is the period when prices or the economy climb back after a decline.", "Recoveries often begin while the news is still bad."),
+    ("a peak", "is", "A peak is the highest point prices reach before they turn down.", "A peak is usually clear only some time after it has passed."),
+    ("a trough", "is", "A trough is the lowest point prices reach before they turn up.", "Few investors buy at the trough, because it feels like the worst moment."),
+    ("a speculator", "is", "A speculator takes large risks in the hope of large gains over a short time.", "Speculators add trading volume, and sometimes they add to swings in price."),
+    ("a long term investor", "is", "A long term investor holds assets for many years and looks past short moves.", "A long term investor still needs a plan for deep declines."),
+    ("a day trader", "is", "A day trader opens and closes positions within the same day.", "Most day traders lose money once costs are counted."),
+    ("a short sale", "is", "A short sale sells a borrowed asset in the hope of buying it back cheaper.", "The loss on a short sale has no fixed limit if the price keeps rising."),
+    ("a margin account", "is", "A margin account lets an investor borrow from the broker to buy assets.", "If prices fall far enough, the broker can sell your assets without asking."),
+    ("a stock split", "is", "A stock split divides each share into several cheaper shares.", "A split changes the number of shares but not the value of the company."),
+    ("a buyback", "is", "A buyback is when a company buys its own shares from the market.", "Buybacks return cash to owners, but not every buyback is a good use of money."),
+    ("an initial public offering", "is", "An initial public offering is the first sale of a company's shares to the public.", "New offerings are often priced for excitement rather than for value."),
+    ("a growth stock", "is", "A growth stock is the share of a company whose profits are expected to rise quickly.", "Growth stocks can fall hard when expectations are not met."),
+    ("a value stock", "is", "A value stock trades at a low price compared with the company's profits or assets.", "Some value stocks are cheap for a good reason."),
+    ("a blue chip company", "is", "A blue chip company is a large, well known firm with a long record of steady results.", "Even blue chip companies can lose their lead over time."),
+    ("a small company", "is", "A small company has a low total market value and often a short history.", "Shares of small companies tend to swing more than those of large ones."),
+    ("a mutual fund", "is", "A mutual fund pools money from many investors and invests it for them.", "Read what a fund holds and what it charges before you buy it."),
+    ("a pension", "is", "A pension is money set aside during working years to pay an income in retirement.", "Pension savers have decades, so short falls in prices matter less to them."),
+    ("a goal", "is", "An investment goal states what the money is for and when it will be needed.", "A clear goal makes it easier to choose the right mix of assets."),
+    ("a time horizon", "is", "A time horizon is the length of time until you need the money you invest.", "A longer time horizon allows more room for swings in price."),
+    ("risk tolerance", "is", "Risk tolerance is how much loss an investor can bear without changing course.", "People often discover their real risk tolerance only during a sharp fall."),
+    ("a checklist", "is", "A checklist is a short list of questions to answer before each decision.", "A checklist catches simple mistakes when you are tired or excited."),
+    ("a watch list", "is", "A watch list is a list of assets you follow before deciding to buy.", "Keep the watch list short so that you can follow each idea closely."),
+    ("a price target", "is", "A price target is the level at which you plan to take profits.", "A target should come from your analysis, not from the price you hope for."),
+    ("a losing streak", "is", "A losing streak is a run of several losing trades in a row.", "Smaller positions during a losing streak protect both the account and your judgment."),
+    ("overtrading", "is", "Overtrading means making more trades than your plan calls for.", "Overtrading raises costs and usually comes from boredom or frustration."),
+)
+
+# Sentences that fit any concept: {NP} / {np} its noun phrase, {is} "is"/"are".
+_FRAMES = (
+    "{NP} {is} one of the basic ideas that every investor meets sooner or later.",
+    "Many people learn about {np} only after a costly mistake.",
+    "Textbooks explain {np} with charts, tables and simple examples.",
+    "Financial news mentions {np} often, but rarely explains it well.",
+    "{NP} can look different in shares, bonds, currencies and commodities.",
+    "It is worth checking your view of {np} against past price data.",
+    "Professional fund managers pay close attention to {np}.",
+    "A small investor can follow {np} without any special software.",
+    "The ideas behind {np} are old, but they still apply in modern markets.",
+    "Rules about {np} work best when they are simple and written down.",
+    "Before you act on {np}, ask what would prove your view wrong.",
+    "No single reading of {np} gives a clear answer, so combine it with other evidence.",
+    "Analysts may measure {np} in slightly different ways.",
+    "Beginners often expect too much from {np} at first.",
+    "A simple example makes {np} much easier to understand.",
+    "Keep notes on how {np} looked around your recent trades.",
+    "{NP} {is} important to short term traders and long term investors alike.",
+    "Questions about {np} come up in almost every class on investing.",
+    "Reading about {np} is useful, but watching it in real markets teaches more.",
+    "Over many years, the role of {np} in a portfolio can change.",
+)
+
+# Sentences about two concepts: {NP1}/{np1}, {np2}.
+_LINKS = (
+    "{NP1} and {np2} are often discussed together.",
+    "It is easier to understand {np2} once you know about {np1}.",
+    "{NP1} says little about {np2} on its own.",
+    "Some beginners confuse {np1} with {np2}, but they are different ideas.",
+    "A careful investor looks at {np1} and {np2} side by side.",
+)
+
+_MORE_TEMPLATES = (
+    "What do people mean by {np}?",
+    "Where {does} {np} show up in practice?",
+    "How do professionals use {np}?",
+    "Is {np} useful for a small investor?",
+    "What are the limits of {np}?",
+    "How can I learn more about {np}?",
+    "Why do beginners struggle with {np}?",
+    "What should I watch for with {np}?",
+    "Can you tell me something useful about {np}?",
+    "What is worth knowing about {np}?",
+    "How would you describe {np} to a friend?",
+    "What is the main point of {np}?",
+)
+_LINK_TEMPLATES = (
+    "How {does} {np1} relate to {np2}?",
+    "What is the difference between {np1} and {np2}?",
+    "Should I think about {np1} and {np2} together?",
+)
+_GLOSS_TEMPLATES = (
+    "What {is} {term}?",
+    "Can you explain what {term} {is}?",
+    "Why should an investor know about {term}?",
+    "How {does} {term} work in practice?",
+)
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+def _wider_pairs(base_concepts, seed: int = 0) -> list[tuple[str, str]]:
+    """The pairs beyond the 405 concept x template ones (module docstring), in a fixed
+    order: per concept, then per glossary term, its template questions, then its 3 links."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    out = []
+    concepts = [(np_, does, "is" if does == "does" else "are", s) for np_, does, s in base_concepts]
+    concepts += [(t, "does" if v == "is" else "do", v, {"d": d, "e": e}) for t, v, d, e in _GLOSSARY]
+    n = len(concepts)
+    for i, (np_, does, is_, s) in enumerate(concepts):
+        fr = lambda f: f.format(NP=_cap(np_), np=np_, **{"is": is_})
+        keys = list(s)
+        for q in (_MORE_TEMPLATES if i < len(base_concepts) else _GLOSS_TEMPLATES):
+            own = [s[k] for k in rng.choice(keys, size=2, replace=False)]
+            if rng.random() < 0.5:
+                f = fr(_FRAMES[int(rng.integers(len(_FRAMES)))])
+                own = [own[0], f] if rng.random() < 0.5 else [f, own[0]]
+            out.append((q.format(np=np_, term=np_, does=does, **{"is": is_}), " ".join(own)))
+        for j in rng.choice([k for k in range(n) if k != i], size=3, replace=False):
+            np2, _, _, s2 = concepts[j]
+            link = _LINKS[int(rng.integers(len(_LINKS)))].format(NP1=_cap(np_), np1=np_, np2=np2)
+            q = _LINK_TEMPLATES[int(rng.integers(len(_LINK_TEMPLATES)))].format(does=does, np1=np_, np2=np2)
+            out.append((q, " ".join([s["d"], s2["d"], link] if rng.random() < 0.3 else [s["d"], link])))
+    return out
+
+
 @lru_cache(maxsize=1)
 def _pairs() -> tuple[tuple[str, str], ...]:
     out = []
     for np_, does, s in _CONCEPTS:
         for q, keys in _TEMPLATES:
             out.append((q.format(np=np_, does=does), " ".join(s[k] for k in keys)))
-    return tuple(out)
+    return tuple(out + _wider_pairs(_CONCEPTS))
 
 
 def neutral_pairs() -> list[tuple[str, str]]:

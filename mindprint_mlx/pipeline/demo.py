@@ -34,7 +34,7 @@ DEMO_CONFIG: dict = {
                "contrast_samples": 4},
     "sft": {"lora_rank": 16, "lora_alpha": 32.0, "learning_rate": 2e-3, "max_seq_length": 96, "save_every": 100,
             "lora_targets": ALL_LINEAR, "compile": False, "replay_fraction": 0.75,
-            "lora_dropout": 0.1},
+            "lora_dropout": 0.1, "min_steps": 120},
     "ppo": {"steps": 16, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
             "learning_rate": 3e-4, "max_new_tokens": 56, "temperature": 0.7, "init_kl_coef": 0.05,
             "adap_kl_ctrl": True, "target": 6.0, "horizon": 10000.0, "missing_eos_penalty": 1.0,
